@@ -1,0 +1,76 @@
+// Shared pieces of the caches: argument checks, the step-grown sequence
+// buffer and the sequence-axis slices every cache uses.
+#pragma once
+
+#include <string>
+
+#include <mlx/array.h>
+
+#include "kvcore/cache.h"
+
+namespace kvcore {
+
+/// "(1, 8, 16, 64)".
+std::string shape_str(const mx::Shape& shape);
+std::string dtype_str(mx::Dtype dtype);
+
+/// keys and values are rank 4, floating point, and agree on B, H and S.
+void check_kv(const char* ctx, const mx::array& keys, const mx::array& values);
+
+/// A cache's or a state's (keys, values): both None, or both set and
+/// passing check_kv.
+void check_pair(
+    const char* ctx,
+    const OptionalArray& keys,
+    const OptionalArray& values);
+
+/// The buffers can take an update at offset (offset <= their length; 0
+/// when there are none).
+void check_offset_fits(
+    const char* ctx,
+    const OptionalArray& keys,
+    int offset);
+
+/// A state of `what` holds n items where `expected` were due.
+void check_count(const char* ctx, const char* what, size_t n, size_t expected);
+
+/// A base-10 integer scalar from a meta_state string.
+int parse_int(const char* ctx, const char* what, const std::string& s);
+
+/// x fits into buf along the sequence axis: same B, H, head dim and dtype.
+void check_fits(
+    const char* ctx,
+    const char* what,
+    const mx::array& x,
+    const mx::array& buf);
+
+/// A size read from the user: 0 <= n <= INT32_MAX (a Shape element).
+int check_size(const char* ctx, const char* what, long long n, int min = 0);
+
+/// buf[..., start:stop, :].
+mx::array seq_slice(const mx::array& buf, int start, int stop);
+/// buf with x written at buf[..., at:at+S, :] (in place when buf is unique).
+mx::array seq_write(const mx::array& buf, const mx::array& x, int at);
+/// Concatenate along the sequence axis.
+mx::array seq_concat(std::vector<mx::array> parts);
+/// Zeros shaped like x but with S = n along the sequence axis.
+mx::array seq_zeros(const mx::array& like, int n);
+
+/// Make room for S more tokens after prev in a step-grown buffer, the way
+/// mlx-lm's KVCache does: keep buf[..., :prev, :] and append zeros in whole
+/// steps. Returns buf unchanged when it has room.
+mx::array grow_to(
+    const std::optional<mx::array>& buf,
+    const mx::array& like,
+    int prev,
+    int S,
+    int step);
+
+/// True when buf is missing or too short for prev + S tokens.
+inline bool needs_growth(const std::optional<mx::array>& buf, int prev, int S) {
+  return !buf || prev + S > buf->shape(2);
+}
+
+size_t nbytes_of(const OptionalArray& a);
+
+} // namespace kvcore

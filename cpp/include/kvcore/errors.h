@@ -1,0 +1,90 @@
+// Typed errors: every failure says where it happened, what was expected and
+// what came instead. The Python bindings map each kind onto the built-in
+// exception mlx-lm raises in the same place.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace kvcore {
+
+/// The Python built-in an error corresponds to.
+enum class ErrorKind { Value, Runtime, NotImplemented, Index };
+
+/// Base of every exception kvcore throws.
+class CacheError : public std::runtime_error {
+ public:
+  /// "[context] expected <expected> but got <actual>".
+  CacheError(
+      ErrorKind kind,
+      std::string context,
+      std::string expected,
+      std::string actual);
+  /// "[context] <message>", for errors with nothing to compare.
+  CacheError(ErrorKind kind, std::string context, std::string message);
+
+  ErrorKind kind() const noexcept {
+    return kind_;
+  }
+  const std::string& context() const noexcept {
+    return context_;
+  }
+  const std::string& expected() const noexcept {
+    return expected_;
+  }
+  const std::string& actual() const noexcept {
+    return actual_;
+  }
+
+ private:
+  ErrorKind kind_;
+  std::string context_;
+  std::string expected_;
+  std::string actual_;
+};
+
+/// Bad argument: shape, dtype, size or a malformed state (Python ValueError).
+struct ValueError : CacheError {
+  ValueError(std::string context, std::string expected, std::string actual)
+      : CacheError(
+            ErrorKind::Value,
+            std::move(context),
+            std::move(expected),
+            std::move(actual)) {}
+  ValueError(std::string context, std::string message)
+      : CacheError(ErrorKind::Value, std::move(context), std::move(message)) {}
+};
+
+/// The cache is in a state where the call cannot proceed (RuntimeError).
+struct RuntimeError : CacheError {
+  RuntimeError(std::string context, std::string expected, std::string actual)
+      : CacheError(
+            ErrorKind::Runtime,
+            std::move(context),
+            std::move(expected),
+            std::move(actual)) {}
+  RuntimeError(std::string context, std::string message)
+      : CacheError(ErrorKind::Runtime, std::move(context), std::move(message)) {
+  }
+};
+
+/// An operation this cache does not offer (NotImplementedError).
+struct NotImplementedError : CacheError {
+  NotImplementedError(std::string context, std::string message)
+      : CacheError(
+            ErrorKind::NotImplemented,
+            std::move(context),
+            std::move(message)) {}
+};
+
+/// An index out of range (IndexError).
+struct IndexError : CacheError {
+  IndexError(std::string context, std::string expected, std::string actual)
+      : CacheError(
+            ErrorKind::Index,
+            std::move(context),
+            std::move(expected),
+            std::move(actual)) {}
+};
+
+} // namespace kvcore

@@ -1,0 +1,116 @@
+// Binding helpers shared by every cache class: Python-aware `step`, instance
+// creation for from_state/copy on Python subclasses, and state parsing.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include <mlx/array.h>
+
+#include "kvcore/buffer.h"
+#include "kvcore/errors.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace kvcore::py {
+
+/// The C++ cache as Python instances hold it: `step` is read from the
+/// Python object (instance, then class), so `KVCache.step = 512`, a
+/// subclass's `step = 64` and `cache.step = 16` all work as in mlx-lm. It
+/// is consulted only when a buffer grows, never on the per-token path.
+template <class T>
+struct PyCache final : T {
+  using T::T;
+  explicit PyCache(const T& other) : T(other) {}
+
+  int step() const override {
+    nb::object self = nb::find(static_cast<const T&>(*this));
+    if (!self.is_valid()) {
+      return T::step();
+    }
+    nb::object value = nb::getattr(self, "step");
+    long long v = 0;
+    if (!nb::try_cast<long long>(value, v, false) || PyBool_Check(value.ptr())) {
+      throw ValueError(
+          std::string(this->name()) + ".step",
+          "a positive integer",
+          nb::cast<std::string>(nb::repr(value)));
+    }
+    return check_size(this->name(), "step", v, 1);
+  }
+};
+
+/// A ready instance of `cls` (the bound class or a Python subclass) holding
+/// a PyCache<T> built from args, without running Python __init__.
+template <class T, class... Args>
+nb::object make_instance(nb::handle cls, Args&&... args) {
+  static_assert(sizeof(PyCache<T>) == sizeof(T));
+  nb::object obj = nb::inst_alloc(cls);
+  new (nb::inst_ptr<T>(obj)) PyCache<T>(std::forward<Args>(args)...);
+  nb::inst_mark_ready(obj);
+  return obj;
+}
+
+/// __copy__ / __deepcopy__: the arrays are shared (mlx arrays are
+/// immutable); a Python subclass's attributes are copied (deeply for
+/// __deepcopy__).
+template <class T>
+nb::object copy_instance(nb::handle self, nb::handle memo) {
+  nb::object out = make_instance<T>(self.type(), *nb::inst_ptr<T>(self));
+  nb::object dict = nb::getattr(self, "__dict__", nb::none());
+  if (!dict.is_none() && nb::len(dict) > 0) {
+    if (!memo.is_valid()) {
+      nb::getattr(out, "__dict__").attr("update")(dict);
+    } else {
+      nb::object deepcopy = nb::module_::import_("copy").attr("deepcopy");
+      nb::getattr(out, "__dict__").attr("update")(deepcopy(dict, memo));
+    }
+  }
+  return out;
+}
+
+/// Reads a Python state tuple with typed errors.
+class StateReader {
+ public:
+  StateReader(const char* ctx, nb::handle state, size_t expected);
+  OptionalArray array(size_t i, const char* what) const;
+  int integer(size_t i, const char* what) const;
+
+ private:
+  std::string ctx_;
+  nb::tuple items_;
+};
+
+inline nb::object to_py(const OptionalArray& a) {
+  return a ? nb::cast(*a) : nb::none();
+}
+
+/// Installs `from_state` as a classmethod: builds cls without __init__ and
+/// assigns `state`, so a subclass's own state setter is honoured.
+template <class T, class... Args>
+void def_from_state(nb::handle cls, const char* doc, Args... ctor_args) {
+  nb::object fn = nb::cpp_function(
+      [=](nb::handle type, nb::handle state) {
+        nb::object obj = make_instance<T>(type, ctor_args...);
+        nb::setattr(obj, "state", state);
+        return obj;
+      },
+      nb::name("from_state"),
+      "cls"_a,
+      "state"_a,
+      nb::sig("def from_state(cls, state: tuple) -> typing.Self"),
+      doc);
+  nb::setattr(cls, "from_state", nb::steal(PyClassMethod_New(fn.ptr())));
+}
+
+void register_errors(nb::module_& m);
+void bind_masks(nb::module_& m);
+void bind_kv(nb::module_& m);
+
+} // namespace kvcore::py

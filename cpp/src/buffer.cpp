@@ -1,0 +1,201 @@
+#include "kvcore/buffer.h"
+
+#include <climits>
+#include <sstream>
+
+#include <mlx/ops.h>
+
+#include "kvcore/errors.h"
+
+namespace kvcore {
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    os << (i ? ", " : "") << shape[i];
+  }
+  os << (shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype dtype) {
+  std::ostringstream os;
+  os << dtype;
+  return os.str();
+}
+
+void check_kv(const char* ctx, const mx::array& keys, const mx::array& values) {
+  if (keys.ndim() != 4) {
+    throw ValueError(
+        ctx,
+        "keys of rank 4 (B, n_kv_heads, S, head_dim)",
+        "rank " + std::to_string(keys.ndim()) + " " + shape_str(keys.shape()));
+  }
+  if (values.ndim() != 4) {
+    throw ValueError(
+        ctx,
+        "values of rank 4 (B, n_kv_heads, S, head_dim)",
+        "rank " + std::to_string(values.ndim()) + " " +
+            shape_str(values.shape()));
+  }
+  for (int ax = 0; ax < 3; ++ax) {
+    if (keys.shape(ax) != values.shape(ax)) {
+      throw ValueError(
+          ctx,
+          "values with the keys' (B, n_kv_heads, S) " +
+              shape_str({keys.shape(0), keys.shape(1), keys.shape(2)}),
+          "values of shape " + shape_str(values.shape()));
+    }
+  }
+  for (auto* a : {&keys, &values}) {
+    if (!mx::issubdtype(a->dtype(), mx::floating)) {
+      throw ValueError(
+          ctx,
+          std::string(a == &keys ? "keys" : "values") +
+              " of a floating-point dtype",
+          dtype_str(a->dtype()));
+    }
+  }
+}
+
+void check_pair(
+    const char* ctx,
+    const OptionalArray& keys,
+    const OptionalArray& values) {
+  if (keys.has_value() != values.has_value()) {
+    throw ValueError(
+        ctx,
+        "keys and values both set or both None",
+        std::string("keys ") + (keys ? "set" : "None") + " and values " +
+            (values ? "set" : "None"));
+  }
+  if (keys) {
+    check_kv(ctx, *keys, *values);
+  }
+}
+
+void check_offset_fits(
+    const char* ctx,
+    const OptionalArray& keys,
+    int offset) {
+  int len = keys ? keys->shape(2) : 0;
+  if (offset < 0 || offset > len) {
+    throw ValueError(
+        ctx,
+        "an offset in [0, " + std::to_string(len) + "] (the keys' length)",
+        "offset " + std::to_string(offset));
+  }
+}
+
+void check_count(const char* ctx, const char* what, size_t n, size_t expected) {
+  if (n != expected) {
+    throw ValueError(
+        ctx,
+        std::to_string(expected) + " " + what,
+        std::to_string(n) + " " + what);
+  }
+}
+
+int parse_int(const char* ctx, const char* what, const std::string& s) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(s, &used, 10);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (s.empty() || used != s.size()) {
+    throw ValueError(ctx, std::string(what) + " as a base-10 integer", "'" + s + "'");
+  }
+  if (v < INT_MIN || v > INT_MAX) {
+    throw ValueError(ctx, std::string(what) + " within 32 bits", s);
+  }
+  return static_cast<int>(v);
+}
+
+void check_fits(
+    const char* ctx,
+    const char* what,
+    const mx::array& x,
+    const mx::array& buf) {
+  if (x.shape(0) != buf.shape(0) || x.shape(1) != buf.shape(1) ||
+      x.shape(3) != buf.shape(3)) {
+    throw ValueError(
+        ctx,
+        std::string(what) + " of shape (" + std::to_string(buf.shape(0)) +
+            ", " + std::to_string(buf.shape(1)) + ", S, " +
+            std::to_string(buf.shape(3)) + ") like the cache's",
+        shape_str(x.shape()));
+  }
+  if (x.dtype() != buf.dtype()) {
+    throw ValueError(
+        ctx,
+        std::string(what) + " of dtype " + dtype_str(buf.dtype()) +
+            " like the cache's",
+        dtype_str(x.dtype()));
+  }
+}
+
+int check_size(const char* ctx, const char* what, long long n, int min) {
+  if (n < min || n > INT_MAX) {
+    throw ValueError(
+        ctx,
+        std::string(what) + " in [" + std::to_string(min) + ", " +
+            std::to_string(INT_MAX) + "]",
+        std::to_string(n));
+  }
+  return static_cast<int>(n);
+}
+
+mx::array seq_slice(const mx::array& buf, int start, int stop) {
+  int n = buf.shape(2);
+  start = std::clamp(start, 0, n);
+  stop = std::clamp(stop, start, n);
+  if (start == 0 && stop == n) {
+    return buf;
+  }
+  return mx::slice(
+      buf,
+      mx::Shape{0, 0, start, 0},
+      mx::Shape{buf.shape(0), buf.shape(1), stop, buf.shape(3)});
+}
+
+mx::array seq_write(const mx::array& buf, const mx::array& x, int at) {
+  return mx::slice_update(
+      buf,
+      x,
+      mx::Shape{0, 0, at, 0},
+      mx::Shape{buf.shape(0), buf.shape(1), at + x.shape(2), buf.shape(3)});
+}
+
+mx::array seq_concat(std::vector<mx::array> parts) {
+  return mx::concatenate(std::move(parts), 2);
+}
+
+mx::array seq_zeros(const mx::array& like, int n) {
+  return mx::zeros({like.shape(0), like.shape(1), n, like.shape(3)}, like.dtype());
+}
+
+mx::array grow_to(
+    const std::optional<mx::array>& buf,
+    const mx::array& like,
+    int prev,
+    int S,
+    int step) {
+  long long n_steps = (static_cast<long long>(step) + S - 1) / step;
+  int added = check_size("grow_to", "buffer growth", n_steps * step);
+  auto fresh = seq_zeros(like, added);
+  if (!buf) {
+    return fresh;
+  }
+  auto kept = (prev % step != 0) ? seq_slice(*buf, 0, prev) : *buf;
+  check_size("grow_to", "buffer length", 1LL * kept.shape(2) + added);
+  return seq_concat({kept, fresh});
+}
+
+size_t nbytes_of(const OptionalArray& a) {
+  return a ? a->nbytes() : 0;
+}
+
+} // namespace kvcore

@@ -1,0 +1,18 @@
+#include "test.h"
+
+int main() {
+  int passed = 0, failed = 0;
+  for (auto& c : kvtest::registry()) {
+    int before = kvtest::failures();
+    try {
+      c.fn();
+    } catch (const std::exception& e) {
+      kvtest::fail(c.name, 0, std::string("uncaught: ") + e.what());
+    }
+    bool ok = kvtest::failures() == before;
+    std::cout << (ok ? "ok   " : "FAIL ") << c.name << "\n";
+    (ok ? passed : failed)++;
+  }
+  std::cout << passed << " passed, " << failed << " failed\n";
+  return failed ? 1 : 0;
+}

@@ -1,0 +1,47 @@
+"""kvcore: KV caches for MLX language models, in C++.
+
+A drop-in for ``mlx_lm.models.cache``: the same classes, signatures,
+attributes and results, each hot call a single native call.
+"""
+
+from ._version_check import check_mlx_version as _check_mlx_version
+
+_check_mlx_version()
+
+from ._ext import (  # noqa: E402
+    CacheError,
+    CacheIndexError,
+    CacheNotImplementedError,
+    CacheRuntimeError,
+    CacheValueError,
+    ConcatenateKVCache,
+    KVCache,
+    RotatingKVCache,
+    create_attention_mask,
+    create_causal_mask,
+)
+from ._prompt import (  # noqa: E402
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
+from ._mlx_lm import patch_mlx_lm, unpatch_mlx_lm  # noqa: E402
+from ._build_info import KVCORE_VERSION as __version__  # noqa: E402
+
+__all__ = [
+    "CacheError",
+    "CacheIndexError",
+    "CacheNotImplementedError",
+    "CacheRuntimeError",
+    "CacheValueError",
+    "ConcatenateKVCache",
+    "KVCache",
+    "RotatingKVCache",
+    "can_trim_prompt_cache",
+    "create_attention_mask",
+    "create_causal_mask",
+    "make_prompt_cache",
+    "patch_mlx_lm",
+    "trim_prompt_cache",
+    "unpatch_mlx_lm",
+]

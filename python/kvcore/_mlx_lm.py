@@ -1,0 +1,59 @@
+"""Make mlx-lm run on kvcore's caches.
+
+``patch_mlx_lm()`` swaps kvcore's classes and helpers into
+``mlx_lm.models.cache`` and into every loaded ``mlx_lm`` module that imported
+them by name (model modules do ``from .cache import KVCache``), so models,
+``generate_step``, the prompt-cache helpers and model modules imported later
+all use kvcore. ``unpatch_mlx_lm()`` puts mlx-lm's own back.
+"""
+
+import sys
+
+# Names kvcore provides in place of mlx_lm.models.cache's.
+SWAPPED = (
+    "KVCache",
+    "ConcatenateKVCache",
+    "RotatingKVCache",
+    "make_prompt_cache",
+    "can_trim_prompt_cache",
+    "trim_prompt_cache",
+    "create_attention_mask",
+)
+
+_replaced = None  # [(module, name, original)] while patched
+
+
+def patch_mlx_lm():
+    """Use kvcore's caches everywhere in mlx-lm. Idempotent."""
+    global _replaced
+    if _replaced is not None:
+        return
+    import mlx_lm.models.cache as reference
+
+    import kvcore
+
+    originals = {name: getattr(reference, name) for name in SWAPPED}
+    replaced = []
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):
+            continue
+        namespace = vars(mod)
+        for name, original in originals.items():
+            if namespace.get(name) is original:
+                replaced.append((mod, name, original))
+                setattr(mod, name, getattr(kvcore, name))
+    _replaced = replaced
+
+
+def unpatch_mlx_lm():
+    """Restore mlx-lm's own caches where patch_mlx_lm() replaced them."""
+    global _replaced
+    if _replaced is None:
+        return
+    for mod, name, original in _replaced:
+        setattr(mod, name, original)
+    _replaced = None
+
+
+def is_patched():
+    return _replaced is not None
