@@ -58,14 +58,19 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(
   const int end = check_size(ctx, "offset + S", 1LL * prev + S);
 
   // Stage the new buffers; members change only once nothing can throw.
-  OptionalArray kbuf = keys_, vbuf = values_;
-  if (needs_growth(kbuf, prev, S)) {
+  if (needs_growth(keys_, prev, S)) {
     const int step = check_size(ctx, "step", this->step(), 1);
-    kbuf = grow_to(kbuf, keys, prev, S, step);
-    vbuf = grow_to(vbuf, values, prev, S, step);
+    auto kbuf = grow_to(keys_, keys, prev, S, step);
+    auto vbuf = grow_to(values_, values, prev, S, step);
+    auto k = seq_write(kbuf, keys, prev);
+    auto v = seq_write(vbuf, values, prev);
+    keys_ = std::move(k);
+    values_ = std::move(v);
+    offset_ = end;
+    return keys_and_values();
   }
-  auto k = seq_write(*kbuf, keys, prev);
-  auto v = seq_write(*vbuf, values, prev);
+  auto k = seq_write(*keys_, keys, prev);
+  auto v = seq_write(*values_, values, prev);
   keys_ = std::move(k);
   values_ = std::move(v);
   offset_ = end;
