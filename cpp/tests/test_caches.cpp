@@ -1,4 +1,189 @@
+// C++ tests of the caches against hand-computed expectations.
 #include <mlx/ops.h>
+
+#include "kvcore/errors.h"
 #include "kvcore/kv.h"
+#include "kvcore/mask.h"
+#include "kvcore/rotating.h"
 #include "test.h"
-TEST(placeholder_build) { CHECK(true); }
+
+namespace mx = mlx::core;
+using namespace kvcore;
+
+namespace {
+
+// (1, 1, S, 2) tokens whose values are their positions: token t = [t, t].
+mx::array tokens(int first, int S) {
+  auto t = mx::astype(mx::arange(first, first + S), mx::float32);
+  return mx::broadcast_to(mx::reshape(t, {1, 1, S, 1}), {1, 1, S, 2});
+}
+
+// The token positions a (1, 1, S, 2) array holds, read off column 0.
+std::vector<int> positions(const mx::array& a) {
+  auto col = mx::astype(mx::slice(a, {0, 0, 0, 0}, {1, 1, a.shape(2), 1}), mx::int32);
+  col.eval();
+  std::vector<int> out(col.data<int32_t>(), col.data<int32_t>() + col.size());
+  return out;
+}
+
+std::vector<int> range(int a, int b) {
+  std::vector<int> v;
+  for (int i = a; i < b; ++i) v.push_back(i);
+  return v;
+}
+
+bool same(const std::vector<int>& a, const std::vector<int>& b) {
+  return a == b;
+}
+
+} // namespace
+
+TEST(kvcache_grows_in_steps_and_returns_up_to_offset) {
+  KVCache c;
+  c.set_step(4);
+  auto [k, v] = c.update_and_fetch(tokens(0, 3), tokens(0, 3));
+  CHECK_EQ(c.offset(), 3);
+  CHECK_EQ(c.keys()->shape(2), 4);
+  CHECK(same(positions(k), range(0, 3)));
+  auto [k2, v2] = c.update_and_fetch(tokens(3, 1), tokens(3, 1));
+  CHECK_EQ(c.keys()->shape(2), 4);
+  CHECK(same(positions(k2), range(0, 4)));
+  auto [k3, v3] = c.update_and_fetch(tokens(4, 5), tokens(4, 5));
+  CHECK_EQ(c.offset(), 9);
+  CHECK_EQ(c.keys()->shape(2), 12); // 4 + two more steps of 4
+  CHECK(same(positions(k3), range(0, 9)));
+  CHECK(same(positions(v3), range(0, 9)));
+}
+
+TEST(kvcache_trim_then_update_overwrites_trimmed_tokens) {
+  KVCache c;
+  c.update_and_fetch(tokens(0, 6), tokens(0, 6));
+  CHECK_EQ(c.trim(2), 2);
+  CHECK_EQ(c.offset(), 4);
+  CHECK_EQ(c.trim(100), 4);
+  CHECK_EQ(c.offset(), 0);
+  auto [k, v] = c.update_and_fetch(tokens(10, 2), tokens(10, 2));
+  CHECK(same(positions(k), std::vector<int>{10, 11}));
+}
+
+TEST(kvcache_state_round_trip) {
+  KVCache a;
+  a.update_and_fetch(tokens(0, 5), tokens(0, 5));
+  KVCache b;
+  b.restore(a.state(), a.meta_state());
+  CHECK_EQ(b.offset(), 5);
+  auto [k, v] = b.update_and_fetch(tokens(5, 1), tokens(5, 1));
+  CHECK(same(positions(k), range(0, 6)));
+}
+
+TEST(kvcache_bad_input_throws_and_leaves_cache_unchanged) {
+  KVCache c;
+  c.update_and_fetch(tokens(0, 2), tokens(0, 2));
+  auto keys_before = *c.keys();
+  CHECK_THROWS(ValueError, "keys of rank 4", c.update_and_fetch(mx::zeros({1, 2, 2}), tokens(0, 2)));
+  CHECK_THROWS(ValueError, "like the cache's", c.update_and_fetch(mx::zeros({1, 2, 1, 2}), mx::zeros({1, 2, 1, 2})));
+  CHECK_THROWS(ValueError, "dtype float32", c.update_and_fetch(mx::zeros({1, 1, 1, 2}, mx::float16), mx::zeros({1, 1, 1, 2}, mx::float16)));
+  CHECK_THROWS(ValueError, "floating-point", c.update_and_fetch(mx::zeros({1, 1, 1, 2}, mx::int32), mx::zeros({1, 1, 1, 2}, mx::int32)));
+  CHECK_THROWS(ValueError, "n in [0", c.trim(-1));
+  CHECK_THROWS(ValueError, "offset in [0, 256]", c.set(c.keys(), c.values(), 300));
+  CHECK_EQ(c.offset(), 2);
+  CHECK(c.keys()->id() == keys_before.id());
+  auto [k, v] = c.update_and_fetch(tokens(2, 1), tokens(2, 1));
+  CHECK(same(positions(k), range(0, 3)));
+}
+
+TEST(error_carries_context_expected_actual) {
+  try {
+    RotatingKVCache c(4, 4);
+    CHECK(false);
+  } catch (const ValueError& e) {
+    CHECK(e.kind() == ErrorKind::Value);
+    CHECK(e.context() == "RotatingKVCache");
+    CHECK(e.expected() == "keep in [0, max_size) = [0, 4)");
+    CHECK(e.actual() == "keep 4");
+  }
+}
+
+TEST(rotating_single_tokens_wrap_around_keeping_the_first) {
+  RotatingKVCache c(4, 1);
+  c.set_step(2);
+  for (int t = 0; t < 4; ++t) {
+    c.update_and_fetch(tokens(t, 1), tokens(t, 1));
+  }
+  CHECK_EQ(c.keys()->shape(2), 4);
+  CHECK_EQ(c.idx(), 4);
+  auto [k, v] = c.update_and_fetch(tokens(4, 1), tokens(4, 1));
+  // Slot 0 is pinned; token 4 replaces the oldest unpinned one (token 1).
+  CHECK(same(positions(k), std::vector<int>{0, 4, 2, 3}));
+  auto [k2, v2] = c.update_and_fetch(tokens(5, 1), tokens(5, 1));
+  CHECK(same(positions(k2), std::vector<int>{0, 4, 5, 3}));
+  CHECK_EQ(c.offset(), 6);
+  CHECK_EQ(c.size(), 4);
+  CHECK(!c.is_trimmable());
+}
+
+TEST(rotating_multi_token_update_restores_temporal_order) {
+  RotatingKVCache c(4, 1);
+  for (int t = 0; t < 6; ++t) {
+    c.update_and_fetch(tokens(t, 1), tokens(t, 1));
+  }
+  auto [k, v] = c.update_and_fetch(tokens(6, 2), tokens(6, 2));
+  // keep token 0, then the newest max_size - 1 - keep = 2 old ones, then 6, 7.
+  CHECK(same(positions(k), std::vector<int>{0, 4, 5, 6, 7}));
+  CHECK_EQ(c.idx(), 5);
+  CHECK_EQ(c.offset(), 8);
+}
+
+TEST(rotating_trim_refused_once_tokens_rotated_out) {
+  RotatingKVCache c(4);
+  for (int t = 0; t < 5; ++t) {
+    c.update_and_fetch(tokens(t, 1), tokens(t, 1));
+  }
+  CHECK_THROWS(RuntimeError, "nothing rotated out yet", c.trim(1));
+  CHECK_EQ(c.offset(), 5);
+  CHECK_EQ(c.trim(0), 0);
+}
+
+TEST(rotating_state_validation) {
+  RotatingKVCache c(8);
+  c.update_and_fetch(tokens(0, 3), tokens(0, 3));
+  CHECK_THROWS(ValueError, "_idx in [0, 3]", c.set(c.keys(), c.values(), 3, 0, 8, 9));
+  CHECK_THROWS(ValueError, "max_size in [1", c.set(c.keys(), c.values(), 3, 0, 0, 3));
+  CHECK_THROWS(ValueError, "both set or both None", c.set(c.keys(), std::nullopt, 3, 0, 8, 3));
+  CHECK_THROWS(ValueError, "as a base-10 integer", c.set_meta_state({"0", "8", "x", "3"}));
+  CHECK_EQ(c.offset(), 3);
+  CHECK_EQ(c.idx(), 3);
+}
+
+TEST(concatenate_trim_sticks) {
+  ConcatenateKVCache c;
+  c.update_and_fetch(tokens(0, 5), tokens(0, 5));
+  CHECK_EQ(c.trim(2), 2);
+  auto [k, v] = c.update_and_fetch(tokens(9, 1), tokens(9, 1));
+  CHECK(same(positions(k), std::vector<int>{0, 1, 2, 9}));
+  CHECK_EQ(c.offset(), 4);
+}
+
+TEST(causal_mask_with_offset_and_window) {
+  auto m = create_causal_mask(2, 3, 2);
+  CHECK(m.shape() == mx::Shape({2, 5}));
+  auto expect = mx::array({false, false, true, true, false, false, false, false, true, true}, {2, 5});
+  CHECK(mx::array_equal(m, expect).item<bool>());
+  CHECK_THROWS(ValueError, "N in [0", create_causal_mask(-1));
+}
+
+TEST(attention_mask_kinds) {
+  CHECK(std::holds_alternative<std::monostate>(create_attention_mask(1, 5)));
+  CHECK(std::get<std::string>(create_attention_mask(3, 5)) == "causal");
+  CHECK(std::holds_alternative<mx::array>(create_attention_mask(3, 5, true)));
+}
+
+TEST(copy_is_independent) {
+  KVCache a;
+  a.update_and_fetch(tokens(0, 2), tokens(0, 2));
+  auto b = a.copy();
+  b->update_and_fetch(tokens(2, 1), tokens(2, 1));
+  CHECK_EQ(a.offset(), 2);
+  CHECK_EQ(static_cast<KVCache&>(*b).offset(), 3);
+  CHECK(same(positions(a.keys_and_values().first), range(0, 2)));
+}

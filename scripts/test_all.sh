@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install kvcore with its test extras, then run every test: pytest, the C++
+# tests under ctest, and the C++ example built against the installed package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+JOBS=${JOBS:-2}
+
+"$PY" -m pip install -q ".[test]"
+"$PY" -m pytest tests
+
+mlx_prefix=$("$PY" -m mlx --cmake-dir)
+cmake -S . -B build/ctest -DKVCORE_BUILD_TESTS=ON -DKVCORE_BUILD_PYTHON=OFF \
+  -DCMAKE_PREFIX_PATH="$mlx_prefix" >/dev/null
+cmake --build build/ctest -j "$JOBS"
+ctest --test-dir build/ctest --output-on-failure
+
+# find_package(kvcore) from the installed wheel, as an embedder would.
+cmake -S cpp/examples -B build/example -Dkvcore_DIR="$(cd /tmp && "$PY" -m kvcore --cmake-dir)" >/dev/null
+cmake --build build/example -j "$JOBS"
+./build/example/decode
