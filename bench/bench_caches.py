@@ -1,0 +1,257 @@
+"""kvcore against mlx-lm, side by side in one process.
+
+Per-call cost of each cache's hot operations, and end-to-end decode with
+mlx-lm's generate_step on a small random model. The two implementations run
+interleaved (their order alternating each repeat) on identical inputs; each
+figure is a ratio kvcore / mlx-lm with min and median over repeats.
+
+    python bench/bench_caches.py [--repeats 15] [--calls 256] [--quick]
+
+Writes bench/results/<device>.json, .md and .png (if matplotlib is there).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models import cache as ref
+
+import kvcore
+
+B, H, D = 1, 8, 64
+DTYPE = mx.float16
+
+
+def kv(S, b=B):
+    k = mx.random.normal((b, H, S, D)).astype(DTYPE)
+    v = mx.random.normal((b, H, S, D)).astype(DTYPE)
+    mx.eval(k, v)
+    return k, v
+
+
+# Each case: name, how to build and prime a cache from a module (mlx-lm's
+# cache module or kvcore), and the call to time.
+def update_case(name, make, prefill, S=1):
+    step = kv(S)
+
+    def setup(mod):
+        c = make(mod)
+        if prefill:
+            c.update_and_fetch(*kv(prefill))
+        mx.eval(c.keys, c.values)
+        return c
+
+    def call(c):
+        return c.update_and_fetch(*step)
+
+    return name, setup, call
+
+
+def mask_case(name, make, prefill, N, **kw):
+    def setup(mod):
+        c = make(mod)
+        c.update_and_fetch(*kv(prefill))
+        mx.eval(c.keys, c.values)
+        return c
+
+    def call(c):
+        return c.make_mask(N, **kw)
+
+    return name, setup, call
+
+
+def state_case(name, make, prefill):
+    def setup(mod):
+        c = make(mod)
+        c.update_and_fetch(*kv(prefill))
+        mx.eval(c.keys, c.values)
+        return c
+
+    def call(c):
+        return type(c).from_state(c.state)
+
+    return name, setup, call
+
+
+CASES = [
+    update_case("KVCache.update_and_fetch S=1", lambda m: m.KVCache(), 100),
+    update_case("KVCache.update_and_fetch S=16", lambda m: m.KVCache(), 100, S=16),
+    update_case("RotatingKVCache.update_and_fetch S=1 (ring full)",
+                lambda m: m.RotatingKVCache(max_size=128, keep=4), 200),
+    update_case("RotatingKVCache.update_and_fetch S=1 (filling)",
+                lambda m: m.RotatingKVCache(max_size=4096, keep=4), 100),
+    update_case("RotatingKVCache.update_and_fetch S=16",
+                lambda m: m.RotatingKVCache(max_size=128, keep=4), 200, S=16),
+    update_case("ConcatenateKVCache.update_and_fetch S=1",
+                lambda m: m.ConcatenateKVCache(), 100),
+    mask_case("KVCache.make_mask N=1", lambda m: m.KVCache(), 100, 1,
+              return_array=False, window_size=None),
+    mask_case("KVCache.make_mask N=16 array", lambda m: m.KVCache(), 100, 16,
+              return_array=True, window_size=None),
+    mask_case("RotatingKVCache.make_mask N=1 window", lambda m: m.RotatingKVCache(max_size=128),
+              200, 1, window_size=64),
+    state_case("KVCache.from_state(state)", lambda m: m.KVCache(), 100),
+    state_case("RotatingKVCache.from_state(state)",
+               lambda m: m.RotatingKVCache(max_size=128, keep=4), 200),
+]
+
+
+def time_calls(setup, call, mod, calls):
+    c = setup(mod)
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = call(c)
+    elapsed = time.perf_counter() - start
+    mx.eval(out if isinstance(out, (mx.array, tuple, list)) and out is not None else [])
+    return elapsed / calls * 1e6
+
+
+def run_case(case, repeats, calls):
+    name, setup, call = case
+    times = {"mlx-lm": [], "kvcore": []}
+    mods = [("mlx-lm", ref), ("kvcore", kvcore)]
+    for _ in range(2):  # warm-up
+        for label, mod in mods:
+            time_calls(setup, call, mod, calls)
+    for r in range(repeats):
+        for label, mod in (mods if r % 2 == 0 else mods[::-1]):
+            times[label].append(time_calls(setup, call, mod, calls))
+    ref_med = statistics.median(times["mlx-lm"])
+    kv_med = statistics.median(times["kvcore"])
+    return {
+        "case": name,
+        "mlx_lm_us": {"min": min(times["mlx-lm"]), "median": ref_med},
+        "kvcore_us": {"min": min(times["kvcore"]), "median": kv_med},
+        "ratio_median": kv_med / ref_med,
+        "ratio_min": min(times["kvcore"]) / min(times["mlx-lm"]),
+    }
+
+
+def decode_case(repeats, tokens, max_kv_size=None):
+    """generate_step on a small random Qwen2 model, tokens/s per cache."""
+    from mlx_lm.generate import generate_step
+
+    from kvcore._demo import tiny_qwen2
+
+    model = tiny_qwen2(layers=8)
+    prompt = mx.array(list(range(1, 65)))
+    rates = {"mlx-lm": [], "kvcore": []}
+    peaks = {}
+    mods = [("mlx-lm", ref), ("kvcore", kvcore)]
+    for r in range(repeats + 1):
+        for label, mod in (mods if r % 2 == 0 else mods[::-1]):
+            cache = mod.make_prompt_cache(model, max_kv_size=max_kv_size)
+            mx.reset_peak_memory()
+            start = time.perf_counter()
+            for _, _ in zip(generate_step(prompt, model, prompt_cache=cache, max_tokens=tokens),
+                            range(tokens)):
+                pass
+            elapsed = time.perf_counter() - start
+            if r > 0:  # the first round warms up
+                rates[label].append(tokens / elapsed)
+                peaks[label] = max(peaks.get(label, 0), mx.get_peak_memory())
+    name = "generate_step tokens/s" + (f" (max_kv_size={max_kv_size})" if max_kv_size else "")
+    ref_med = statistics.median(rates["mlx-lm"])
+    kv_med = statistics.median(rates["kvcore"])
+    return {
+        "case": name,
+        "mlx_lm_tok_s": {"max": max(rates["mlx-lm"]), "median": ref_med},
+        "kvcore_tok_s": {"max": max(rates["kvcore"]), "median": kv_med},
+        # A time ratio like the others: below 1 means kvcore is faster.
+        "ratio_median": ref_med / kv_med,
+        "ratio_min": max(rates["mlx-lm"]) / max(rates["kvcore"]),
+        "peak_memory_mb": {k: v / 2**20 for k, v in peaks.items()},
+    }
+
+
+def write_reports(results, meta, out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / meta["device"].replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    lines = [
+        f"# kvcore vs mlx-lm ({meta['device']}, mlx {meta['mlx']}, {meta['when']})",
+        "",
+        "| case | mlx-lm | kvcore | ratio (median) | ratio (min) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "mlx_lm_us" in r:
+            a = f"{r['mlx_lm_us']['median']:.2f} us"
+            b = f"{r['kvcore_us']['median']:.2f} us"
+        else:
+            a = f"{r['mlx_lm_tok_s']['median']:.1f} tok/s"
+            b = f"{r['kvcore_tok_s']['median']:.1f} tok/s"
+        lines.append(f"| {r['case']} | {a} | {b} | {r['ratio_median']:.3f} | {r['ratio_min']:.3f} |")
+    lines += ["", "ratio = kvcore time / mlx-lm time (below 1: kvcore is faster)."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return stem
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(results) + 1.5))
+    names = [r["case"] for r in results][::-1]
+    ratios = [r["ratio_median"] for r in results][::-1]
+    ax.barh(names, ratios, color=["#3a7" if x < 1 else "#c44" for x in ratios])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.axvline(0.2, color="#888", lw=0.8, ls="--")
+    ax.set_xlabel("kvcore time / mlx-lm time (median)")
+    ax.set_title(f"kvcore vs mlx-lm, {meta['device']}")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    return stem
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--calls", type=int, default=256)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    p.add_argument("--only", default="", help="run cases whose name contains this")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.calls, args.decode_tokens = 3, 64, 16
+    mx.random.seed(0)
+    device = str(mx.default_device())
+    meta = {
+        "device": f"{device} {platform.machine()}",
+        "mlx": mx.__version__,
+        "kvcore": kvcore.__version__,
+        "python": platform.python_version(),
+        "repeats": args.repeats,
+        "calls_per_repeat": args.calls,
+        "when": time.strftime("%Y-%m-%d"),
+    }
+    cases = [c for c in CASES if args.only in c[0]]
+    results = []
+    total = len(cases) + 2
+    for i, case in enumerate(cases, 1):
+        r = run_case(case, args.repeats, args.calls)
+        results.append(r)
+        print(f"[{i}/{total}] {r['case']}: mlx-lm {r['mlx_lm_us']['median']:.2f} us, "
+              f"kvcore {r['kvcore_us']['median']:.2f} us, ratio {r['ratio_median']:.3f}",
+              flush=True)
+    if not args.only:
+        for i, kw in enumerate([{}, {"max_kv_size": 48}], len(cases) + 1):
+            r = decode_case(max(3, args.repeats // 3), args.decode_tokens, **kw)
+            results.append(r)
+            print(f"[{i}/{total}] {r['case']}: mlx-lm {r['mlx_lm_tok_s']['median']:.1f}, "
+                  f"kvcore {r['kvcore_tok_s']['median']:.1f}, time ratio {r['ratio_median']:.3f}",
+                  flush=True)
+    stem = write_reports(results, meta, Path(args.out))
+    print(f"wrote {stem}.json / .md / .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
