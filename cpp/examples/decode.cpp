@@ -14,7 +14,7 @@ namespace mx = mlx::core;
 
 int main() {
   const int B = 1, H = 2, D = 16, prompt = 12, steps = 20;
-  std::vector<std::unique_ptr<kvcore::Cache>> layers;
+  std::vector<std::unique_ptr<kvcore::SequenceCache>> layers;
   layers.push_back(std::make_unique<kvcore::KVCache>());
   layers.push_back(std::make_unique<kvcore::RotatingKVCache>(/*max_size=*/16, /*keep=*/4));
 

@@ -1,22 +1,12 @@
 // KVCache, ConcatenateKVCache and RotatingKVCache.
 #include "common.h"
 #include "kvcore/kv.h"
+#include "kvcore/quantized.h"
 #include "kvcore/rotating.h"
 
 namespace kvcore::py {
 
 namespace {
-
-constexpr const char* kUpdateDoc = R"pbdoc(
-  Append new keys and values and return all the cached ones.
-
-  Args:
-      keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
-      values (array): ``(B, n_kv_heads, S, v_head_dim)``.
-
-  Returns:
-      tuple(array, array): The cached keys and values, new ones included.
-)pbdoc";
 
 constexpr const char* kMaskDoc = R"pbdoc(
   The attention mask for ``N`` new tokens.
@@ -29,39 +19,6 @@ constexpr const char* kMaskDoc = R"pbdoc(
   Returns:
       array | str | None: A boolean mask, ``"causal"`` or ``None``.
 )pbdoc";
-
-// What every keys/values cache shows Python.
-template <class T>
-void def_sequence_api(nb::class_<T>& cls) {
-  cls.attr("step") = SequenceCache::default_step;
-  cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
-          nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: "
-                  "mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]"),
-          kUpdateDoc)
-      .def("keys_and_values", &T::keys_and_values,
-           "The cached keys and values, up to ``offset``.")
-      .def_prop_rw(
-          "offset", &T::offset, &T::set_offset,
-          "Tokens seen so far: the position of the next token.")
-      .def_prop_rw(
-          "keys", &T::keys, [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
-          nb::arg("keys").none(), "The keys buffer, or None before the first update.")
-      .def_prop_rw(
-          "values", &T::values,
-          [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
-          nb::arg("values").none(),
-          "The values buffer, or None before the first update.")
-      .def_prop_ro("nbytes", &T::nbytes, "Bytes held by the keys and values.")
-      .def("empty", &T::empty, "True before the first update.")
-      .def("size", &T::size, "Tokens the cache holds.")
-      .def("is_trimmable", &T::is_trimmable, "Whether ``trim`` can drop tokens.")
-      .def("trim", &T::trim, "n"_a,
-           "Drop up to ``n`` tokens from the end; returns how many were dropped.")
-      .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); })
-      .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
-        return copy_instance<T>(self, memo);
-      }, "memo"_a);
-}
 
 } // namespace
 
@@ -88,6 +45,24 @@ void bind_kv(nb::module_& m) {
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           "``(keys, values, offset)``; the buffers are whole, as mlx-lm keeps them.");
+  kv.def("to_quantized",
+         [](nb::handle self, int group_size, int bits) {
+           auto& c = *nb::inst_ptr<KVCache>(self);
+           nb::object cls = nb::module_::import_("kvcore").attr("QuantizedKVCache");
+           return make_instance<QuantizedKVCache>(cls, to_quantized(c, group_size, bits));
+         },
+         "group_size"_a = 64, "bits"_a = 4,
+         nb::sig("def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache"),
+         R"pbdoc(
+           The same tokens in a QuantizedKVCache.
+
+           Args:
+               group_size (int): Quantization group size.
+               bits (int): Bits per element.
+
+           Returns:
+               QuantizedKVCache: With this cache's offset and quantized buffers.
+         )pbdoc");
   def_from_state<KVCache>(kv, "Build a cache from ``state`` without calling __init__.");
 
   auto cat = nb::class_<ConcatenateKVCache>(

@@ -6,6 +6,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -13,6 +14,7 @@
 
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
+#include "kvcore/kv.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -109,8 +111,58 @@ void def_from_state(nb::handle cls, const char* doc, Args... ctor_args) {
   nb::setattr(cls, "from_state", nb::steal(PyClassMethod_New(fn.ptr())));
 }
 
+constexpr const char* kUpdateDoc = R"pbdoc(
+  Append new keys and values and return all the cached ones.
+
+  Args:
+      keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+      values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+  Returns:
+      tuple(array, array): The cached keys and values, new ones included.
+)pbdoc";
+
+template <class T>
+void def_sequence_api(nb::class_<T>& cls);
+
 void register_errors(nb::module_& m);
 void bind_masks(nb::module_& m);
 void bind_kv(nb::module_& m);
+void bind_quantized(nb::module_& m);
+
+// What every keys/values cache shows Python.
+template <class T>
+void def_sequence_api(nb::class_<T>& cls) {
+  cls.attr("step") = SequenceCache::default_step;
+  cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
+          nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: "
+                  "mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]"),
+          kUpdateDoc)
+      .def("keys_and_values", &T::keys_and_values,
+           "The cached keys and values, up to ``offset``.")
+      .def_prop_rw(
+          "offset", &T::offset, &T::set_offset,
+          "Tokens seen so far: the position of the next token.")
+      .def_prop_rw(
+          "keys", &T::keys, [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
+          nb::arg("keys").none(), "The keys buffer, or None before the first update.")
+      .def_prop_rw(
+          "values", &T::values,
+          [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
+          nb::arg("values").none(),
+          "The values buffer, or None before the first update.")
+      .def_prop_ro("nbytes", &T::nbytes, "Bytes held by the keys and values.")
+      .def("empty", &T::empty, "True before the first update.")
+      .def("size", &T::size, "Tokens the cache holds.")
+      .def("is_trimmable", &T::is_trimmable, "Whether ``trim`` can drop tokens.")
+      .def("trim", &T::trim, "n"_a,
+           "Drop up to ``n`` tokens from the end; returns how many were dropped.")
+      .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); })
+      .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
+        return copy_instance<T>(self, memo);
+      }, "memo"_a);
+}
+
+
 
 } // namespace kvcore::py

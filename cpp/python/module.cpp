@@ -172,4 +172,5 @@ NB_MODULE(_ext, m) {
   kvcore::py::register_errors(m);
   kvcore::py::bind_masks(m);
   kvcore::py::bind_kv(m);
+  kvcore::py::bind_quantized(m);
 }

@@ -40,40 +40,42 @@ int Cache::trim(int) {
   throw NotImplementedError(name(), "this cache cannot be trimmed");
 }
 
+Mask Cache::make_mask(int, bool, std::optional<int>) const {
+  throw NotImplementedError(name(), "this cache makes no attention mask");
+}
+
 // KVCache ------------------------------------------------------------------
 
-std::pair<mx::array, mx::array> KVCache::update_and_fetch(
+std::pair<mx::array, mx::array> SequenceCache::write_at(
+    const char* ctx,
     const mx::array& keys,
-    const mx::array& values) {
-  constexpr const char* ctx = "KVCache.update_and_fetch";
+    const mx::array& values,
+    int prev) const {
   check_kv(ctx, keys, values);
   check_pair(ctx, keys_, values_);
-  check_offset_fits(ctx, keys_, offset_);
+  check_offset_fits(ctx, keys_, prev);
   if (keys_) {
     check_fits(ctx, "keys", keys, *keys_);
     check_fits(ctx, "values", values, *values_);
   }
   const int S = keys.shape(2);
-  const int prev = offset_;
-  const int end = check_size(ctx, "offset + S", 1LL * prev + S);
-
-  // Stage the new buffers; members change only once nothing can throw.
+  check_size(ctx, "offset + S", 1LL * offset_ + S);
   if (needs_growth(keys_, prev, S)) {
     const int step = check_size(ctx, "step", this->step(), 1);
-    auto kbuf = grow_to(keys_, keys, prev, S, step);
-    auto vbuf = grow_to(values_, values, prev, S, step);
-    auto k = seq_write(kbuf, keys, prev);
-    auto v = seq_write(vbuf, values, prev);
-    keys_ = std::move(k);
-    values_ = std::move(v);
-    offset_ = end;
-    return keys_and_values();
+    return {
+        seq_write(grow_to(keys_, keys, prev, S, step), keys, prev),
+        seq_write(grow_to(values_, values, prev, S, step), values, prev)};
   }
-  auto k = seq_write(*keys_, keys, prev);
-  auto v = seq_write(*values_, values, prev);
+  return {seq_write(*keys_, keys, prev), seq_write(*values_, values, prev)};
+}
+
+std::pair<mx::array, mx::array> KVCache::update_and_fetch(
+    const mx::array& keys,
+    const mx::array& values) {
+  auto [k, v] = write_at("KVCache.update_and_fetch", keys, values, offset_);
   keys_ = std::move(k);
   values_ = std::move(v);
-  offset_ = end;
+  offset_ += keys.shape(2);
   return keys_and_values();
 }
 

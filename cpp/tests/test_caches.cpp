@@ -182,7 +182,7 @@ TEST(copy_is_independent) {
   KVCache a;
   a.update_and_fetch(tokens(0, 2), tokens(0, 2));
   auto b = a.copy();
-  b->update_and_fetch(tokens(2, 1), tokens(2, 1));
+  static_cast<KVCache&>(*b).update_and_fetch(tokens(2, 1), tokens(2, 1));
   CHECK_EQ(a.offset(), 2);
   CHECK_EQ(static_cast<KVCache&>(*b).offset(), 3);
   CHECK(same(positions(a.keys_and_values().first), range(0, 2)));

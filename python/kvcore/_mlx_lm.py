@@ -14,6 +14,8 @@ SWAPPED = (
     "KVCache",
     "ConcatenateKVCache",
     "RotatingKVCache",
+    "QuantizedKVCache",
+    "ChunkedKVCache",
     "make_prompt_cache",
     "can_trim_prompt_cache",
     "trim_prompt_cache",

@@ -29,11 +29,6 @@ class Cache {
   /// The class name mlx-lm uses for this cache ("KVCache", ...).
   virtual const char* name() const = 0;
 
-  /// Append keys and values (B, H, S, D) and return everything cached.
-  virtual std::pair<mx::array, mx::array> update_and_fetch(
-      const mx::array& keys,
-      const mx::array& values) = 0;
-
   /// Whether trim() can drop tokens from the end.
   virtual bool is_trimmable() const {
     return false;
@@ -42,10 +37,11 @@ class Cache {
   virtual int trim(int n);
 
   /// The attention mask for N new tokens (see create_attention_mask).
+  /// Caches without one (ChunkedKVCache) throw NotImplementedError.
   virtual Mask make_mask(
       int N,
       bool return_array = false,
-      std::optional<int> window_size = std::nullopt) const = 0;
+      std::optional<int> window_size = std::nullopt) const;
 
   /// The arrays of the cache's state (None where unset).
   virtual std::vector<OptionalArray> state() const = 0;

@@ -11,6 +11,11 @@ class SequenceCache : public Cache {
  public:
   static constexpr int default_step = 256;
 
+  /// Append keys and values (B, H, S, D) and return everything cached.
+  virtual std::pair<mx::array, mx::array> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values) = 0;
+
   const OptionalArray& keys() const {
     return keys_;
   }
@@ -42,6 +47,15 @@ class SequenceCache : public Cache {
  protected:
   /// Throws unless both arrays are set, for calls that need them.
   void require_arrays(const char* ctx) const;
+  /// Checks an update against the buffers (shapes, dtypes, that `prev`
+  /// lies within them) and returns the buffers with keys and values
+  /// written at prev, grown by whole steps first if needed. Changes
+  /// nothing: the caller commits.
+  std::pair<mx::array, mx::array> write_at(
+      const char* ctx,
+      const mx::array& keys,
+      const mx::array& values,
+      int prev) const;
 
   OptionalArray keys_;
   OptionalArray values_;

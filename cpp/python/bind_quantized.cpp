@@ -1,0 +1,135 @@
+// QuantizedKVCache and ChunkedKVCache.
+#include "common.h"
+#include "kvcore/chunked.h"
+#include "kvcore/quantized.h"
+
+namespace kvcore::py {
+
+namespace {
+
+nb::object to_py(const OptionalQuantized& q) {
+  return q ? nb::cast(*q) : nb::none();
+}
+
+OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handle h) {
+  if (h.is_none()) {
+    return std::nullopt;
+  }
+  StateReader r(ctx, h, 3);
+  auto w = r.array(0, what), s = r.array(1, what), b = r.array(2, what);
+  if (!w || !s || !b) {
+    throw ValueError(ctx, std::string(what) + " as three arrays", "None in the triple");
+  }
+  return QuantizedArrays{*w, *s, *b};
+}
+
+} // namespace
+
+void bind_quantized(nb::module_& m) {
+  auto q = nb::class_<QuantizedKVCache>(
+      m, "QuantizedKVCache", nb::dynamic_attr(),
+      "Full-attention cache holding keys and values quantized by ``mx.quantize``.");
+  q.attr("step") = QuantizedKVCache::default_step;
+  q.def("__init__",
+        [](QuantizedKVCache* self, int group_size, int bits) {
+          new (self) PyCache<QuantizedKVCache>(group_size, bits);
+        },
+        "group_size"_a = 64, "bits"_a = 8,
+        R"pbdoc(
+          Args:
+              group_size (int): Quantization group size (32, 64 or 128).
+              bits (int): Bits per element (2, 3, 4, 5, 6 or 8).
+        )pbdoc")
+      .def("update_and_fetch", &QuantizedKVCache::update_and_fetch, "keys"_a, "values"_a,
+           nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
+                   "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
+                   "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+           R"pbdoc(
+             Quantize and append new keys and values.
+
+             Args:
+                 keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+                 values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+             Returns:
+                 tuple: The cached ``(weights, scales, biases)`` of the keys
+                 and of the values, up to ``offset``.
+           )pbdoc")
+      .def("keys_and_values", &QuantizedKVCache::keys_and_values,
+           "The cached key and value triples, up to ``offset``.")
+      .def_prop_rw("offset", &QuantizedKVCache::offset, &QuantizedKVCache::set_offset,
+                   "Tokens seen so far.")
+      .def_prop_rw(
+          "keys", [](const QuantizedKVCache& c) { return to_py(c.keys()); },
+          [](QuantizedKVCache& c, nb::handle h) {
+            c.set_keys(quantized_from_py("QuantizedKVCache.keys", "keys", h));
+          },
+          "The keys' ``(weights, scales, biases)`` buffers, or None.")
+      .def_prop_rw(
+          "values", [](const QuantizedKVCache& c) { return to_py(c.values()); },
+          [](QuantizedKVCache& c, nb::handle h) {
+            c.set_values(quantized_from_py("QuantizedKVCache.values", "values", h));
+          },
+          "The values' ``(weights, scales, biases)`` buffers, or None.")
+      .def_prop_ro("group_size", &QuantizedKVCache::group_size)
+      .def_prop_ro("bits", &QuantizedKVCache::bits)
+      .def_prop_ro("nbytes", &QuantizedKVCache::nbytes)
+      .def("empty", &QuantizedKVCache::empty)
+      .def("size", &QuantizedKVCache::size, "0, as in mlx-lm (the cache does not report it).")
+      .def("is_trimmable", &QuantizedKVCache::is_trimmable)
+      .def("trim", &QuantizedKVCache::trim, "n"_a)
+      .def("make_mask",
+           [](const QuantizedKVCache& c, int N, bool return_array,
+              std::optional<int> window_size) { return c.make_mask(N, return_array, window_size); },
+           "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a = nb::none())
+      .def_prop_rw(
+          "state",
+          [](const QuantizedKVCache& c) {
+            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(),
+                                  c.group_size(), c.bits());
+          },
+          [](QuantizedKVCache& c, nb::handle v) {
+            constexpr const char* ctx = "QuantizedKVCache.state";
+            StateReader r(ctx, v, 5);
+            nb::tuple t(v);
+            c.set(quantized_from_py(ctx, "keys", t[0]), quantized_from_py(ctx, "values", t[1]),
+                  r.integer(2, "offset"), r.integer(3, "group_size"), r.integer(4, "bits"));
+          },
+          nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          "``(keys, values, offset, group_size, bits)``; keys and values are triples.")
+      .def("__copy__", [](nb::handle self) { return copy_instance<QuantizedKVCache>(self, nb::handle()); })
+      .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
+        return copy_instance<QuantizedKVCache>(self, memo);
+      }, "memo"_a);
+  def_from_state<QuantizedKVCache>(q, "Build a cache from ``state`` without calling __init__.", 64, 8);
+
+  auto ch = nb::class_<ChunkedKVCache>(
+      m, "ChunkedKVCache", nb::dynamic_attr(),
+      "Chunked-attention cache: a KVCache that drops tokens before the current chunk.");
+  ch.def("__init__", [](ChunkedKVCache* self, int chunk_size) {
+    new (self) PyCache<ChunkedKVCache>(chunk_size);
+  }, "chunk_size"_a);
+  def_sequence_api(ch);
+  ch.def("maybe_trim_front", &ChunkedKVCache::maybe_trim_front,
+         "Keep at most ``chunk_size`` tokens, dropping the oldest.")
+      .def_prop_rw("chunk_size", &ChunkedKVCache::chunk_size, &ChunkedKVCache::set_chunk_size)
+      .def_prop_rw("start_position", &ChunkedKVCache::start_position,
+                   &ChunkedKVCache::set_start_position,
+                   "Absolute position of the first token held.")
+      .def_prop_rw(
+          "state",
+          [](const ChunkedKVCache& c) {
+            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(),
+                                  c.chunk_size(), c.start_position());
+          },
+          [](ChunkedKVCache& c, nb::handle v) {
+            StateReader r("ChunkedKVCache.state", v, 5);
+            c.set(r.array(0, "keys"), r.array(1, "values"), r.integer(2, "offset"),
+                  r.integer(3, "chunk_size"), r.integer(4, "start_position"));
+          },
+          nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          "``(keys, values, offset, chunk_size, start_position)``.");
+  def_from_state<ChunkedKVCache>(ch, "Build a cache from ``state`` without calling __init__.", 1);
+}
+
+} // namespace kvcore::py

@@ -1,0 +1,267 @@
+#include "kvcore/quantized.h"
+
+#include <mlx/ops.h>
+
+#include "kvcore/buffer.h"
+#include "kvcore/errors.h"
+#include "kvcore/mask.h"
+
+namespace kvcore {
+
+namespace {
+
+template <class F>
+QuantizedArrays map3(const QuantizedArrays& q, F f) {
+  return {f(std::get<0>(q)), f(std::get<1>(q)), f(std::get<2>(q))};
+}
+
+// Zero slots for S tokens shaped like each array of q.
+QuantizedArrays grow3(const QuantizedArrays& q, int prev, int added, int step) {
+  return map3(q, [&](const mx::array& x) {
+    auto kept = (prev % step != 0) ? seq_slice(x, 0, prev) : x;
+    return seq_concat({kept, seq_zeros(x, added)});
+  });
+}
+
+QuantizedArrays write3(const QuantizedArrays& buf, const QuantizedArrays& x, int at) {
+  return {
+      seq_write(std::get<0>(buf), std::get<0>(x), at),
+      seq_write(std::get<1>(buf), std::get<1>(x), at),
+      seq_write(std::get<2>(buf), std::get<2>(x), at)};
+}
+
+// A triple's arrays: rank 4, one sequence length, one (B, H).
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
+  const auto& w = std::get<0>(q);
+  for (const auto* a : {&std::get<0>(q), &std::get<1>(q), &std::get<2>(q)}) {
+    if (a->ndim() != 4 || a->shape(0) != w.shape(0) || a->shape(1) != w.shape(1) ||
+        a->shape(2) != w.shape(2)) {
+      throw ValueError(
+          ctx,
+          std::string(what) + " as three rank-4 arrays sharing (B, H, S) " +
+              (w.ndim() == 4 ? shape_str({w.shape(0), w.shape(1), w.shape(2)}) : ""),
+          "shape " + shape_str(a->shape()));
+    }
+  }
+  if (w.dtype() != mx::uint32) {
+    throw ValueError(ctx, std::string(what) + " weights of dtype uint32", dtype_str(w.dtype()));
+  }
+}
+
+void check_triple_fits(
+    const char* ctx,
+    const char* what,
+    const QuantizedArrays& x,
+    const QuantizedArrays& buf) {
+  check_fits(ctx, what, std::get<0>(x), std::get<0>(buf));
+  check_fits(ctx, what, std::get<1>(x), std::get<1>(buf));
+  check_fits(ctx, what, std::get<2>(x), std::get<2>(buf));
+}
+
+} // namespace
+
+void check_quantization(const char* ctx, int group_size, int bits) {
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    throw ValueError(ctx, "group_size in {32, 64, 128}", std::to_string(group_size));
+  }
+  if (bits < 2 || bits > 8 || bits == 7) {
+    throw ValueError(ctx, "bits in {2, 3, 4, 5, 6, 8}", std::to_string(bits));
+  }
+}
+
+QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, int bits) {
+  int D = x.shape(-1);
+  if (D % group_size != 0 || (D * bits) % 32 != 0) {
+    throw ValueError(
+        ctx,
+        "a head dim divisible by group_size " + std::to_string(group_size),
+        "head dim " + std::to_string(D));
+  }
+  auto q = mx::quantize(x, group_size, bits);
+  return {q[0], q[1], q[2]};
+}
+
+QuantizedKVCache::QuantizedKVCache(int group_size, int bits)
+    : group_size_(group_size), bits_(bits) {
+  check_quantization("QuantizedKVCache", group_size, bits);
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
+    const mx::array& keys,
+    const mx::array& values) {
+  constexpr const char* ctx = "QuantizedKVCache.update_and_fetch";
+  check_kv(ctx, keys, values);
+  const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2);
+  const int prev = offset_;
+  const int end = check_size(ctx, "offset + S", 1LL * prev + S);
+  if (keys_.has_value() != values_.has_value()) {
+    throw RuntimeError(ctx, "keys and values both set or both None", "only one set");
+  }
+  if (values.dtype() != keys.dtype()) {
+    throw ValueError(ctx, "values of the keys' dtype " + dtype_str(keys.dtype()),
+                     dtype_str(values.dtype()));
+  }
+  auto qk = quantize(ctx, keys, group_size_, bits_);
+  auto qv = quantize(ctx, values, group_size_, bits_);
+  if (keys_) {
+    check_triple(ctx, "keys", *keys_);
+    check_triple(ctx, "values", *values_);
+    check_triple_fits(ctx, "keys", qk, *keys_);
+    check_triple_fits(ctx, "values", qv, *values_);
+    check_offset_fits(ctx, std::get<0>(*keys_), prev);
+  } else if (prev != 0) {
+    throw RuntimeError(ctx, "offset 0 in an empty cache", "offset " + std::to_string(prev));
+  }
+
+  OptionalQuantized kbuf = keys_, vbuf = values_;
+  if (!kbuf || prev + S > std::get<0>(*kbuf).shape(2)) {
+    const int step = check_size(ctx, "step", this->step(), 1);
+    const int added = check_size(ctx, "buffer growth", (1LL * step + S - 1) / step * step);
+    if (kbuf) {
+      kbuf = grow3(*kbuf, prev, added, step);
+      vbuf = grow3(*vbuf, prev, added, step);
+    } else {
+      // As mlx-lm: both triples' scales and biases take the keys' dtype.
+      auto init = [&](int packed, int groups) {
+        return QuantizedArrays{
+            mx::zeros({B, H, added, packed}, mx::uint32),
+            mx::zeros({B, H, added, groups}, keys.dtype()),
+            mx::zeros({B, H, added, groups}, keys.dtype())};
+      };
+      kbuf = init(std::get<0>(qk).shape(3), std::get<1>(qk).shape(3));
+      vbuf = init(std::get<0>(qv).shape(3), std::get<1>(qv).shape(3));
+    }
+  }
+  auto k = write3(*kbuf, qk, prev);
+  auto v = write3(*vbuf, qv, prev);
+  kbuf.reset();
+  vbuf.reset();
+  keys_ = std::move(k);
+  values_ = std::move(v);
+  offset_ = end;
+  return keys_and_values();
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::keys_and_values() const {
+  if (!keys_ || !values_) {
+    throw RuntimeError("QuantizedKVCache.keys_and_values", "the cache is empty: no keys or values yet");
+  }
+  if (offset_ == std::get<0>(*keys_).shape(2)) {
+    return {*keys_, *values_};
+  }
+  auto upto = [this](const mx::array& x) { return seq_slice(x, 0, offset_); };
+  return {map3(*keys_, upto), map3(*values_, upto)};
+}
+
+int QuantizedKVCache::trim(int n) {
+  check_size("QuantizedKVCache.trim", "n", n);
+  n = std::min(offset_, n);
+  offset_ -= n;
+  return n;
+}
+
+Mask QuantizedKVCache::make_mask(
+    int N,
+    bool return_array,
+    std::optional<int> window_size) const {
+  return create_attention_mask(N, offset_, return_array, window_size);
+}
+
+std::vector<OptionalArray> QuantizedKVCache::state() const {
+  std::vector<OptionalArray> out;
+  for (const auto* q : {&keys_, &values_}) {
+    if (*q) {
+      out.insert(out.end(), {std::get<0>(**q), std::get<1>(**q), std::get<2>(**q)});
+    } else {
+      out.insert(out.end(), {std::nullopt, std::nullopt, std::nullopt});
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> QuantizedKVCache::meta_state() const {
+  return {std::to_string(offset_), std::to_string(group_size_), std::to_string(bits_)};
+}
+
+void QuantizedKVCache::restore(
+    const std::vector<OptionalArray>& arrays,
+    const std::vector<std::string>& meta) {
+  constexpr const char* ctx = "QuantizedKVCache.state";
+  check_count(ctx, "arrays", arrays.size(), 6);
+  check_count(ctx, "scalars", meta.size(), 3);
+  auto triple = [&](size_t i) -> OptionalQuantized {
+    int set = arrays[i].has_value() + arrays[i + 1].has_value() + arrays[i + 2].has_value();
+    if (set == 0) {
+      return std::nullopt;
+    }
+    if (set != 3) {
+      throw ValueError(ctx, "a triple of three arrays or of three None", std::to_string(set) + " arrays");
+    }
+    return QuantizedArrays{*arrays[i], *arrays[i + 1], *arrays[i + 2]};
+  };
+  set(triple(0), triple(3), parse_int(ctx, "offset", meta[0]),
+      parse_int(ctx, "group_size", meta[1]), parse_int(ctx, "bits", meta[2]));
+}
+
+void QuantizedKVCache::set(
+    OptionalQuantized keys,
+    OptionalQuantized values,
+    int offset,
+    int group_size,
+    int bits) {
+  constexpr const char* ctx = "QuantizedKVCache.state";
+  check_quantization(ctx, group_size, bits);
+  if (keys.has_value() != values.has_value()) {
+    throw ValueError(ctx, "keys and values both set or both None", "only one set");
+  }
+  int len = 0;
+  if (keys) {
+    check_triple(ctx, "keys", *keys);
+    check_triple(ctx, "values", *values);
+    len = std::get<0>(*keys).shape(2);
+    if (std::get<0>(*values).shape(2) != len ||
+        std::get<0>(*values).shape(0) != std::get<0>(*keys).shape(0) ||
+        std::get<0>(*values).shape(1) != std::get<0>(*keys).shape(1)) {
+      throw ValueError(ctx, "values sharing the keys' (B, H, S)",
+                       shape_str(std::get<0>(*values).shape()));
+    }
+  }
+  if (offset < 0 || offset > len) {
+    throw ValueError(ctx, "an offset in [0, " + std::to_string(len) + "]",
+                     "offset " + std::to_string(offset));
+  }
+  keys_ = std::move(keys);
+  values_ = std::move(values);
+  offset_ = offset;
+  group_size_ = group_size;
+  bits_ = bits;
+}
+
+size_t QuantizedKVCache::nbytes() const {
+  size_t n = 0;
+  for (const auto& a : state()) {
+    n += nbytes_of(a);
+  }
+  return n;
+}
+
+void QuantizedKVCache::set_offset(int offset) {
+  offset_ = check_size("QuantizedKVCache.offset", "offset", offset);
+}
+
+void QuantizedKVCache::set_step(int step) {
+  step_ = check_size("QuantizedKVCache.step", "step", step, 1);
+}
+
+QuantizedKVCache to_quantized(const KVCache& cache, int group_size, int bits) {
+  constexpr const char* ctx = "KVCache.to_quantized";
+  QuantizedKVCache out(group_size, bits);
+  out.set_offset(cache.offset());
+  if (cache.keys() && cache.values()) {
+    out.set_keys(quantize(ctx, *cache.keys(), group_size, bits));
+    out.set_values(quantize(ctx, *cache.values(), group_size, bits));
+  }
+  return out;
+}
+
+} // namespace kvcore
