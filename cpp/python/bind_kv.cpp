@@ -29,10 +29,11 @@ void bind_kv(nb::module_& m) {
   kv.def("__init__", [](KVCache* self) { new (self) PyCache<KVCache>(); });
   def_sequence_api(kv);
   kv.def("make_mask",
-         [](const KVCache& c, int N, bool return_array, std::optional<int> window_size) {
-           return c.make_mask(N, return_array, window_size);
+         [](const KVCache& c, nb::handle N, bool return_array, nb::handle window_size) {
+           return c.make_mask(int_arg("KVCache.make_mask", "N", N), return_array,
+                              opt_int_arg("KVCache.make_mask", "window_size", window_size));
          },
-         "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a = nb::none(),
+         "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none(),
          kMaskDoc)
       .def_prop_rw(
           "state",
@@ -73,11 +74,13 @@ void bind_kv(nb::module_& m) {
   });
   def_sequence_api(cat);
   cat.def("make_mask",
-          [](const ConcatenateKVCache& c, int N, bool return_array,
-             std::optional<int> window_size) {
-            return c.make_mask(N, return_array, window_size);
+          [](const ConcatenateKVCache& c, nb::handle N, bool return_array,
+             nb::handle window_size) {
+            constexpr const char* ctx = "ConcatenateKVCache.make_mask";
+            return c.make_mask(int_arg(ctx, "N", N), return_array,
+                               opt_int_arg(ctx, "window_size", window_size));
           },
-          "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a = nb::none(),
+          "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none(),
           kMaskDoc)
       .def_prop_rw(
           "state",
@@ -97,10 +100,13 @@ void bind_kv(nb::module_& m) {
       m, "RotatingKVCache", nb::dynamic_attr(),
       "Sliding-window cache: a ring of ``max_size`` slots, the first ``keep`` pinned.");
   rot.def("__init__",
-          [](RotatingKVCache* self, int max_size, int keep) {
-            new (self) PyCache<RotatingKVCache>(max_size, keep);
+          [](RotatingKVCache* self, nb::handle max_size, nb::handle keep) {
+            new (self) PyCache<RotatingKVCache>(
+                int_arg("RotatingKVCache", "max_size", max_size),
+                int_arg("RotatingKVCache", "keep", keep));
           },
           "max_size"_a, "keep"_a = 0,
+          nb::sig("def __init__(self, max_size: int, keep: int = 0) -> None"),
           R"pbdoc(
             Args:
                 max_size (int): Slots in the ring (the window), at least 1.
@@ -108,12 +114,22 @@ void bind_kv(nb::module_& m) {
           )pbdoc");
   def_sequence_api(rot);
   rot.def("make_mask",
-          [](const RotatingKVCache& c, int N, std::optional<int> window_size,
-             bool return_array) { return c.make_mask(N, return_array, window_size); },
-          "N"_a, "window_size"_a = nb::none(), "return_array"_a = false, kMaskDoc)
-      .def_prop_rw("keep", &RotatingKVCache::keep, &RotatingKVCache::set_keep,
+          [](const RotatingKVCache& c, nb::handle N, nb::handle window_size,
+             bool return_array) {
+            constexpr const char* ctx = "RotatingKVCache.make_mask";
+            return c.make_mask(int_arg(ctx, "N", N), return_array,
+                               opt_int_arg(ctx, "window_size", window_size));
+          },
+          "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false, kMaskDoc)
+      .def_prop_rw("keep", &RotatingKVCache::keep,
+                   [](RotatingKVCache& c, nb::handle v) {
+                     c.set_keep(int_arg("RotatingKVCache.keep", "keep", v));
+                   },
                    "Leading tokens that are never rotated out.")
-      .def_prop_rw("_idx", &RotatingKVCache::idx, &RotatingKVCache::set_idx,
+      .def_prop_rw("_idx", &RotatingKVCache::idx,
+                   [](RotatingKVCache& c, nb::handle v) {
+                     c.set_idx(int_arg("RotatingKVCache._idx", "_idx", v));
+                   },
                    "The ring cursor: where the next single token goes.")
       .def("to_quantized",
            [](const RotatingKVCache&, int, int) -> nb::object {
@@ -135,7 +151,10 @@ void bind_kv(nb::module_& m) {
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           "``(keys, values, offset, keep, max_size, _idx)``.");
   rot.def_prop_rw("max_size", &RotatingKVCache::max_size,
-                  &RotatingKVCache::set_max_size, "Slots in the ring.");
+                  [](RotatingKVCache& c, nb::handle v) {
+                    c.set_max_size(int_arg("RotatingKVCache.max_size", "max_size", v));
+                  },
+                  "Slots in the ring.");
   def_from_state<RotatingKVCache>(
       rot, "Build a cache from ``state`` without calling __init__.", 1, 0);
 }

@@ -31,10 +31,13 @@ void bind_quantized(nb::module_& m) {
       "Full-attention cache holding keys and values quantized by ``mx.quantize``.");
   q.attr("step") = QuantizedKVCache::default_step;
   q.def("__init__",
-        [](QuantizedKVCache* self, int group_size, int bits) {
-          new (self) PyCache<QuantizedKVCache>(group_size, bits);
+        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits) {
+          new (self) PyCache<QuantizedKVCache>(
+              int_arg("QuantizedKVCache", "group_size", group_size),
+              int_arg("QuantizedKVCache", "bits", bits));
         },
         "group_size"_a = 64, "bits"_a = 8,
+        nb::sig("def __init__(self, group_size: int = 64, bits: int = 8) -> None"),
         R"pbdoc(
           Args:
               group_size (int): Quantization group size (32, 64 or 128).
@@ -57,7 +60,10 @@ void bind_quantized(nb::module_& m) {
            )pbdoc")
       .def("keys_and_values", &QuantizedKVCache::keys_and_values,
            "The cached key and value triples, up to ``offset``.")
-      .def_prop_rw("offset", &QuantizedKVCache::offset, &QuantizedKVCache::set_offset,
+      .def_prop_rw("offset", &QuantizedKVCache::offset,
+                   [](QuantizedKVCache& c, nb::handle v) {
+                     c.set_offset(int_arg("QuantizedKVCache.offset", "offset", v));
+                   },
                    "Tokens seen so far.")
       .def_prop_rw(
           "keys", [](const QuantizedKVCache& c) { return to_py(c.keys()); },
@@ -77,11 +83,16 @@ void bind_quantized(nb::module_& m) {
       .def("empty", &QuantizedKVCache::empty)
       .def("size", &QuantizedKVCache::size, "0, as in mlx-lm (the cache does not report it).")
       .def("is_trimmable", &QuantizedKVCache::is_trimmable)
-      .def("trim", &QuantizedKVCache::trim, "n"_a)
+      .def("trim", [](QuantizedKVCache& c, nb::handle n) {
+             return c.trim(count_arg("QuantizedKVCache.trim", n));
+           }, "n"_a, nb::sig("def trim(self, n: int) -> int"))
       .def("make_mask",
-           [](const QuantizedKVCache& c, int N, bool return_array,
-              std::optional<int> window_size) { return c.make_mask(N, return_array, window_size); },
-           "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a = nb::none())
+           [](const QuantizedKVCache& c, nb::handle N, bool return_array, nb::handle window_size) {
+             constexpr const char* ctx = "QuantizedKVCache.make_mask";
+             return c.make_mask(int_arg(ctx, "N", N), return_array,
+                                opt_int_arg(ctx, "window_size", window_size));
+           },
+           "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none())
       .def_prop_rw(
           "state",
           [](const QuantizedKVCache& c) {
@@ -106,15 +117,21 @@ void bind_quantized(nb::module_& m) {
   auto ch = nb::class_<ChunkedKVCache>(
       m, "ChunkedKVCache", nb::dynamic_attr(),
       "Chunked-attention cache: a KVCache that drops tokens before the current chunk.");
-  ch.def("__init__", [](ChunkedKVCache* self, int chunk_size) {
-    new (self) PyCache<ChunkedKVCache>(chunk_size);
-  }, "chunk_size"_a);
+  ch.def("__init__", [](ChunkedKVCache* self, nb::handle chunk_size) {
+    new (self) PyCache<ChunkedKVCache>(int_arg("ChunkedKVCache", "chunk_size", chunk_size));
+  }, "chunk_size"_a, nb::sig("def __init__(self, chunk_size: int) -> None"));
   def_sequence_api(ch);
   ch.def("maybe_trim_front", &ChunkedKVCache::maybe_trim_front,
          "Keep at most ``chunk_size`` tokens, dropping the oldest.")
-      .def_prop_rw("chunk_size", &ChunkedKVCache::chunk_size, &ChunkedKVCache::set_chunk_size)
+      .def_prop_rw("chunk_size", &ChunkedKVCache::chunk_size,
+                   [](ChunkedKVCache& c, nb::handle v) {
+                     c.set_chunk_size(int_arg("ChunkedKVCache.chunk_size", "chunk_size", v));
+                   })
       .def_prop_rw("start_position", &ChunkedKVCache::start_position,
-                   &ChunkedKVCache::set_start_position,
+                   [](ChunkedKVCache& c, nb::handle v) {
+                     c.set_start_position(
+                         int_arg("ChunkedKVCache.start_position", "start_position", v));
+                   },
                    "Absolute position of the first token held.")
       .def_prop_rw(
           "state",

@@ -2,6 +2,8 @@
 // creation for from_state/copy on Python subclasses, and state parsing.
 #pragma once
 
+#include <climits>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
@@ -89,6 +91,45 @@ class StateReader {
   nb::tuple items_;
 };
 
+/// A token count from Python for trim(): any int; counts past INT_MAX mean
+/// "all of them" (a cache never holds more), negatives are refused in C++.
+inline int count_arg(const char* ctx, nb::handle n) {
+  if (!PyLong_Check(n.ptr()) || PyBool_Check(n.ptr())) {
+    throw ValueError(ctx, "n as an int", nb::cast<std::string>(nb::repr(n)));
+  }
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
+  if (overflow > 0 || v > INT_MAX) {
+    return INT_MAX;
+  }
+  if (overflow < 0 || v < INT_MIN) {
+    return INT_MIN;
+  }
+  return static_cast<int>(v);
+}
+
+/// An int argument from Python, refused with a typed error (not a
+/// TypeError or a wrap-around) when it is not an int or exceeds 32 bits.
+inline int int_arg(const char* ctx, const char* what, nb::handle v) {
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
+    throw ValueError(ctx, std::string(what) + " as an int", nb::cast<std::string>(nb::repr(v)));
+  }
+  int overflow = 0;
+  long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0 || x < INT_MIN || x > INT_MAX) {
+    throw ValueError(ctx, std::string(what) + " within 32 bits",
+                     nb::cast<std::string>(nb::repr(v)));
+  }
+  return static_cast<int>(x);
+}
+
+inline std::optional<int> opt_int_arg(const char* ctx, const char* what, nb::handle v) {
+  if (v.is_none()) {
+    return std::nullopt;
+  }
+  return int_arg(ctx, what, v);
+}
+
 inline nb::object to_py(const OptionalArray& a) {
   return a ? nb::cast(*a) : nb::none();
 }
@@ -141,13 +182,15 @@ void def_sequence_api(nb::class_<T>& cls) {
       .def("keys_and_values", &T::keys_and_values,
            "The cached keys and values, up to ``offset``.")
       .def_prop_rw(
-          "offset", &T::offset, &T::set_offset,
+          "offset", &T::offset,
+          [](T& c, nb::handle v) { c.set_offset(int_arg(c.name(), "offset", v)); },
           "Tokens seen so far: the position of the next token.")
       .def_prop_rw(
-          "keys", &T::keys, [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
+          "keys", [](const T& c) { return to_py(c.keys()); },
+          [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
           nb::arg("keys").none(), "The keys buffer, or None before the first update.")
       .def_prop_rw(
-          "values", &T::values,
+          "values", [](const T& c) { return to_py(c.values()); },
           [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
           nb::arg("values").none(),
           "The values buffer, or None before the first update.")
@@ -155,7 +198,8 @@ void def_sequence_api(nb::class_<T>& cls) {
       .def("empty", &T::empty, "True before the first update.")
       .def("size", &T::size, "Tokens the cache holds.")
       .def("is_trimmable", &T::is_trimmable, "Whether ``trim`` can drop tokens.")
-      .def("trim", &T::trim, "n"_a,
+      .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a,
+           nb::sig("def trim(self, n: int) -> int"),
            "Drop up to ``n`` tokens from the end; returns how many were dropped.")
       .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); })
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {

@@ -107,12 +107,18 @@ void register_errors(nb::module_& m) {
 void bind_masks(nb::module_& m) {
   m.def(
       "create_causal_mask",
-      &create_causal_mask,
+      [](nb::handle N, nb::handle offset, nb::handle window_size,
+         const OptionalArray& right_padding, const OptionalArray& left_padding) {
+        constexpr const char* ctx = "create_causal_mask";
+        return create_causal_mask(
+            int_arg(ctx, "N", N), int_arg(ctx, "offset", offset),
+            opt_int_arg(ctx, "window_size", window_size), right_padding, left_padding);
+      },
       "N"_a,
       "offset"_a = 0,
-      "window_size"_a = nb::none(),
-      "right_padding"_a = nb::none(),
-      "left_padding"_a = nb::none(),
+      "window_size"_a.none() = nb::none(),
+      "right_padding"_a.none() = nb::none(),
+      "left_padding"_a.none() = nb::none(),
       nb::sig(
           "def create_causal_mask(N: int, offset: int = 0, "
           "window_size: int | None = None, "
@@ -137,11 +143,16 @@ void bind_masks(nb::module_& m) {
       )pbdoc");
   m.def(
       "create_attention_mask",
-      &create_attention_mask,
+      [](nb::handle N, nb::handle offset, bool return_array, nb::handle window_size) {
+        constexpr const char* ctx = "create_attention_mask";
+        return create_attention_mask(
+            int_arg(ctx, "N", N), int_arg(ctx, "offset", offset), return_array,
+            opt_int_arg(ctx, "window_size", window_size));
+      },
       "N"_a,
       "offset"_a,
       "return_array"_a,
-      "window_size"_a,
+      "window_size"_a.none(),
       nb::sig(
           "def create_attention_mask(N: int, offset: int, return_array: bool, "
           "window_size: int | None) -> mlx.core.array | str | None"),

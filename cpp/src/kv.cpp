@@ -10,11 +10,24 @@ namespace kvcore {
 
 // SequenceCache ------------------------------------------------------------
 
+namespace {
+
+void check_rank4(const char* ctx, const OptionalArray& a) {
+  if (a && a->ndim() != 4) {
+    throw ValueError(ctx, "None or an array of rank 4 (B, n_kv_heads, S, head_dim)",
+                     "rank " + std::to_string(a->ndim()) + " " + shape_str(a->shape()));
+  }
+}
+
+} // namespace
+
 void SequenceCache::set_keys(OptionalArray keys) {
+  check_rank4("keys", keys);
   keys_ = std::move(keys);
 }
 
 void SequenceCache::set_values(OptionalArray values) {
+  check_rank4("values", values);
   values_ = std::move(values);
 }
 
@@ -158,11 +171,13 @@ std::pair<mx::array, mx::array> ConcatenateKVCache::keys_and_values() const {
 int ConcatenateKVCache::trim(int n) {
   check_size("ConcatenateKVCache.trim", "n", n);
   n = std::min(offset_, n);
-  if (n > 0) {
-    offset_ -= n;
-    keys_ = seq_slice(*keys_, 0, offset_);
-    values_ = seq_slice(*values_, 0, offset_);
+  if (n > 0 && keys_ && values_) {
+    auto k = seq_slice(*keys_, 0, offset_ - n);
+    auto v = seq_slice(*values_, 0, offset_ - n);
+    keys_ = std::move(k);
+    values_ = std::move(v);
   }
+  offset_ -= n;
   return n;
 }
 

@@ -72,12 +72,15 @@ Mask create_attention_mask(
     int offset,
     bool return_array,
     std::optional<int> window_size) {
-  if (window_size || return_array) {
+  if (window_size) {
     return create_causal_mask(N, offset, window_size);
   }
   check_size("create_attention_mask", "N", N);
   if (N == 1) {
     return std::monostate{};
+  }
+  if (return_array) {
+    return create_causal_mask(N, offset);
   }
   return std::string("causal");
 }

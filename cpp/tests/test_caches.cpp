@@ -176,6 +176,7 @@ TEST(attention_mask_kinds) {
   CHECK(std::holds_alternative<std::monostate>(create_attention_mask(1, 5)));
   CHECK(std::get<std::string>(create_attention_mask(3, 5)) == "causal");
   CHECK(std::holds_alternative<mx::array>(create_attention_mask(3, 5, true)));
+  CHECK(std::holds_alternative<std::monostate>(create_attention_mask(1, 5, true)));
 }
 
 TEST(copy_is_independent) {

@@ -52,8 +52,20 @@ def unpatch_mlx_lm():
     global _replaced
     if _replaced is None:
         return
+    import kvcore
+
+    originals = {}
     for mod, name, original in _replaced:
         setattr(mod, name, original)
+        originals[name] = original
+    # Model modules first imported while patched took kvcore's names too.
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):
+            continue
+        namespace = vars(mod)
+        for name, original in originals.items():
+            if namespace.get(name) is getattr(kvcore, name):
+                setattr(mod, name, original)
     _replaced = None
 
 

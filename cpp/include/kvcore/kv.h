@@ -130,10 +130,7 @@ class ConcatenateKVCache : public SequenceCache {
       const std::vector<OptionalArray>& arrays,
       const std::vector<std::string>& meta) override;
   void set(OptionalArray keys, OptionalArray values);
-
-  int size() const override {
-    return offset_;
-  }
+  // size() stays 0, as in mlx-lm (the base's "cannot say").
   std::unique_ptr<Cache> copy() const override {
     return std::make_unique<ConcatenateKVCache>(*this);
   }

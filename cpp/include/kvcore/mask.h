@@ -18,9 +18,9 @@ mx::array create_causal_mask(
     const OptionalArray& right_padding = std::nullopt,
     const OptionalArray& left_padding = std::nullopt);
 
-/// mlx-lm's choice of mask for a plain cache: the windowed mask array when
-/// window_size is set, none for a single token, the mask array when
-/// return_array, else "causal".
+/// mlx-lm's choice of mask for a plain cache, in its order: the windowed
+/// mask array when window_size is set, else none for a single token, else
+/// the mask array when return_array, else "causal".
 Mask create_attention_mask(
     int N,
     int offset,
