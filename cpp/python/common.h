@@ -28,8 +28,11 @@ namespace kvcore::py {
 /// Python object (instance, then class), so `KVCache.step = 512`, a
 /// subclass's `step = 64` and `cache.step = 16` all work as in mlx-lm. It
 /// is consulted only when a buffer grows, never on the per-token path.
+template <class T, bool HasStep = requires(const T& t) { t.step(); }>
+struct PyCache;
+
 template <class T>
-struct PyCache final : T {
+struct PyCache<T, true> final : T {
   using T::T;
   explicit PyCache(const T& other) : T(other) {}
 
@@ -48,6 +51,13 @@ struct PyCache final : T {
     }
     return check_size(this->name(), "step", v, 1);
   }
+};
+
+/// Caches without a growth step need nothing from Python.
+template <class T>
+struct PyCache<T, false> final : T {
+  using T::T;
+  explicit PyCache(const T& other) : T(other) {}
 };
 
 /// A ready instance of `cls` (the bound class or a Python subclass) holding
@@ -170,6 +180,7 @@ void register_errors(nb::module_& m);
 void bind_masks(nb::module_& m);
 void bind_kv(nb::module_& m);
 void bind_quantized(nb::module_& m);
+void bind_arrays(nb::module_& m);
 
 // What every keys/values cache shows Python.
 template <class T>

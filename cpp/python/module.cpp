@@ -184,4 +184,5 @@ NB_MODULE(_ext, m) {
   kvcore::py::bind_masks(m);
   kvcore::py::bind_kv(m);
   kvcore::py::bind_quantized(m);
+  kvcore::py::bind_arrays(m);
 }

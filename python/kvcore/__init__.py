@@ -14,6 +14,7 @@ from ._ext import (  # noqa: E402
     CacheNotImplementedError,
     CacheRuntimeError,
     CacheValueError,
+    ArraysCache,
     ChunkedKVCache,
     ConcatenateKVCache,
     KVCache,
@@ -22,6 +23,8 @@ from ._ext import (  # noqa: E402
     create_attention_mask,
     create_causal_mask,
 )
+from ._cache_list import CacheList  # noqa: E402
+from ._files import load_prompt_cache, save_prompt_cache  # noqa: E402
 from ._prompt import (  # noqa: E402
     can_trim_prompt_cache,
     make_prompt_cache,
@@ -32,10 +35,12 @@ from ._build_info import KVCORE_VERSION as __version__  # noqa: E402
 
 __all__ = [
     "CacheError",
+    "CacheList",
     "CacheIndexError",
     "CacheNotImplementedError",
     "CacheRuntimeError",
     "CacheValueError",
+    "ArraysCache",
     "ChunkedKVCache",
     "ConcatenateKVCache",
     "KVCache",
@@ -44,8 +49,10 @@ __all__ = [
     "can_trim_prompt_cache",
     "create_attention_mask",
     "create_causal_mask",
+    "load_prompt_cache",
     "make_prompt_cache",
     "patch_mlx_lm",
+    "save_prompt_cache",
     "trim_prompt_cache",
     "unpatch_mlx_lm",
 ]

@@ -2,6 +2,8 @@
 
     python -m kvcore demo         generate with a small random model on
                                   mlx-lm's caches and on kvcore's
+    python -m kvcore inspect FILE what a prompt-cache file holds (--json
+                                  for programs)
     python -m kvcore --cmake-dir  the directory for find_package(kvcore)
 """
 
@@ -28,6 +30,9 @@ def main(argv=None):
     demo.add_argument("--layers", type=int, default=4)
     demo.add_argument("--window", type=int, default=32,
                       help="max_kv_size of the sliding-window run")
+    insp = sub.add_parser("inspect", help="describe a prompt-cache file")
+    insp.add_argument("file")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     if args.cmake_dir:
         print(cmake_dir())
@@ -36,6 +41,19 @@ def main(argv=None):
         from ._demo import run
 
         return run(tokens=args.tokens, layers=args.layers, window=args.window)
+    if args.command == "inspect":
+        import json
+
+        from ._errors import CacheError
+        from ._files import describe, format_description
+
+        try:
+            d = describe(args.file)
+        except (CacheError, OSError) as e:
+            print(f"{args.file}: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(d, indent=2) if args.json else format_description(d))
+        return 0
     parser.print_help()
     return 0
 
