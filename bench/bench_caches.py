@@ -78,6 +78,24 @@ def state_case(name, make, prefill):
     return name, setup, call
 
 
+def arrays_case(name):
+    conv = mx.zeros((B, 3, 256)).astype(DTYPE)
+    ssm = mx.zeros((B, 8, 64, 16)).astype(DTYPE)
+    mx.eval(conv, ssm)
+
+    def setup(mod):
+        c = mod.ArraysCache(2)
+        c[0], c[1] = conv, ssm
+        return c
+
+    def call(c):  # what a state-space layer does each step
+        a, b = c[0], c[1]
+        c[0], c[1] = conv, ssm
+        return a
+
+    return name, setup, call
+
+
 CASES = [
     update_case("KVCache.update_and_fetch S=1", lambda m: m.KVCache(), 100),
     update_case("KVCache.update_and_fetch S=16", lambda m: m.KVCache(), 100, S=16),
@@ -89,6 +107,13 @@ CASES = [
                 lambda m: m.RotatingKVCache(max_size=128, keep=4), 200, S=16),
     update_case("ConcatenateKVCache.update_and_fetch S=1",
                 lambda m: m.ConcatenateKVCache(), 100),
+    update_case("QuantizedKVCache.update_and_fetch S=1 (8 bits)",
+                lambda m: m.QuantizedKVCache(group_size=64, bits=8), 100),
+    update_case("QuantizedKVCache.update_and_fetch S=1 (4 bits)",
+                lambda m: m.QuantizedKVCache(group_size=64, bits=4), 100),
+    update_case("ChunkedKVCache.update_and_fetch S=1",
+                lambda m: m.ChunkedKVCache(chunk_size=512), 100),
+    arrays_case("ArraysCache 2 slots get+set"),
     mask_case("KVCache.make_mask N=1", lambda m: m.KVCache(), 100, 1,
               return_array=False, window_size=None),
     mask_case("KVCache.make_mask N=16 array", lambda m: m.KVCache(), 100, 16,

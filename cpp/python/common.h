@@ -181,6 +181,7 @@ void bind_masks(nb::module_& m);
 void bind_kv(nb::module_& m);
 void bind_quantized(nb::module_& m);
 void bind_arrays(nb::module_& m);
+void bind_batch(nb::module_& m);
 
 // What every keys/values cache shows Python.
 template <class T>

@@ -185,4 +185,5 @@ NB_MODULE(_ext, m) {
   kvcore::py::bind_kv(m);
   kvcore::py::bind_quantized(m);
   kvcore::py::bind_arrays(m);
+  kvcore::py::bind_batch(m);
 }

@@ -15,6 +15,8 @@ from ._ext import (  # noqa: E402
     CacheRuntimeError,
     CacheValueError,
     ArraysCache,
+    BatchKVCache,
+    BatchRotatingKVCache,
     ChunkedKVCache,
     ConcatenateKVCache,
     KVCache,
@@ -22,6 +24,7 @@ from ._ext import (  # noqa: E402
     RotatingKVCache,
     create_attention_mask,
     create_causal_mask,
+    dynamic_roll,
 )
 from ._cache_list import CacheList  # noqa: E402
 from ._files import load_prompt_cache, save_prompt_cache  # noqa: E402
@@ -41,6 +44,8 @@ __all__ = [
     "CacheRuntimeError",
     "CacheValueError",
     "ArraysCache",
+    "BatchKVCache",
+    "BatchRotatingKVCache",
     "ChunkedKVCache",
     "ConcatenateKVCache",
     "KVCache",
@@ -49,6 +54,7 @@ __all__ = [
     "can_trim_prompt_cache",
     "create_attention_mask",
     "create_causal_mask",
+    "dynamic_roll",
     "load_prompt_cache",
     "make_prompt_cache",
     "patch_mlx_lm",

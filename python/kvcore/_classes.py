@@ -18,6 +18,8 @@ def classes():
             "ChunkedKVCache",
             "ArraysCache",
             "CacheList",
+            "BatchKVCache",
+            "BatchRotatingKVCache",
         )
     }
 

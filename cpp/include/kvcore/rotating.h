@@ -67,6 +67,9 @@ class RotatingKVCache : public SequenceCache {
   void set_idx(int idx);
   void set_keep(int keep);
   void set_max_size(int max_size);
+  /// v (the keys or values buffer) in temporal order, oldest first after
+  /// the pinned tokens, cut to the tokens held.
+  mx::array temporal_order(const mx::array& v) const;
 
  private:
   std::pair<mx::array, mx::array> update_in_place(
@@ -75,7 +78,6 @@ class RotatingKVCache : public SequenceCache {
   std::pair<mx::array, mx::array> update_concat(
       const mx::array& keys,
       const mx::array& values);
-  mx::array temporal_order(const mx::array& v) const;
   mx::array drop_oldest(
       int n,
       const mx::array& v,

@@ -1,0 +1,229 @@
+// Left-padded batch caches: a batch of sequences sharing one buffer, each
+// row right-aligned at the write position with its own padding and offset.
+#pragma once
+
+#include "kvcore/kv.h"
+#include "kvcore/rotating.h"
+
+namespace kvcore {
+
+/// x rolled right along `axis` by a per-row shift: shifts (B, 1).
+mx::array dynamic_roll(const mx::array& x, const mx::array& shifts, int axis);
+
+/// What the two batch caches share: the buffers, per-row offset and left
+/// padding arrays, the write position and the growth step.
+class BatchCache : public Cache {
+ public:
+  static constexpr int default_step = 256;
+
+  const OptionalArray& keys() const {
+    return keys_;
+  }
+  const OptionalArray& values() const {
+    return values_;
+  }
+  void set_keys(OptionalArray keys);
+  void set_values(OptionalArray values);
+  /// Per-row token positions (B,): tokens seen minus left padding.
+  const mx::array& offset() const {
+    return offset_;
+  }
+  void set_offset(mx::array offset);
+  /// Per-row left padding (B,).
+  const mx::array& left_padding() const {
+    return left_padding_;
+  }
+  void set_left_padding(mx::array left_padding);
+  /// The write position along the sequence axis.
+  int idx() const {
+    return idx_;
+  }
+  void set_idx(int idx);
+
+  virtual int step() const {
+    return step_;
+  }
+  void set_step(int step);
+
+  bool empty() const override {
+    return !keys_;
+  }
+  size_t nbytes() const override;
+
+  virtual std::pair<mx::array, mx::array> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values) = 0;
+  /// Keep the rows `indices` (a list the caller has in hand).
+  virtual void filter(const std::vector<int>& indices);
+
+ protected:
+  BatchCache(const std::vector<int>& left_padding);
+  int rows() const {
+    return static_cast<int>(offset_.size());
+  }
+  /// Checks an update: shapes and dtypes against the buffers and the batch.
+  void check_update(const char* ctx, const mx::array& keys, const mx::array& values) const;
+  /// mlx-lm's extend: both caches' buffers right-aligned at the larger
+  /// write position and padded to one length, then stacked.
+  void extend_aligned(BatchCache& other);
+
+  OptionalArray keys_;
+  OptionalArray values_;
+  mx::array offset_;
+  mx::array left_padding_;
+  int idx_ = 0;
+  int step_ = default_step;
+};
+
+class BatchKVCache : public BatchCache {
+ public:
+  /// left_padding: how many pad tokens start each row's prompt.
+  explicit BatchKVCache(const std::vector<int>& left_padding);
+
+  const char* name() const override {
+    return "BatchKVCache";
+  }
+  std::pair<mx::array, mx::array> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values) override;
+  /// keys[..., :_idx, :] and values[..., :_idx, :].
+  std::pair<mx::array, mx::array> keys_and_values() const;
+
+  /// More left padding (empty cache only); right padding to undo in
+  /// finalize() for right-padded prompts.
+  void prepare(
+      const std::optional<std::vector<int>>& left_padding,
+      const std::optional<std::vector<int>>& right_padding);
+  /// Roll right-padded rows so every row ends at the write position.
+  void finalize();
+  const OptionalArray& right_padding() const {
+    return right_padding_;
+  }
+
+  bool is_trimmable() const override {
+    return true;
+  }
+  int trim(int n) override;
+  Mask make_mask(
+      int N,
+      bool return_array = false,
+      std::optional<int> window_size = std::nullopt) const override;
+
+  void filter(const std::vector<int>& indices) override;
+  void extend(BatchKVCache& other);
+  /// Row idx as a KVCache holding only its tokens.
+  KVCache extract(int idx) const;
+  /// One batch cache from single-sequence caches, left-padded to the
+  /// longest.
+  static BatchKVCache merge(const std::vector<const KVCache*>& caches);
+
+  /// (keys, values); arrays of state also: offset, left_padding.
+  std::vector<OptionalArray> state() const override;
+  /// (_idx).
+  std::vector<std::string> meta_state() const override;
+  void restore(
+      const std::vector<OptionalArray>& arrays,
+      const std::vector<std::string>& meta) override;
+  void set(
+      OptionalArray keys,
+      OptionalArray values,
+      mx::array offset,
+      mx::array left_padding,
+      int idx);
+
+  int size() const override {
+    return idx_;
+  }
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<BatchKVCache>(*this);
+  }
+
+ private:
+  OptionalArray right_padding_;
+};
+
+class BatchRotatingKVCache : public BatchCache {
+ public:
+  BatchRotatingKVCache(int max_size, const std::vector<int>& left_padding);
+
+  const char* name() const override {
+    return "BatchRotatingKVCache";
+  }
+  std::pair<mx::array, mx::array> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values) override;
+  std::pair<mx::array, mx::array> keys_and_values() const;
+
+  void prepare(
+      const std::optional<std::vector<int>>& left_padding,
+      const std::optional<std::vector<int>>& lengths,
+      const std::optional<std::vector<int>>& right_padding);
+  void finalize();
+
+  bool is_trimmable() const override {
+    return offset_in_ring_ < max_size_;
+  }
+  int trim(int n) override;
+  Mask make_mask(
+      int N,
+      bool return_array = false,
+      std::optional<int> window_size = std::nullopt) const override;
+
+  void extend(BatchRotatingKVCache& other);
+  RotatingKVCache extract(int idx) const;
+  static BatchRotatingKVCache merge(const std::vector<const RotatingKVCache*>& caches);
+
+  /// (keys, values, offset, left_padding).
+  std::vector<OptionalArray> state() const override;
+  /// (max_size, _offset, _idx, rotated).
+  std::vector<std::string> meta_state() const override;
+  void restore(
+      const std::vector<OptionalArray>& arrays,
+      const std::vector<std::string>& meta) override;
+  void set(
+      OptionalArray keys,
+      OptionalArray values,
+      mx::array offset,
+      mx::array left_padding,
+      int max_size,
+      int offset_in_ring,
+      int idx,
+      bool rotated);
+
+  int size() const override {
+    return std::min(offset_in_ring_, max_size_);
+  }
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<BatchRotatingKVCache>(*this);
+  }
+
+  int max_size() const {
+    return max_size_;
+  }
+  /// Tokens written since the start (mlx-lm's `_offset`).
+  int offset_in_ring() const {
+    return offset_in_ring_;
+  }
+  void set_offset_in_ring(int v);
+  bool rotated() const {
+    return rotated_;
+  }
+  void set_rotated(bool v) {
+    rotated_ = v;
+  }
+  const OptionalArray& lengths() const {
+    return lengths_;
+  }
+
+ private:
+  void temporal_order();
+  std::pair<mx::array, mx::array> update_in_place(const mx::array& k, const mx::array& v);
+  std::pair<mx::array, mx::array> update_concat(const mx::array& k, const mx::array& v);
+
+  int max_size_;
+  int offset_in_ring_ = 0;
+  bool rotated_ = false;
+  OptionalArray lengths_;
+};
+
+} // namespace kvcore

@@ -1,0 +1,279 @@
+// BatchKVCache, BatchRotatingKVCache, and KVCache/RotatingKVCache.merge.
+#include <mlx/ops.h>
+
+#include "common.h"
+#include "kvcore/batch.h"
+
+namespace kvcore::py {
+
+namespace {
+
+// A list of ints from Python: a list, a tuple or an mx.array (evaluated).
+std::optional<std::vector<int>> int_list(const char* ctx, const char* what, nb::handle h) {
+  if (h.is_none()) {
+    return std::nullopt;
+  }
+  mx::array* a = nullptr;
+  if (nb::try_cast<mx::array*>(h, a, false) && a) {
+    if (a->ndim() != 1 || !mx::issubdtype(a->dtype(), mx::integer)) {
+      throw ValueError(ctx, std::string(what) + " as a 1-D integer array",
+                       dtype_str(a->dtype()) + " " + shape_str(a->shape()));
+    }
+    auto x = mx::astype(*a, mx::int32);
+    x.eval();
+    return std::vector<int>(x.data<int32_t>(), x.data<int32_t>() + x.size());
+  }
+  if (!nb::isinstance<nb::list>(h) && !nb::isinstance<nb::tuple>(h)) {
+    throw ValueError(ctx, std::string(what) + " as a list of ints",
+                     nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+  }
+  std::vector<int> out;
+  for (nb::handle x : h) {
+    out.push_back(int_arg(ctx, what, x));
+  }
+  return out;
+}
+
+mx::array array_arg(const char* ctx, const char* what, nb::handle h) {
+  mx::array* a = nullptr;
+  if (!nb::try_cast<mx::array*>(h, a, false) || !a) {
+    throw ValueError(ctx, std::string(what) + " as an mlx array",
+                     nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+  }
+  return *a;
+}
+
+template <class Single>
+std::vector<const Single*> singles(const char* ctx, nb::handle caches) {
+  std::vector<const Single*> out;
+  for (nb::handle h : caches) {
+    const Single* p = nullptr;
+    if (!nb::try_cast<const Single*>(h, p, false) || !p) {
+      throw ValueError(ctx, std::string("a list of kvcore ") + (std::is_same_v<Single, KVCache> ? "KVCache" : "RotatingKVCache"),
+                       nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+    }
+    out.push_back(p);
+  }
+  return out;
+}
+
+template <class T>
+void classmethod(nb::handle cls, const char* name, nb::object fn) {
+  nb::setattr(cls, name, nb::steal(PyClassMethod_New(fn.ptr())));
+}
+
+// What both batch caches show Python.
+template <class T>
+void def_batch_api(nb::class_<T>& cls) {
+  cls.attr("step") = BatchCache::default_step;
+  cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
+          nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: "
+                  "mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]"),
+          kUpdateDoc)
+      .def("keys_and_values", &T::keys_and_values)
+      .def_prop_rw("keys", [](const T& c) { return to_py(c.keys()); },
+                   [](T& c, OptionalArray a) { c.set_keys(std::move(a)); }, nb::arg("keys").none())
+      .def_prop_rw("values", [](const T& c) { return to_py(c.values()); },
+                   [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
+                   nb::arg("values").none())
+      .def_prop_rw("offset", [](const T& c) { return c.offset(); },
+                   [](T& c, nb::handle v) { c.set_offset(array_arg(c.name(), "offset", v)); },
+                   "Per-row positions (B,): tokens seen minus left padding.")
+      .def_prop_rw("left_padding", [](const T& c) { return c.left_padding(); },
+                   [](T& c, nb::handle v) {
+                     c.set_left_padding(array_arg(c.name(), "left_padding", v));
+                   },
+                   "Per-row left padding (B,).")
+      .def_prop_rw("_idx", &T::idx,
+                   [](T& c, nb::handle v) { c.set_idx(int_arg(c.name(), "_idx", v)); })
+      .def("finalize", &T::finalize)
+      .def("filter",
+           [](T& c, nb::handle idx) { c.filter(*int_list("filter", "batch_indices", idx)); },
+           "batch_indices"_a, "Keep only these rows, in place.")
+      .def("extend", &T::extend, "other"_a, "Append the other cache's rows, in place.")
+      .def("is_trimmable", &T::is_trimmable)
+      .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a)
+      .def("size", &T::size)
+      .def("empty", &T::empty)
+      .def_prop_ro("nbytes", &T::nbytes)
+      .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); })
+      .def("__deepcopy__",
+           [](nb::handle self, nb::handle memo) { return copy_instance<T>(self, memo); }, "memo"_a);
+}
+
+} // namespace
+
+void bind_batch(nb::module_& m) {
+  m.def("dynamic_roll", &dynamic_roll, "x"_a, "shifts"_a, "axis"_a,
+        nb::sig("def dynamic_roll(x: mlx.core.array, shifts: mlx.core.array, axis: int) -> mlx.core.array"),
+        R"pbdoc(
+          Roll each row of ``x`` by its own shift along ``axis``.
+
+          Args:
+              x (array): The array.
+              shifts (array): Per-row shifts, broadcastable to the leading axes.
+              axis (int): The axis to roll.
+
+          Returns:
+              array: ``x`` with row ``i`` rolled right by ``shifts[i]``.
+        )pbdoc");
+  auto b = nb::class_<BatchKVCache>(
+      m, "BatchKVCache", nb::dynamic_attr(),
+      "Full-attention cache for a batch of left-padded sequences.");
+  b.def("__init__",
+        [](BatchKVCache* self, nb::handle left_padding) {
+          new (self) PyCache<BatchKVCache>(*int_list("BatchKVCache", "left_padding", left_padding));
+        },
+        "left_padding"_a, nb::sig("def __init__(self, left_padding: list[int]) -> None"),
+        R"pbdoc(
+          Args:
+              left_padding (list[int]): Pad tokens before each row's prompt.
+        )pbdoc");
+  def_batch_api(b);
+  b.def("prepare",
+        [](BatchKVCache& c, nb::handle left_padding, nb::handle lengths, nb::handle right_padding) {
+          constexpr const char* ctx = "BatchKVCache.prepare";
+          c.prepare(int_list(ctx, "left_padding", left_padding),
+                    int_list(ctx, "right_padding", right_padding));
+        },
+        nb::kw_only(), "left_padding"_a.none() = nb::none(), "lengths"_a.none() = nb::none(),
+        "right_padding"_a.none() = nb::none())
+      .def_prop_ro("_right_padding", [](const BatchKVCache& c) { return to_py(c.right_padding()); })
+      .def("make_mask",
+           [](const BatchKVCache& c, nb::handle N, bool return_array, nb::kwargs kw) {
+             constexpr const char* ctx = "BatchKVCache.make_mask";
+             nb::handle w = kw.contains("window_size") ? nb::handle(kw["window_size"]) : nb::none();
+             return c.make_mask(int_arg(ctx, "N", N), return_array, opt_int_arg(ctx, "window_size", w));
+           },
+           "N"_a, "return_array"_a = false, "kwargs"_a)
+      .def("extract",
+           [](const BatchKVCache& c, nb::handle idx) {
+             return make_instance<KVCache>(nb::module_::import_("kvcore").attr("KVCache"),
+                                           c.extract(int_arg("BatchKVCache.extract", "idx", idx)));
+           },
+           "idx"_a, "Row ``idx`` as a KVCache holding only its tokens.")
+      .def_prop_rw(
+          "state",
+          [](const BatchKVCache& c) {
+            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.left_padding(),
+                                  c.idx());
+          },
+          [](BatchKVCache& c, nb::handle v) {
+            constexpr const char* ctx = "BatchKVCache.state";
+            StateReader r(ctx, v, 5);
+            auto off = r.array(2, "offset"), lp = r.array(3, "left_padding");
+            if (!off || !lp) throw ValueError(ctx, "offset and left_padding arrays", "None");
+            c.set(r.array(0, "keys"), r.array(1, "values"), *off, *lp, r.integer(4, "_idx"));
+          },
+          nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          "``(keys, values, offset, left_padding, _idx)``.");
+  def_from_state<BatchKVCache>(b, "Build a cache from ``state`` without calling __init__.",
+                               std::vector<int>{});
+  auto merge_kv = [](nb::handle type, nb::handle caches) {
+    return make_instance<BatchKVCache>(
+        type, BatchKVCache::merge(singles<KVCache>("BatchKVCache.merge", caches)));
+  };
+  classmethod<BatchKVCache>(b, "merge",
+      nb::cpp_function(merge_kv, nb::name("merge"), "cls"_a, "caches"_a,
+                       nb::sig("def merge(cls, caches: list[KVCache]) -> BatchKVCache"),
+                       "One batch cache from single-sequence KVCaches, left-padded."));
+
+  auto r = nb::class_<BatchRotatingKVCache>(
+      m, "BatchRotatingKVCache", nb::dynamic_attr(),
+      "Sliding-window cache for a batch of left-padded sequences.");
+  r.def("__init__",
+        [](BatchRotatingKVCache* self, nb::handle max_size, nb::handle left_padding) {
+          constexpr const char* ctx = "BatchRotatingKVCache";
+          new (self) PyCache<BatchRotatingKVCache>(int_arg(ctx, "max_size", max_size),
+                                                   *int_list(ctx, "left_padding", left_padding));
+        },
+        "max_size"_a, "left_padding"_a,
+        nb::sig("def __init__(self, max_size: int, left_padding: list[int]) -> None"));
+  def_batch_api(r);
+  r.def("prepare",
+        [](BatchRotatingKVCache& c, nb::handle left_padding, nb::handle lengths,
+           nb::handle right_padding) {
+          constexpr const char* ctx = "BatchRotatingKVCache.prepare";
+          c.prepare(int_list(ctx, "left_padding", left_padding), int_list(ctx, "lengths", lengths),
+                    int_list(ctx, "right_padding", right_padding));
+        },
+        nb::kw_only(), "left_padding"_a.none() = nb::none(), "lengths"_a.none() = nb::none(),
+        "right_padding"_a.none() = nb::none())
+      .def("make_mask",
+           [](const BatchRotatingKVCache& c, nb::handle N, nb::handle window_size, bool return_array) {
+             constexpr const char* ctx = "BatchRotatingKVCache.make_mask";
+             return c.make_mask(int_arg(ctx, "N", N), return_array,
+                                opt_int_arg(ctx, "window_size", window_size));
+           },
+           "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false)
+      .def_prop_ro("max_size", &BatchRotatingKVCache::max_size)
+      .def_prop_rw("_offset", &BatchRotatingKVCache::offset_in_ring,
+                   [](BatchRotatingKVCache& c, nb::handle v) {
+                     c.set_offset_in_ring(int_arg("BatchRotatingKVCache._offset", "_offset", v));
+                   })
+      .def_prop_rw("rotated", &BatchRotatingKVCache::rotated, &BatchRotatingKVCache::set_rotated)
+      .def_prop_ro("_lengths", [](const BatchRotatingKVCache& c) { return to_py(c.lengths()); })
+      .def("to_quantized",
+           [](const BatchRotatingKVCache&, int, int) -> nb::object {
+             throw NotImplementedError("BatchRotatingKVCache.to_quantized",
+                                       "BatchRotatingKVCache Quantization NYI");
+           },
+           "group_size"_a = 64, "bits"_a = 4)
+      .def("extract",
+           [](const BatchRotatingKVCache& c, nb::handle idx) {
+             return make_instance<RotatingKVCache>(
+                 nb::module_::import_("kvcore").attr("RotatingKVCache"),
+                 c.extract(int_arg("BatchRotatingKVCache.extract", "idx", idx)));
+           },
+           "idx"_a, "Row ``idx`` as a RotatingKVCache.")
+      .def_prop_rw(
+          "state",
+          [](const BatchRotatingKVCache& c) {
+            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.left_padding(),
+                                  c.max_size(), c.offset_in_ring(), c.idx(), c.rotated());
+          },
+          [](BatchRotatingKVCache& c, nb::handle v) {
+            constexpr const char* ctx = "BatchRotatingKVCache.state";
+            StateReader rd(ctx, v, 8);
+            auto off = rd.array(2, "offset"), lp = rd.array(3, "left_padding");
+            if (!off || !lp) throw ValueError(ctx, "offset and left_padding arrays", "None");
+            nb::handle rot = nb::tuple(v)[7];
+            if (!PyBool_Check(rot.ptr()) && !PyLong_Check(rot.ptr())) {
+              throw ValueError(ctx, "rotated as a bool", nb::cast<std::string>(nb::repr(rot)));
+            }
+            c.set(rd.array(0, "keys"), rd.array(1, "values"), *off, *lp, rd.integer(4, "max_size"),
+                  rd.integer(5, "_offset"), rd.integer(6, "_idx"), PyObject_IsTrue(rot.ptr()) == 1);
+          },
+          nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          "``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated)``.");
+  def_from_state<BatchRotatingKVCache>(
+      r, "Build a cache from ``state`` without calling __init__.", 1, std::vector<int>{});
+  auto merge_rot = [](nb::handle type, nb::handle caches) {
+    return make_instance<BatchRotatingKVCache>(
+        type, BatchRotatingKVCache::merge(
+                  singles<RotatingKVCache>("BatchRotatingKVCache.merge", caches)));
+  };
+  classmethod<BatchRotatingKVCache>(r, "merge",
+      nb::cpp_function(merge_rot, nb::name("merge"), "cls"_a, "caches"_a,
+                       nb::sig("def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache"),
+                       "One batch cache from single-sequence RotatingKVCaches."));
+
+  // KVCache.merge / RotatingKVCache.merge build the batch caches.
+  nb::object kv_cls = m.attr("KVCache"), rot_cls = m.attr("RotatingKVCache");
+  classmethod<KVCache>(kv_cls, "merge",
+      nb::cpp_function([b](nb::handle, nb::handle caches) {
+        return make_instance<BatchKVCache>(
+            b, BatchKVCache::merge(singles<KVCache>("KVCache.merge", caches)));
+      }, nb::name("merge"), "cls"_a, "caches"_a,
+      nb::sig("def merge(cls, caches: list[KVCache]) -> BatchKVCache"),
+      "A BatchKVCache holding these caches as rows."));
+  classmethod<RotatingKVCache>(rot_cls, "merge",
+      nb::cpp_function([r](nb::handle, nb::handle caches) {
+        return make_instance<BatchRotatingKVCache>(
+            r, BatchRotatingKVCache::merge(singles<RotatingKVCache>("RotatingKVCache.merge", caches)));
+      }, nb::name("merge"), "cls"_a, "caches"_a,
+      nb::sig("def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache"),
+      "A BatchRotatingKVCache holding these caches as rows."));
+}
+
+} // namespace kvcore::py
