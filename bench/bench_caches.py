@@ -96,6 +96,61 @@ def arrays_case(name):
     return name, setup, call
 
 
+BATCH = 4
+PADDING = [3, 0, 7, 1]
+
+
+def batch_kv(S):
+    return kv(S, b=BATCH)
+
+
+def batch_setup(mod, rotating, prefill=100):
+    c = mod.BatchRotatingKVCache(128, PADDING) if rotating else mod.BatchKVCache(PADDING)
+    c.update_and_fetch(*batch_kv(prefill))
+    mx.eval(c.keys, c.values, c.offset, c.left_padding)
+    return c
+
+
+def batch_update_case(name, rotating, prefill):
+    step = batch_kv(1)
+    return name, lambda mod: batch_setup(mod, rotating, prefill), lambda c: c.update_and_fetch(*step)
+
+
+def batch_mask_case(name, rotating, N):
+    return name, lambda mod: batch_setup(mod, rotating, 200), lambda c: c.make_mask(N)
+
+
+def fresh_case(name, make_one, op):
+    """An operation that changes its cache: each call gets a cache of its own,
+    built before the clock starts."""
+
+    def setup(mod):
+        return iter([make_one(mod) for _ in range(FRESH_CALLS)])
+
+    def call(caches):
+        return op(next(caches))
+
+    return name, setup, call
+
+
+def merge_case(name, rotating):
+    def setup(mod):
+        singles = []
+        for n in (40, 100, 7, 64):
+            c = mod.RotatingKVCache(128) if rotating else mod.KVCache()
+            c.update_and_fetch(*kv(n))
+            singles.append(c)
+        mx.eval([c.state for c in singles])
+        return singles
+
+    def call(singles):
+        return type(singles[0]).merge(singles).keys
+
+    return name, setup, call
+
+
+FRESH_CALLS = 64
+
 CASES = [
     update_case("KVCache.update_and_fetch S=1", lambda m: m.KVCache(), 100),
     update_case("KVCache.update_and_fetch S=16", lambda m: m.KVCache(), 100, S=16),
@@ -114,6 +169,16 @@ CASES = [
     update_case("ChunkedKVCache.update_and_fetch S=1",
                 lambda m: m.ChunkedKVCache(chunk_size=512), 100),
     arrays_case("ArraysCache 2 slots get+set"),
+    batch_update_case("BatchKVCache.update_and_fetch S=1 (4 seqs)", False, 100),
+    batch_update_case("BatchRotatingKVCache.update_and_fetch S=1 (4 seqs, ring full)", True, 200),
+    batch_mask_case("BatchKVCache.make_mask N=1", False, 1),
+    batch_mask_case("BatchRotatingKVCache.make_mask N=1", True, 1),
+    fresh_case("BatchKVCache.filter", lambda m: batch_setup(m, False),
+               lambda c: c.filter([0, 2, 3])),
+    fresh_case("BatchKVCache.extend", lambda m: (batch_setup(m, False), batch_setup(m, False, 30)),
+               lambda pair: pair[0].extend(pair[1])),
+    merge_case("KVCache.merge (4 caches)", False),
+    merge_case("RotatingKVCache.merge (4 caches)", True),
     mask_case("KVCache.make_mask N=1", lambda m: m.KVCache(), 100, 1,
               return_array=False, window_size=None),
     mask_case("KVCache.make_mask N=16 array", lambda m: m.KVCache(), 100, 16,
@@ -128,6 +193,8 @@ CASES = [
 
 def time_calls(setup, call, mod, calls):
     c = setup(mod)
+    if hasattr(c, "__next__"):  # a fresh cache per call: at most FRESH_CALLS
+        calls = min(calls, FRESH_CALLS)
     start = time.perf_counter()
     for _ in range(calls):
         out = call(c)

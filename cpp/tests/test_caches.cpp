@@ -188,3 +188,90 @@ TEST(copy_is_independent) {
   CHECK_EQ(static_cast<KVCache&>(*b).offset(), 3);
   CHECK(same(positions(a.keys_and_values().first), range(0, 2)));
 }
+
+#include "kvcore/arrays.h"
+#include "kvcore/batch.h"
+#include "kvcore/chunked.h"
+#include "kvcore/quantized.h"
+
+TEST(quantized_cache_round_trips_through_dequantize) {
+  QuantizedKVCache c(32, 8);
+  auto x = mx::astype(mx::reshape(mx::arange(64), {1, 1, 2, 32}), mx::float32);
+  auto [k, v] = c.update_and_fetch(x, x);
+  CHECK_EQ(c.offset(), 2);
+  CHECK_EQ(std::get<0>(k).shape(2), 2);
+  CHECK_EQ(std::get<0>(*c.keys()).shape(2), 256);
+  auto back = mx::dequantize(std::get<0>(k), std::get<1>(k), std::get<2>(k), 32, 8);
+  CHECK(mx::allclose(back, x, 0.0, 0.5).item<bool>());
+  CHECK_THROWS(ValueError, "head dim divisible by group_size", c.update_and_fetch(mx::zeros({1, 1, 1, 48}), mx::zeros({1, 1, 1, 48})));
+  CHECK_EQ(c.offset(), 2);
+  CHECK_THROWS(ValueError, "bits in", QuantizedKVCache(64, 7));
+}
+
+TEST(to_quantized_keeps_offset) {
+  KVCache c;
+  c.update_and_fetch(mx::zeros({1, 2, 5, 64}), mx::zeros({1, 2, 5, 64}));
+  auto q = to_quantized(c, 64, 4);
+  CHECK_EQ(q.offset(), 5);
+  CHECK_EQ(std::get<0>(*q.keys()).shape(3), 8); // 64 * 4 bits / 32
+}
+
+TEST(chunked_cache_trims_front_to_chunk) {
+  ChunkedKVCache c(4);
+  c.update_and_fetch(tokens(0, 6), tokens(0, 6));
+  c.maybe_trim_front();
+  CHECK_EQ(c.start_position(), 2);
+  auto [k, v] = c.update_and_fetch(tokens(6, 1), tokens(6, 1));
+  CHECK(same(positions(k), std::vector<int>{2, 3, 4, 5, 6}));
+  CHECK_EQ(c.offset(), 7);
+  CHECK_EQ(c.trim(10), 5);
+  CHECK_EQ(c.offset(), 2);
+}
+
+TEST(arrays_cache_slots_masks_and_merge) {
+  ArraysCache c(2, mx::array({1, 0}));
+  CHECK_EQ(c.batch_size(), 2);
+  c.set(0, mx::ones({2, 3}));
+  CHECK_THROWS(IndexError, "slot index", c.get(2));
+  auto mask = std::get<mx::array>(c.make_mask(3));
+  CHECK(mx::array_equal(mask, mx::array({false, true, true, true, true, true}, {2, 3})).item<bool>());
+  auto one = c.extract(1);
+  CHECK(one.get(0)->shape() == mx::Shape({1, 3}));
+  CHECK(!one.get(1).has_value());
+  ArraysCache empty(2);
+  auto merged = ArraysCache::merge({&one, &empty});
+  CHECK(merged.get(0)->shape() == mx::Shape({2, 3}));
+}
+
+TEST(batch_cache_left_padding_mask_and_filter) {
+  BatchKVCache c({2, 0});
+  auto x = mx::zeros({2, 1, 3, 2});
+  c.update_and_fetch(x, x);
+  CHECK_EQ(c.idx(), 3);
+  auto mask = std::get<mx::array>(c.make_mask(1));
+  CHECK(mask.shape() == mx::Shape({2, 1, 1, 4}));
+  // Row 0 hides its two pad slots.
+  auto row0 = mx::slice(mask, {0, 0, 0, 0}, {1, 1, 1, 4});
+  CHECK(mx::array_equal(mx::reshape(row0, {4}), mx::array({false, false, true, true})).item<bool>());
+  c.filter({0});
+  // The shared padding is dropped: row 0 now starts at its first token.
+  CHECK_EQ(c.idx(), 1);
+  CHECK_THROWS(IndexError, "batch indices", c.filter({3}));
+  auto single = c.extract(0);
+  CHECK_EQ(single.offset(), 1);
+}
+
+TEST(batch_rotating_decodes_past_the_window) {
+  BatchRotatingKVCache c(3, {1, 0});
+  auto x = mx::zeros({2, 1, 2, 2});
+  c.update_and_fetch(x, x);
+  for (int i = 0; i < 4; ++i) {
+    c.update_and_fetch(mx::zeros({2, 1, 1, 2}), mx::zeros({2, 1, 1, 2}));
+  }
+  CHECK(c.rotated());
+  CHECK_EQ(c.size(), 3);
+  CHECK(!c.is_trimmable());
+  CHECK_THROWS(RuntimeError, "nothing rotated out yet", c.trim(1));
+  auto single = c.extract(1);
+  CHECK_EQ(single.offset(), 6);
+}

@@ -1,8 +1,14 @@
+#include <string>
+
 #include "test.h"
 
-int main() {
+// With a name, runs that test alone (ctest registers each test so).
+int main(int argc, char** argv) {
   int passed = 0, failed = 0;
   for (auto& c : kvtest::registry()) {
+    if (argc > 1 && std::string(argv[1]) != c.name) {
+      continue;
+    }
     int before = kvtest::failures();
     try {
       c.fn();
