@@ -18,7 +18,8 @@ from ._classes import cache_class
 from ._errors import error
 
 MAX_HEADER_BYTES = 64 << 20
-MAX_DEPTH = 8
+MAX_DEPTH = 16  # nesting of state paths (CacheLists inside CacheLists)
+MAX_NDIM = 8
 MAX_STRING = 1 << 16
 
 _ITEMSIZE = {
@@ -63,9 +64,9 @@ def read_header(file_name):
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _ITEMSIZE:
             raise _bad(f"a known dtype for {name!r}", repr(dtype)[:40])
-        if (not isinstance(shape, list) or len(shape) > MAX_DEPTH
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
                 or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)):
-            raise _bad(f"a shape of at most {MAX_DEPTH} dims in [0, 2**31) for {name!r}",
+            raise _bad(f"a shape of at most {MAX_NDIM} dims in [0, 2**31) for {name!r}",
                        repr(shape)[:80])
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets)
@@ -98,7 +99,9 @@ def _nest(items, context):
     root = {}
     for path, value in items:
         parts = path.split(".")
-        if not all(p.isdigit() and len(p) <= 9 for p in parts) or len(parts) > MAX_DEPTH:
+        if len(parts) > MAX_DEPTH:
+            raise _bad(f"paths at most {MAX_DEPTH} deep", repr(path)[:80], context)
+        if not all(p.isdigit() and len(p) <= 9 for p in parts):
             raise _bad("numeric dotted paths like '0.1'", repr(path)[:80], context)
         node = root
         for p in parts[:-1]:
@@ -158,6 +161,10 @@ def save_prompt_cache(file_name, cache, metadata=None):
                     actual=type(data).__name__)
 
     arrays = dict(map(encode, tree_flatten([c.state for c in cache])))
+    deepest = max((p.count(".") + 1 for p in arrays), default=0)
+    if deepest > MAX_DEPTH:
+        raise error(context="save_prompt_cache", expected=f"states at most {MAX_DEPTH} deep",
+                    actual=f"{deepest} levels")
     classes = [type(c).__name__ for c in cache]
     meta = dict(tree_flatten([metadata or {}, classes, scalars]))
     mx.save_safetensors(os.fspath(file_name), arrays, meta)
@@ -190,6 +197,13 @@ def _load_new(arrays, meta):
     return user, classes, states
 
 
+def _ints(values, name, ctx):
+    try:
+        return [int(x) for x in values]
+    except (TypeError, ValueError):
+        raise _bad(f"integer meta_state values for {name}", repr(values)[:80], ctx) from None
+
+
 def _old_state(name, state, meta):
     """A state of mlx-lm <= 0.32.0 (arrays only, scalars in meta_state
     strings) as the 0.32 state of the same cache."""
@@ -198,10 +212,7 @@ def _old_state(name, state, meta):
     def ints(n):
         if not isinstance(meta, list) or len(meta) != n:
             raise _bad(f"{n} meta_state values for {name}", repr(meta)[:80], ctx)
-        try:
-            return [int(x) for x in meta]
-        except (TypeError, ValueError):
-            raise _bad(f"integer meta_state values for {name}", repr(meta)[:80], ctx) from None
+        return _ints(meta, name, ctx)
 
     if name == "CacheList":
         if not (isinstance(meta, list) and len(meta) == 2 and isinstance(meta[0], list)):
@@ -213,6 +224,19 @@ def _old_state(name, state, meta):
         return [(_old_state(n, s, m), n) for n, s, m in zip(names, state, metas)]
     if name == "ArraysCache":
         return (state, None, None)
+    if name in ("BatchKVCache", "BatchRotatingKVCache"):
+        if not isinstance(state, list) or len(state) != 4:
+            raise _bad(f"(keys, values, offset, left_padding) for {name}", repr(type(state)), ctx)
+        keys, values, offset, left_padding = state
+        if name == "BatchKVCache":
+            return (keys, values, offset, left_padding, keys.shape[2])
+        if not isinstance(meta, list) or len(meta) != 4:
+            raise _bad(f"4 meta_state values for {name}", repr(meta)[:80], ctx)
+        flag = {"True": True, "False": False, "1": True, "0": False}.get(meta[3])
+        if flag is None:
+            raise _bad("rotated as True or False", repr(meta[3])[:40], ctx)
+        max_size, ring_offset, idx = _ints(meta[:3], name, ctx)
+        return (keys, values, offset, left_padding, max_size, ring_offset, idx, flag)
     if not isinstance(state, list) or len(state) != 2:
         raise _bad(f"(keys, values) for {name}", repr(type(state)), ctx)
     keys, values = state
@@ -295,10 +319,13 @@ def describe(file_name):
         ]
         layer = {"class": type(c).__name__, "bytes": sum(a["bytes"] for a in arrays),
                  "arrays": arrays}
-        for attr in ("offset", "max_size", "keep", "group_size", "bits", "chunk_size",
-                     "start_position"):
-            if hasattr(c, attr):
-                layer[attr] = getattr(c, attr)
+        for attr in ("offset", "left_padding", "max_size", "keep", "group_size", "bits",
+                     "chunk_size", "start_position"):
+            value = getattr(c, attr, None)
+            if isinstance(value, mx.array):  # the batch caches' per-row arrays
+                value = value.tolist()
+            if value is not None:
+                layer[attr] = value
         if type(c).__name__ == "CacheList":
             layer["inner"] = [type(x).__name__ for x in c.caches]
         layers.append(layer)
@@ -318,8 +345,8 @@ def format_description(d):
         lines += [f"  {k} = {v}" for k, v in sorted(d["metadata"].items())]
     for i, layer in enumerate(d["layers"]):
         scalars = ", ".join(f"{k}={layer[k]}" for k in
-                            ("offset", "max_size", "keep", "group_size", "bits", "chunk_size",
-                             "start_position") if k in layer)
+                            ("offset", "left_padding", "max_size", "keep", "group_size", "bits",
+                             "chunk_size", "start_position") if k in layer)
         inner = f" [{', '.join(layer['inner'])}]" if "inner" in layer else ""
         lines.append(f"layer {i}: {layer['class']}{inner}  {scalars}  {layer['bytes']:,} bytes")
         for a in layer["arrays"]:
