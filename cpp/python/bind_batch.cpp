@@ -65,18 +65,8 @@ void classmethod(nb::handle cls, const char* name, nb::object fn) {
 // What both batch caches show Python.
 template <class T>
 void def_batch_api(nb::class_<T>& cls) {
-  cls.attr("step") = BatchCache::default_step;
-  cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
-          nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: "
-                  "mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]"),
-          kUpdateDoc)
-      .def("keys_and_values", &T::keys_and_values)
-      .def_prop_rw("keys", [](const T& c) { return to_py(c.keys()); },
-                   [](T& c, OptionalArray a) { c.set_keys(std::move(a)); }, nb::arg("keys").none())
-      .def_prop_rw("values", [](const T& c) { return to_py(c.values()); },
-                   [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
-                   nb::arg("values").none())
-      .def_prop_rw("offset", [](const T& c) { return c.offset(); },
+  def_buffer_api(cls, BatchCache::default_step);
+  cls.def_prop_rw("offset", [](const T& c) { return c.offset(); },
                    [](T& c, nb::handle v) { c.set_offset(array_arg(c.name(), "offset", v)); },
                    "Per-row positions (B,): tokens seen minus left padding.")
       .def_prop_rw("left_padding", [](const T& c) { return c.left_padding(); },
@@ -90,15 +80,7 @@ void def_batch_api(nb::class_<T>& cls) {
       .def("filter",
            [](T& c, nb::handle idx) { c.filter(*int_list("filter", "batch_indices", idx)); },
            "batch_indices"_a, "Keep only these rows, in place.")
-      .def("extend", &T::extend, "other"_a, "Append the other cache's rows, in place.")
-      .def("is_trimmable", &T::is_trimmable)
-      .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a)
-      .def("size", &T::size)
-      .def("empty", &T::empty)
-      .def_prop_ro("nbytes", &T::nbytes)
-      .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); })
-      .def("__deepcopy__",
-           [](nb::handle self, nb::handle memo) { return copy_instance<T>(self, memo); }, "memo"_a);
+      .def("extend", &T::extend, "other"_a, "Append the other cache's rows, in place.");
 }
 
 } // namespace

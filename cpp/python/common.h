@@ -183,20 +183,15 @@ void bind_quantized(nb::module_& m);
 void bind_arrays(nb::module_& m);
 void bind_batch(nb::module_& m);
 
-// What every keys/values cache shows Python.
+// What every cache holding one keys and one values buffer shows Python.
 template <class T>
-void def_sequence_api(nb::class_<T>& cls) {
-  cls.attr("step") = SequenceCache::default_step;
+void def_buffer_api(nb::class_<T>& cls, int default_step) {
+  cls.attr("step") = default_step;
   cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
           nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: "
                   "mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]"),
           kUpdateDoc)
-      .def("keys_and_values", &T::keys_and_values,
-           "The cached keys and values, up to ``offset``.")
-      .def_prop_rw(
-          "offset", &T::offset,
-          [](T& c, nb::handle v) { c.set_offset(int_arg(c.name(), "offset", v)); },
-          "Tokens seen so far: the position of the next token.")
+      .def("keys_and_values", &T::keys_and_values, "The cached keys and values.")
       .def_prop_rw(
           "keys", [](const T& c) { return to_py(c.keys()); },
           [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
@@ -208,7 +203,7 @@ void def_sequence_api(nb::class_<T>& cls) {
           "The values buffer, or None before the first update.")
       .def_prop_ro("nbytes", &T::nbytes, "Bytes held by the keys and values.")
       .def("empty", &T::empty, "True before the first update.")
-      .def("size", &T::size, "Tokens the cache holds.")
+      .def("size", &T::size, "Tokens the cache holds (0 where mlx-lm's does not say).")
       .def("is_trimmable", &T::is_trimmable, "Whether ``trim`` can drop tokens.")
       .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a,
            nb::sig("def trim(self, n: int) -> int"),
@@ -219,6 +214,14 @@ void def_sequence_api(nb::class_<T>& cls) {
       }, "memo"_a);
 }
 
-
+// The single-sequence caches: the buffers and an int offset.
+template <class T>
+void def_sequence_api(nb::class_<T>& cls) {
+  def_buffer_api(cls, SequenceCache::default_step);
+  cls.def_prop_rw(
+      "offset", &T::offset,
+      [](T& c, nb::handle v) { c.set_offset(int_arg(c.name(), "offset", v)); },
+      "Tokens seen so far: the position of the next token.");
+}
 
 } // namespace kvcore::py

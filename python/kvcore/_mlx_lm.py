@@ -9,25 +9,24 @@ all use kvcore. ``unpatch_mlx_lm()`` puts mlx-lm's own back.
 
 import sys
 
-# Names kvcore provides in place of mlx_lm.models.cache's.
-SWAPPED = (
-    "KVCache",
-    "ConcatenateKVCache",
-    "RotatingKVCache",
-    "QuantizedKVCache",
-    "ChunkedKVCache",
-    "ArraysCache",
-    "CacheList",
-    "BatchKVCache",
-    "BatchRotatingKVCache",
-    "dynamic_roll",
+# Functions kvcore provides in place of mlx_lm.models.cache's; the classes
+# are those of kvcore's class table.
+FUNCTIONS = (
     "make_prompt_cache",
-    "save_prompt_cache",
-    "load_prompt_cache",
     "can_trim_prompt_cache",
     "trim_prompt_cache",
+    "save_prompt_cache",
+    "load_prompt_cache",
     "create_attention_mask",
+    "dynamic_roll",
 )
+
+
+def swapped_names():
+    from ._classes import classes
+
+    return tuple(classes()) + FUNCTIONS
+
 
 _replaced = None  # [(module, name, original)] while patched
 
@@ -41,7 +40,7 @@ def patch_mlx_lm():
 
     import kvcore
 
-    originals = {name: getattr(reference, name) for name in SWAPPED}
+    originals = {name: getattr(reference, name) for name in swapped_names()}
     replaced = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):
