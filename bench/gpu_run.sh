@@ -4,7 +4,7 @@
 #   source-free use: bash bench/gpu_run.sh [bench args...]   (with .gpukit carried)
 set -euo pipefail
 # shellcheck disable=SC1091
-source .gpukit/setup_on_device.sh
+source .gpukit/setup_on_device.sh .gpukit
 cmake -S . -B /tmp/kvbuild -G Ninja -DKVCORE_BUILD_PYTHON=ON \
   -DPython_EXECUTABLE="$(which python3)" \
   -DCMAKE_PREFIX_PATH="$(python3 -m mlx --cmake-dir)" >/tmp/kvbuild.log 2>&1 || {
