@@ -160,7 +160,7 @@ void bind_arrays(nb::module_& m) {
       nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[ArraysCache]) -> ArraysCache"),
       "One cache with a row per input cache.");
-  nb::setattr(cls, "merge", nb::steal(PyClassMethod_New(merge.ptr())));
+  nb::setattr(cls, "merge", as_classmethod(merge));
 }
 
 } // namespace kvcore::py

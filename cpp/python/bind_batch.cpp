@@ -59,7 +59,7 @@ std::vector<const Single*> singles(const char* ctx, nb::handle caches) {
 
 template <class T>
 void classmethod(nb::handle cls, const char* name, nb::object fn) {
-  nb::setattr(cls, name, nb::steal(PyClassMethod_New(fn.ptr())));
+  nb::setattr(cls, name, as_classmethod(fn));
 }
 
 // What both batch caches show Python.

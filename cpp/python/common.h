@@ -144,6 +144,12 @@ inline nb::object to_py(const OptionalArray& a) {
   return a ? nb::cast(*a) : nb::none();
 }
 
+/// fn as a Python classmethod (through builtins.classmethod: the C call
+/// for it is outside the stable ABI).
+inline nb::object as_classmethod(nb::handle fn) {
+  return nb::module_::import_("builtins").attr("classmethod")(fn);
+}
+
 /// Installs `from_state` as a classmethod: builds cls without __init__ and
 /// assigns `state`, so a subclass's own state setter is honoured.
 template <class T, class... Args>
@@ -159,7 +165,7 @@ void def_from_state(nb::handle cls, const char* doc, Args... ctor_args) {
       "state"_a,
       nb::sig("def from_state(cls, state: tuple) -> typing.Self"),
       doc);
-  nb::setattr(cls, "from_state", nb::steal(PyClassMethod_New(fn.ptr())));
+  nb::setattr(cls, "from_state", as_classmethod(fn));
 }
 
 constexpr const char* kUpdateDoc = R"pbdoc(

@@ -116,9 +116,9 @@ Stacked stack_rows(
 mx::array dynamic_roll(const mx::array& x, const mx::array& shifts, int axis) {
   const int n = x.shape(axis);
   mx::Shape sshape = shifts.shape();
-  for (int i = axis; i < x.ndim(); ++i) sshape.push_back(1);
+  for (int i = axis; i < static_cast<int>(x.ndim()); ++i) sshape.push_back(1);
   mx::Shape ishape{n};
-  for (int i = axis + 1; i < x.ndim(); ++i) ishape.push_back(1);
+  for (int i = axis + 1; i < static_cast<int>(x.ndim()); ++i) ishape.push_back(1);
   auto idx = mx::subtract(mx::reshape(mx::arange(n), ishape), mx::reshape(shifts, sshape));
   idx = mx::remainder(idx, mx::array(n, idx.dtype()));
   return mx::take_along_axis(x, idx, axis);
