@@ -116,6 +116,18 @@ def batch_update_case(name, rotating, prefill):
     return name, lambda mod: batch_setup(mod, rotating, prefill), lambda c: c.update_and_fetch(*step)
 
 
+def batch_layer_case(name, rotating, prefill):
+    """What one attention layer does with a batch cache per decode step:
+    read `offset` for RoPE, then update."""
+    step = batch_kv(1)
+
+    def call(c):
+        c.offset
+        return c.update_and_fetch(*step)
+
+    return name, lambda mod: batch_setup(mod, rotating, prefill), call
+
+
 def batch_mask_case(name, rotating, N):
     return name, lambda mod: batch_setup(mod, rotating, 200), lambda c: c.make_mask(N)
 
@@ -171,6 +183,8 @@ CASES = [
     arrays_case("ArraysCache 2 slots get+set"),
     batch_update_case("BatchKVCache.update_and_fetch S=1 (4 seqs)", False, 100),
     batch_update_case("BatchRotatingKVCache.update_and_fetch S=1 (4 seqs, ring full)", True, 200),
+    batch_layer_case("BatchKVCache layer step: offset + update (4 seqs)", False, 100),
+    batch_layer_case("BatchRotatingKVCache layer step: offset + update (4 seqs)", True, 200),
     batch_mask_case("BatchKVCache.make_mask N=1", False, 1),
     batch_mask_case("BatchRotatingKVCache.make_mask N=1", True, 1),
     fresh_case("BatchKVCache.filter", lambda m: batch_setup(m, False),
