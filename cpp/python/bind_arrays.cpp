@@ -115,6 +115,7 @@ void bind_arrays(nb::module_& m) {
             c.restore(arrays, {});
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(slots, left_padding, lengths)``.")
       .def("filter",
            [](C& c, nb::handle idx) {

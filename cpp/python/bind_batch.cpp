@@ -148,6 +148,7 @@ void bind_batch(nb::module_& m) {
             c.set(r.array(0, "keys"), r.array(1, "values"), *off, *lp, r.integer(4, "_idx"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, left_padding, _idx)``.");
   def_from_state<BatchKVCache>(b, "Build a cache from ``state`` without calling __init__.",
                                std::vector<int>{});
@@ -227,6 +228,7 @@ void bind_batch(nb::module_& m) {
                   rd.integer(5, "_offset"), rd.integer(6, "_idx"), PyObject_IsTrue(rot.ptr()) == 1);
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated)``.");
   def_from_state<BatchRotatingKVCache>(
       r, "Build a cache from ``state`` without calling __init__.", 1, std::vector<int>{});

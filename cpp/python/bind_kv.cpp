@@ -45,6 +45,7 @@ void bind_kv(nb::module_& m) {
             c.set(r.array(0, "keys"), r.array(1, "values"), r.integer(2, "offset"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset)``; the buffers are whole, as mlx-lm keeps them.");
   kv.def("to_quantized",
          [](nb::handle self, int group_size, int bits) {
@@ -92,6 +93,7 @@ void bind_kv(nb::module_& m) {
             c.set(r.array(0, "keys"), r.array(1, "values"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values)``.");
   def_from_state<ConcatenateKVCache>(
       cat, "Build a cache from ``state`` without calling __init__.");
@@ -149,6 +151,7 @@ void bind_kv(nb::module_& m) {
                   r.integer(3, "keep"), r.integer(4, "max_size"), r.integer(5, "_idx"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, keep, max_size, _idx)``.");
   rot.def_prop_rw("max_size", &RotatingKVCache::max_size,
                   [](RotatingKVCache& c, nb::handle v) {

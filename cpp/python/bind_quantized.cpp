@@ -107,6 +107,7 @@ void bind_quantized(nb::module_& m) {
                   r.integer(2, "offset"), r.integer(3, "group_size"), r.integer(4, "bits"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, group_size, bits)``; keys and values are triples.")
       .def("__copy__", [](nb::handle self) { return copy_instance<QuantizedKVCache>(self, nb::handle()); })
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
@@ -145,6 +146,7 @@ void bind_quantized(nb::module_& m) {
                   r.integer(3, "chunk_size"), r.integer(4, "start_position"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, chunk_size, start_position)``.");
   def_from_state<ChunkedKVCache>(ch, "Build a cache from ``state`` without calling __init__.", 1);
 }

@@ -162,7 +162,7 @@ void def_from_state(nb::handle cls, const char* doc, Args... ctor_args) {
       },
       nb::name("from_state"),
       "cls"_a,
-      "state"_a,
+      "state"_a.none(),
       nb::sig("def from_state(cls, state: tuple) -> typing.Self"),
       doc);
   nb::setattr(cls, "from_state", as_classmethod(fn));

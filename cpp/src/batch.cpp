@@ -347,16 +347,19 @@ void BatchKVCache::filter(const std::vector<int>& indices) {
   if (indices.empty()) {
     return;
   }
-  // Shift left to drop padding no row needs any more.
+  // Shift left to drop padding no row needs any more. An empty cache's
+  // padding is still to be written, so it stays (mlx-lm would take _idx
+  // below zero there).
+  if (!keys_ || !values_) {
+    return;
+  }
   auto pads = to_ints(left_padding_);
-  int min_pad = *std::min_element(pads.begin(), pads.end());
+  int min_pad = std::min(*std::min_element(pads.begin(), pads.end()), idx_);
   if (min_pad > 0) {
-    if (keys_) {
-      auto k = seq_slice(*keys_, min_pad, keys_->shape(2));
-      auto v = seq_slice(*values_, min_pad, values_->shape(2));
-      keys_ = std::move(k);
-      values_ = std::move(v);
-    }
+    auto k = seq_slice(*keys_, min_pad, keys_->shape(2));
+    auto v = seq_slice(*values_, min_pad, values_->shape(2));
+    keys_ = std::move(k);
+    values_ = std::move(v);
     idx_ -= min_pad;
     left_padding_ = minus(left_padding_, min_pad);
   }
