@@ -113,6 +113,14 @@ Stacked stack_rows(
 
 } // namespace
 
+const mx::array& ShiftedRows::get() const {
+  if (shift_ != 0) {
+    base_ = plus(base_, shift_);
+    shift_ = 0;
+  }
+  return base_;
+}
+
 mx::array dynamic_roll(const mx::array& x, const mx::array& shifts, int axis) {
   const int n = x.shape(axis);
   mx::Shape sshape = shifts.shape();
@@ -194,8 +202,8 @@ void BatchCache::filter(const std::vector<int>& indices) {
     k = mx::take(*keys_, idx, 0);
     v = mx::take(*values_, idx, 0);
   }
-  auto off = mx::take(offset_, idx, 0);
-  auto lp = mx::take(left_padding_, idx, 0);
+  auto off = mx::take(offset(), idx, 0);
+  auto lp = mx::take(left_padding(), idx, 0);
   keys_ = std::move(k);
   values_ = std::move(v);
   offset_ = std::move(off);
@@ -241,12 +249,12 @@ void BatchCache::extend_aligned(BatchCache& other) {
       k = mx::pad(k, w);
       v = mx::pad(v, w);
     }
-    return Padded{k, v, plus(c.left_padding_, left)};
+    return Padded{k, v, plus(c.left_padding(), left)};
   };
   auto a = pad(*this), b = pad(other);
   auto k = mx::concatenate({a.k, b.k}, 0);
   auto v = mx::concatenate({a.v, b.v}, 0);
-  auto off = mx::concatenate({offset_, other.offset_}, 0);
+  auto off = mx::concatenate({offset(), other.offset()}, 0);
   auto lp = mx::concatenate({a.lp, b.lp}, 0);
   keys_ = std::move(k);
   values_ = std::move(v);
@@ -273,10 +281,9 @@ std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(
     }
     return {seq_write(*keys_, keys, prev), seq_write(*values_, values, prev)};
   }();
-  auto off = plus(offset_, S);
   keys_ = std::move(kv.first);
   values_ = std::move(kv.second);
-  offset_ = std::move(off);
+  offset_.shift(S);
   idx_ += S;
   return keys_and_values();
 }
@@ -304,8 +311,8 @@ void BatchKVCache::prepare(
     check_count(ctx, "right paddings", right_padding->size(), rows());
   }
   if (lp) {
-    left_padding_ = mx::add(left_padding_, *lp);
-    offset_ = mx::subtract(offset_, *lp);
+    left_padding_ = mx::add(this->left_padding(), *lp);
+    offset_ = mx::subtract(offset(), *lp);
   }
   if (right_padding && !right_padding->empty() &&
       *std::max_element(right_padding->begin(), right_padding->end()) > 0) {
@@ -325,8 +332,8 @@ void BatchKVCache::finalize() {
     keys_ = std::move(k);
     values_ = std::move(v);
   }
-  offset_ = mx::subtract(offset_, pad);
-  left_padding_ = mx::add(left_padding_, pad);
+  offset_ = mx::subtract(offset(), pad);
+  left_padding_ = mx::add(left_padding(), pad);
   right_padding_.reset();
 }
 
@@ -334,12 +341,12 @@ int BatchKVCache::trim(int n) {
   check_size("BatchKVCache.trim", "n", n);
   n = std::min(idx_, n);
   idx_ -= n;
-  offset_ = minus(offset_, n);
+  offset_.shift(-n);
   return n;
 }
 
 Mask BatchKVCache::make_mask(int N, bool, std::optional<int> window_size) const {
-  return create_causal_mask(N, idx_, window_size, std::nullopt, left_padding_);
+  return create_causal_mask(N, idx_, window_size, std::nullopt, left_padding());
 }
 
 void BatchKVCache::filter(const std::vector<int>& indices) {
@@ -353,7 +360,7 @@ void BatchKVCache::filter(const std::vector<int>& indices) {
   if (!keys_ || !values_) {
     return;
   }
-  auto pads = to_ints(left_padding_);
+  auto pads = to_ints(left_padding());
   int min_pad = std::min(*std::min_element(pads.begin(), pads.end()), idx_);
   if (min_pad > 0) {
     auto k = seq_slice(*keys_, min_pad, keys_->shape(2));
@@ -361,14 +368,14 @@ void BatchKVCache::filter(const std::vector<int>& indices) {
     keys_ = std::move(k);
     values_ = std::move(v);
     idx_ -= min_pad;
-    left_padding_ = minus(left_padding_, min_pad);
+    left_padding_.shift(-min_pad);
   }
 }
 
 void BatchKVCache::extend(BatchKVCache& other) {
   if (!keys_ && !other.keys_) {
-    left_padding_ = mx::concatenate({left_padding_, other.left_padding_}, 0);
-    offset_ = mx::concatenate({offset_, other.offset_}, 0);
+    left_padding_ = mx::concatenate({left_padding(), other.left_padding()}, 0);
+    offset_ = mx::concatenate({offset(), other.offset()}, 0);
     return;
   }
   extend_aligned(other);
@@ -380,7 +387,7 @@ KVCache BatchKVCache::extract(int idx) const {
   if (!keys_ || !values_) {
     throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
   }
-  int padding = std::max(0, to_ints(left_padding_)[idx]);
+  int padding = std::max(0, to_ints(left_padding())[idx]);
   auto k = mx::contiguous(seq_slice(row_slice(*keys_, idx, idx + 1), padding, idx_));
   auto v = mx::contiguous(seq_slice(row_slice(*values_, idx, idx + 1), padding, idx_));
   KVCache out;
@@ -410,13 +417,13 @@ BatchKVCache BatchKVCache::merge(const std::vector<const KVCache*>& caches) {
   BatchKVCache out(padding);
   out.keys_ = stacked.keys;
   out.values_ = stacked.values;
-  out.offset_ = plus(out.offset_, max_length);
+  out.offset_.shift(max_length);
   out.idx_ = max_length;
   return out;
 }
 
 std::vector<OptionalArray> BatchKVCache::state() const {
-  return {keys_, values_, offset_, left_padding_};
+  return {keys_, values_, offset(), left_padding()};
 }
 
 std::vector<std::string> BatchKVCache::meta_state() const {
@@ -510,17 +517,17 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_concat(
     if (next.lengths_) {
       // Roll right-padded rows so padding never evicts real tokens.
       auto roll = mx::maximum(mx::array(0, next.offset_.dtype()),
-                              mx::subtract(next.offset_, *next.lengths_));
+                              mx::subtract(next.offset(), *next.lengths_));
       auto shifts = mx::expand_dims(roll, 1);
       k = dynamic_roll(k, shifts, 2);
       v = dynamic_roll(v, shifts, 2);
-      next.left_padding_ = mx::add(next.left_padding_, roll);
-      next.offset_ = mx::subtract(next.offset_, roll);
+      next.left_padding_ = mx::add(next.left_padding(), roll);
+      next.offset_ = mx::subtract(next.offset(), roll);
     }
     // Keep max_size - 1 old tokens so every new one sees max_size.
     int trim_size = next.idx_ - max_size_ + 1;
     if (trim_size > 0) {
-      next.left_padding_ = minus(next.left_padding_, trim_size);
+      next.left_padding_.shift(-trim_size);
       k = seq_slice(k, trim_size, k.shape(2));
       v = seq_slice(v, trim_size, v.shape(2));
     }
@@ -528,10 +535,11 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_concat(
     v = seq_concat({v, values});
     *this = std::move(next);
   }
-  offset_ = plus(offset_, S);
+  offset_.shift(S);
   offset_in_ring_ += S;
   idx_ = keys_->shape(2);
-  keys_ = depends_on(*keys_, left_padding_, offset_);
+  // As mlx-lm: evaluating the keys evaluates the paddings and offsets too.
+  keys_ = depends_on(*keys_, left_padding(), offset());
   return {*keys_, *values_};
 }
 
@@ -543,7 +551,7 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_in_place(
   OptionalArray k = keys_, v = values_;
   int idx = idx_;
   bool rotated = rotated_;
-  auto lp = left_padding_;
+  ShiftedRows lp = left_padding_;
   if (!k || (prev >= k->shape(2) && k->shape(2) < max_size_)) {
     int step = check_size(ctx, "step", this->step(), 1);
     int grow = std::min(step, max_size_ - prev);
@@ -560,14 +568,14 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_in_place(
     k = seq_slice(*k, trim_size, k->shape(2));
     v = seq_slice(*v, trim_size, v->shape(2));
     idx = max_size_;
-    lp = minus(lp, trim_size);
+    lp.shift(-trim_size);
   }
   if (idx == max_size_) {
     rotated = true;
     idx = 0;
   }
   if (rotated) {
-    lp = minus(lp, S);
+    lp.shift(-S);
   }
   if (idx + S > k->shape(2)) {
     throw RuntimeError(ctx, "a write position inside the buffer of " + std::to_string(k->shape(2)),
@@ -577,11 +585,13 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_in_place(
   auto vw = seq_write(*v, values, idx);
   k.reset();
   v.reset();
-  auto off = plus(offset_, S);
-  keys_ = depends_on(kw, lp, off);
+  // mlx-lm adds `mx.depends(keys, (left_padding, offset))` here so that the
+  // per-token padding and offset ops get evaluated; with the shifts pending
+  // in ShiftedRows there are no such ops to evaluate.
+  keys_ = std::move(kw);
   values_ = std::move(vw);
   left_padding_ = std::move(lp);
-  offset_ = std::move(off);
+  offset_.shift(S);
   rotated_ = rotated;
   offset_in_ring_ += S;
   idx_ = idx + S;
@@ -621,11 +631,11 @@ void BatchRotatingKVCache::prepare(
     check_count(ctx, "lengths", lengths->size(), rows());
   }
   if (lp) {
-    left_padding_ = mx::add(left_padding_, *lp);
-    offset_ = mx::subtract(offset_, *lp);
+    left_padding_ = mx::add(this->left_padding(), *lp);
+    offset_ = mx::subtract(offset(), *lp);
   }
   if (pad_right) {
-    lengths_ = mx::add(int_array(*lengths), offset_);
+    lengths_ = mx::add(int_array(*lengths), offset());
   }
 }
 
@@ -633,7 +643,7 @@ void BatchRotatingKVCache::finalize() {
   if (!lengths_) {
     return;
   }
-  auto roll = mx::maximum(mx::array(0, offset_.dtype()), mx::subtract(offset_, *lengths_));
+  auto roll = mx::maximum(mx::array(0, offset_.dtype()), mx::subtract(offset(), *lengths_));
   if (keys_ && values_) {
     auto shifts = mx::expand_dims(roll, 1);
     auto k = dynamic_roll(*keys_, shifts, 2);
@@ -641,8 +651,8 @@ void BatchRotatingKVCache::finalize() {
     keys_ = std::move(k);
     values_ = std::move(v);
   }
-  left_padding_ = mx::add(left_padding_, roll);
-  offset_ = mx::subtract(offset_, roll);
+  left_padding_ = mx::add(left_padding(), roll);
+  offset_ = mx::subtract(offset(), roll);
   lengths_.reset();
 }
 
@@ -657,7 +667,7 @@ int BatchRotatingKVCache::trim(int n) {
   }
   offset_in_ring_ -= n;
   idx_ -= n;
-  offset_ = minus(offset_, n);
+  offset_.shift(-n);
   return n;
 }
 
@@ -667,7 +677,7 @@ Mask BatchRotatingKVCache::make_mask(
     std::optional<int> window_size) const {
   constexpr const char* ctx = "BatchRotatingKVCache.make_mask";
   check_size(ctx, "N", N);
-  auto lp = left_padding_;
+  auto lp = left_padding();
   int window = (window_size && *window_size) ? *window_size : max_size_;
   int offset = std::min(max_size_ - 1, offset_in_ring_);
   auto rinds = mx::arange(offset + N);
@@ -694,8 +704,8 @@ Mask BatchRotatingKVCache::make_mask(
 
 void BatchRotatingKVCache::extend(BatchRotatingKVCache& other) {
   if (!keys_ && !other.keys_) {
-    left_padding_ = mx::concatenate({left_padding_, other.left_padding_}, 0);
-    offset_ = mx::concatenate({offset_, other.offset_}, 0);
+    left_padding_ = mx::concatenate({left_padding(), other.left_padding()}, 0);
+    offset_ = mx::concatenate({offset(), other.offset()}, 0);
     return;
   }
   if (rotated_ != other.rotated_ || idx_ != other.idx_) {
@@ -713,8 +723,8 @@ RotatingKVCache BatchRotatingKVCache::extract(int idx) const {
   if (!keys_ || !values_) {
     throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
   }
-  int padding = std::max(0, to_ints(left_padding_)[idx]);
-  int offset = to_ints(offset_)[idx];
+  int padding = std::max(0, to_ints(left_padding())[idx]);
+  int offset = to_ints(this->offset())[idx];
   auto k = row_slice(*keys_, idx, idx + 1);
   auto v = row_slice(*values_, idx, idx + 1);
   int end = idx_;
@@ -769,7 +779,7 @@ BatchRotatingKVCache BatchRotatingKVCache::merge(const std::vector<const Rotatin
 }
 
 std::vector<OptionalArray> BatchRotatingKVCache::state() const {
-  return {keys_, values_, offset_, left_padding_};
+  return {keys_, values_, offset(), left_padding()};
 }
 
 std::vector<std::string> BatchRotatingKVCache::meta_state() const {

@@ -7,6 +7,38 @@
 
 namespace kvcore {
 
+/// A per-row array (offsets, paddings) with a pending whole-batch shift that
+/// is added only when the array is read: the per-token `offset += 1` and
+/// `left_padding -= 1` then cost no mlx op (and grow no graph) until a
+/// mask or RoPE reads them. Integer sums, so the values are mlx-lm's.
+class ShiftedRows {
+ public:
+  explicit ShiftedRows(mx::array base) : base_(std::move(base)) {}
+  ShiftedRows& operator=(mx::array a) {
+    base_ = std::move(a);
+    shift_ = 0;
+    return *this;
+  }
+  /// The array with the shift applied (folded in once, then cached).
+  const mx::array& get() const;
+  operator const mx::array&() const {
+    return get();
+  }
+  void shift(int n) {
+    shift_ += n;
+  }
+  size_t size() const {
+    return base_.size();
+  }
+  mx::Dtype dtype() const {
+    return base_.dtype();
+  }
+
+ private:
+  mutable mx::array base_;
+  mutable int shift_ = 0;
+};
+
 /// x rolled right along `axis` by a per-row shift: shifts (B, 1).
 mx::array dynamic_roll(const mx::array& x, const mx::array& shifts, int axis);
 
@@ -26,12 +58,12 @@ class BatchCache : public Cache {
   void set_values(OptionalArray values);
   /// Per-row token positions (B,): tokens seen minus left padding.
   const mx::array& offset() const {
-    return offset_;
+    return offset_.get();
   }
   void set_offset(mx::array offset);
   /// Per-row left padding (B,).
   const mx::array& left_padding() const {
-    return left_padding_;
+    return left_padding_.get();
   }
   void set_left_padding(mx::array left_padding);
   /// The write position along the sequence axis.
@@ -69,8 +101,8 @@ class BatchCache : public Cache {
 
   OptionalArray keys_;
   OptionalArray values_;
-  mx::array offset_;
-  mx::array left_padding_;
+  ShiftedRows offset_;
+  ShiftedRows left_padding_;
   int idx_ = 0;
   int step_ = default_step;
 };
