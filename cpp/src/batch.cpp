@@ -553,14 +553,8 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_in_place(
   bool rotated = rotated_;
   ShiftedRows lp = left_padding_;
   if (!k || (prev >= k->shape(2) && k->shape(2) < max_size_)) {
-    int step = check_size(ctx, "step", this->step(), 1);
-    int grow = std::min(step, max_size_ - prev);
-    if (grow <= 0) {
-      throw RuntimeError(ctx, "_offset < max_size while the buffer is shorter than max_size",
-                         "_offset " + std::to_string(prev));
-    }
-    k = k ? seq_concat({*k, seq_zeros(keys, grow)}) : seq_zeros(keys, grow);
-    v = v ? seq_concat({*v, seq_zeros(values, grow)}) : seq_zeros(values, grow);
+    grow_ring(ctx, k, v, keys, values, prev, max_size_,
+              check_size(ctx, "step", this->step(), 1));
     idx = prev;
   }
   int trim_size = k->shape(2) - max_size_;

@@ -1,5 +1,6 @@
 #include "kvcore/buffer.h"
 
+#include <algorithm>
 #include <climits>
 #include <sstream>
 
@@ -192,6 +193,31 @@ mx::array grow_to(
   auto kept = (prev % step != 0) ? seq_slice(*buf, 0, prev) : *buf;
   check_size("grow_to", "buffer length", 1LL * kept.shape(2) + added);
   return seq_concat({kept, fresh});
+}
+
+void grow_ring(
+    const char* ctx,
+    OptionalArray& keys_buf,
+    OptionalArray& values_buf,
+    const mx::array& keys,
+    const mx::array& values,
+    int prev,
+    int max_size,
+    int step) {
+  int grow = std::min(step, max_size - prev);
+  if (grow <= 0) {
+    throw RuntimeError(
+        ctx,
+        "fewer tokens written than max_size while the buffer is shorter than it",
+        std::to_string(prev) + " tokens with a buffer of " +
+            std::to_string(keys_buf ? keys_buf->shape(2) : 0));
+  }
+  auto add = [grow](const OptionalArray& buf, const mx::array& like) {
+    return buf ? seq_concat({*buf, seq_zeros(like, grow)}) : seq_zeros(like, grow);
+  };
+  auto k = add(keys_buf, keys);
+  values_buf = add(values_buf, values);
+  keys_buf = std::move(k);
 }
 
 size_t nbytes_of(const OptionalArray& a) {

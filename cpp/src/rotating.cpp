@@ -112,17 +112,8 @@ std::pair<mx::array, mx::array> RotatingKVCache::update_in_place(
   int idx = idx_;
   // Still filling the window: grow by up to `step` slots.
   if (!k || (prev >= k->shape(2) && k->shape(2) < max_size_)) {
-    int step = check_size(ctx, "step", this->step(), 1);
-    int grow = std::min(step, max_size_ - prev);
-    if (grow <= 0) {
-      throw RuntimeError(
-          ctx,
-          "offset < max_size while the buffer is shorter than max_size",
-          "offset " + std::to_string(prev) + " with a buffer of " +
-              std::to_string(k ? k->shape(2) : 0));
-    }
-    k = k ? seq_concat({*k, seq_zeros(keys, grow)}) : seq_zeros(keys, grow);
-    v = v ? seq_concat({*v, seq_zeros(values, grow)}) : seq_zeros(values, grow);
+    grow_ring(ctx, k, v, keys, values, prev, max_size_,
+              check_size(ctx, "step", this->step(), 1));
     idx = prev;
   }
   int trim_size = k->shape(2) - max_size_;

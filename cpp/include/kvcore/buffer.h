@@ -71,6 +71,19 @@ inline bool needs_growth(const std::optional<mx::array>& buf, int prev, int S) {
   return !buf || prev + S > buf->shape(2);
 }
 
+/// A ring still filling up (the rotating caches' single-token writes, once
+/// the buffers are missing or full below max_size): append up to `step`
+/// zero slots, never past max_size. prev is the tokens written so far.
+void grow_ring(
+    const char* ctx,
+    OptionalArray& keys_buf,
+    OptionalArray& values_buf,
+    const mx::array& keys,
+    const mx::array& values,
+    int prev,
+    int max_size,
+    int step);
+
 size_t nbytes_of(const OptionalArray& a);
 
 } // namespace kvcore
