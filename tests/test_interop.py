@@ -657,3 +657,16 @@ def test_returned_arrays_survive_cache_reset(kind):
     assert proc.returncode == 0, f"process died (rc {proc.returncode}): {proc.stderr[-500:]}"
     total, state_total, _ = proc.stdout.strip().split(" ", 2)
     assert float(total) == float(sum(range(24)))
+
+
+def test_type_stub_covers_the_extension():
+    # python/kvcore/_ext.pyi is generated from the module
+    # (python -m nanobind.stubgen -m kvcore._ext -o python/kvcore/_ext.pyi);
+    # a binding added without regenerating it fails here.
+    import pathlib
+
+    stub = (pathlib.Path(kvcore.__file__).parent / "_ext.pyi").read_text()
+    for name in dir(kvcore._ext):
+        if name.startswith("_") or name.startswith("Cache"):
+            continue
+        assert (f"class {name}" in stub) or (f"def {name}(" in stub), name

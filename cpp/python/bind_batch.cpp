@@ -127,7 +127,8 @@ void bind_batch(nb::module_& m) {
              nb::handle w = kw.contains("window_size") ? nb::handle(kw["window_size"]) : nb::none();
              return c.make_mask(int_arg(ctx, "N", N), return_array, opt_int_arg(ctx, "window_size", w));
            },
-           "N"_a, "return_array"_a = false, "kwargs"_a)
+           "N"_a, "return_array"_a = false, "kwargs"_a,
+           nb::sig("def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mlx.core.array"))
       .def("extract",
            [](const BatchKVCache& c, nb::handle idx) {
              return make_instance<KVCache>(nb::module_::import_("kvcore").attr("KVCache"),
@@ -188,7 +189,8 @@ void bind_batch(nb::module_& m) {
              return c.make_mask(int_arg(ctx, "N", N), return_array,
                                 opt_int_arg(ctx, "window_size", window_size));
            },
-           "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false)
+           "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false,
+           nb::sig("def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array"))
       .def_prop_ro("max_size", &BatchRotatingKVCache::max_size)
       .def_prop_rw("_offset", &BatchRotatingKVCache::offset_in_ring,
                    [](BatchRotatingKVCache& c, nb::handle v) {

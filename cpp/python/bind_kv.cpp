@@ -34,6 +34,7 @@ void bind_kv(nb::module_& m) {
                               opt_int_arg("KVCache.make_mask", "window_size", window_size));
          },
          "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none(),
+         nb::sig("def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None"),
          kMaskDoc)
       .def_prop_rw(
           "state",
@@ -82,6 +83,7 @@ void bind_kv(nb::module_& m) {
                                opt_int_arg(ctx, "window_size", window_size));
           },
           "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none(),
+          nb::sig("def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None"),
           kMaskDoc)
       .def_prop_rw(
           "state",
@@ -122,7 +124,8 @@ void bind_kv(nb::module_& m) {
             return c.make_mask(int_arg(ctx, "N", N), return_array,
                                opt_int_arg(ctx, "window_size", window_size));
           },
-          "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false, kMaskDoc)
+          "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false,
+          nb::sig("def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array | str | None"), kMaskDoc)
       .def_prop_rw("keep", &RotatingKVCache::keep,
                    [](RotatingKVCache& c, nb::handle v) {
                      c.set_keep(int_arg("RotatingKVCache.keep", "keep", v));
@@ -138,7 +141,9 @@ void bind_kv(nb::module_& m) {
              throw NotImplementedError(
                  "RotatingKVCache.to_quantized", "RotatingKVCache Quantization NYI");
            },
-           "group_size"_a = 64, "bits"_a = 4, "Not available for a rotating cache.")
+           "group_size"_a = 64, "bits"_a = 4,
+           nb::sig("def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache"),
+           "Not available for a rotating cache.")
       .def_prop_rw(
           "state",
           [](const RotatingKVCache& c) {

@@ -92,7 +92,8 @@ void bind_quantized(nb::module_& m) {
              return c.make_mask(int_arg(ctx, "N", N), return_array,
                                 opt_int_arg(ctx, "window_size", window_size));
            },
-           "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none())
+           "N"_a, nb::kw_only(), "return_array"_a = false, "window_size"_a.none() = nb::none(),
+           nb::sig("def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None"))
       .def_prop_rw(
           "state",
           [](const QuantizedKVCache& c) {

@@ -201,10 +201,12 @@ void def_buffer_api(nb::class_<T>& cls, int default_step) {
       .def_prop_rw(
           "keys", [](const T& c) { return to_py(c.keys()); },
           [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
+          nb::for_getter(nb::sig("def keys(self, /) -> mlx.core.array | None")),
           nb::arg("keys").none(), "The keys buffer, or None before the first update.")
       .def_prop_rw(
           "values", [](const T& c) { return to_py(c.values()); },
           [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
+          nb::for_getter(nb::sig("def values(self, /) -> mlx.core.array | None")),
           nb::arg("values").none(),
           "The values buffer, or None before the first update.")
       .def_prop_ro("nbytes", &T::nbytes, "Bytes held by the keys and values.")
@@ -214,10 +216,11 @@ void def_buffer_api(nb::class_<T>& cls, int default_step) {
       .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a,
            nb::sig("def trim(self, n: int) -> int"),
            "Drop up to ``n`` tokens from the end; returns how many were dropped.")
-      .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); })
+      .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); },
+           nb::sig("def __copy__(self) -> typing.Self"))
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
         return copy_instance<T>(self, memo);
-      }, "memo"_a);
+      }, "memo"_a, nb::sig("def __deepcopy__(self, memo: dict) -> typing.Self"));
 }
 
 // The single-sequence caches: the buffers and an int offset.
@@ -227,6 +230,7 @@ void def_sequence_api(nb::class_<T>& cls) {
   cls.def_prop_rw(
       "offset", &T::offset,
       [](T& c, nb::handle v) { c.set_offset(int_arg(c.name(), "offset", v)); },
+      nb::for_setter(nb::sig("def offset(self, value: int, /) -> None")),
       "Tokens seen so far: the position of the next token.");
 }
 

@@ -1,0 +1,850 @@
+"""kvcore's native caches (mlx::core C++), shared with mlx.core."""
+
+from typing import Self
+
+import mlx.core
+
+from kvcore import (
+    CacheError as CacheError,
+    CacheIndexError as CacheIndexError,
+    CacheNotImplementedError as CacheNotImplementedError,
+    CacheRuntimeError as CacheRuntimeError,
+    CacheValueError as CacheValueError
+)
+
+
+__mlx_version__: str = '0.32.4'
+
+def create_causal_mask(N: int, offset: int = 0, window_size: int | None = None, right_padding: mlx.core.array | None = None, left_padding: mlx.core.array | None = None) -> mlx.core.array:
+    """
+    Boolean causal mask for ``N`` queries after ``offset`` cached tokens.
+
+    Args:
+        N (int): Number of new (query) tokens.
+        offset (int): Tokens already in the cache.
+        window_size (int, optional): Each query sees at most this many
+          keys, itself included.
+        right_padding (array, optional): Per-sequence (B,) counts of
+          padded tokens at the end; masks them out.
+        left_padding (array, optional): Per-sequence (B,) counts of
+          padded tokens at the start; masks them out.
+
+    Returns:
+        array: ``(N, offset + N)``, or ``(B, 1, N, offset + N)`` with
+        padding; ``True`` where attention is allowed.
+    """
+
+def create_attention_mask(N: int, offset: int, return_array: bool, window_size: int | None) -> mlx.core.array | str | None:
+    """
+    The mask a full-attention cache gives its layer.
+
+    Args:
+        N (int): Number of new tokens.
+        offset (int): Tokens already in the cache.
+        return_array (bool): Return an array even where ``"causal"``
+          would do.
+        window_size (int, optional): Sliding-window width.
+
+    Returns:
+        array | str | None: the windowed mask when ``window_size`` is
+        set, ``None`` for one token, the mask array when
+        ``return_array``, else ``"causal"``.
+    """
+
+class KVCache:
+    """Full-attention cache: a buffer grown ``step`` slots at a time."""
+
+    def __init__(self) -> None: ...
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]:
+        """
+        Append new keys and values and return all the cached ones.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple(array, array): The cached keys and values, new ones included.
+        """
+
+    def keys_and_values(self) -> tuple[mlx.core.array, mlx.core.array]:
+        """The cached keys and values."""
+
+    @property
+    def keys(self, /) -> mlx.core.array | None:
+        """The keys buffer, or None before the first update."""
+
+    @keys.setter
+    def keys(self, keys: mlx.core.array | None) -> None: ...
+
+    @property
+    def values(self, /) -> mlx.core.array | None:
+        """The values buffer, or None before the first update."""
+
+    @values.setter
+    def values(self, values: mlx.core.array | None) -> None: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds (0 where mlx-lm's does not say)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __copy__(self) -> Self: ...
+
+    def __deepcopy__(self, memo: dict) -> Self: ...
+
+    @property
+    def offset(self) -> int:
+        """Tokens seen so far: the position of the next token."""
+
+    @offset.setter
+    def offset(self, value: int, /) -> None: ...
+
+    def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None:
+        """
+        The attention mask for ``N`` new tokens.
+
+        Args:
+            N (int): Number of new tokens.
+            return_array (bool): Return an array even where ``"causal"`` would do.
+            window_size (int, optional): Sliding-window width.
+
+        Returns:
+            array | str | None: A boolean mask, ``"causal"`` or ``None``.
+        """
+
+    @property
+    def state(self) -> tuple:
+        """
+        ``(keys, values, offset)``; the buffers are whole, as mlx-lm keeps them.
+        """
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+        """
+        The same tokens in a QuantizedKVCache.
+
+        Args:
+            group_size (int): Quantization group size.
+            bits (int): Bits per element.
+
+        Returns:
+            QuantizedKVCache: With this cache's offset and quantized buffers.
+        """
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[KVCache]) -> BatchKVCache:
+        """A BatchKVCache holding these caches as rows."""
+
+class ConcatenateKVCache:
+    """Full-attention cache that concatenates on every update."""
+
+    def __init__(self) -> None: ...
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]:
+        """
+        Append new keys and values and return all the cached ones.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple(array, array): The cached keys and values, new ones included.
+        """
+
+    def keys_and_values(self) -> tuple[mlx.core.array, mlx.core.array]:
+        """The cached keys and values."""
+
+    @property
+    def keys(self, /) -> mlx.core.array | None:
+        """The keys buffer, or None before the first update."""
+
+    @keys.setter
+    def keys(self, keys: mlx.core.array | None) -> None: ...
+
+    @property
+    def values(self, /) -> mlx.core.array | None:
+        """The values buffer, or None before the first update."""
+
+    @values.setter
+    def values(self, values: mlx.core.array | None) -> None: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds (0 where mlx-lm's does not say)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __copy__(self) -> Self: ...
+
+    def __deepcopy__(self, memo: dict) -> Self: ...
+
+    @property
+    def offset(self) -> int:
+        """Tokens seen so far: the position of the next token."""
+
+    @offset.setter
+    def offset(self, value: int, /) -> None: ...
+
+    def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None:
+        """
+        The attention mask for ``N`` new tokens.
+
+        Args:
+            N (int): Number of new tokens.
+            return_array (bool): Return an array even where ``"causal"`` would do.
+            window_size (int, optional): Sliding-window width.
+
+        Returns:
+            array | str | None: A boolean mask, ``"causal"`` or ``None``.
+        """
+
+    @property
+    def state(self) -> tuple:
+        """``(keys, values)``."""
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+class RotatingKVCache:
+    """
+    Sliding-window cache: a ring of ``max_size`` slots, the first ``keep`` pinned.
+    """
+
+    def __init__(self, max_size: int, keep: int = 0) -> None:
+        """
+        Args:
+            max_size (int): Slots in the ring (the window), at least 1.
+            keep (int): Leading tokens never rotated out, below max_size.
+        """
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]:
+        """
+        Append new keys and values and return all the cached ones.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple(array, array): The cached keys and values, new ones included.
+        """
+
+    def keys_and_values(self) -> tuple[mlx.core.array, mlx.core.array]:
+        """The cached keys and values."""
+
+    @property
+    def keys(self, /) -> mlx.core.array | None:
+        """The keys buffer, or None before the first update."""
+
+    @keys.setter
+    def keys(self, keys: mlx.core.array | None) -> None: ...
+
+    @property
+    def values(self, /) -> mlx.core.array | None:
+        """The values buffer, or None before the first update."""
+
+    @values.setter
+    def values(self, values: mlx.core.array | None) -> None: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds (0 where mlx-lm's does not say)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __copy__(self) -> Self: ...
+
+    def __deepcopy__(self, memo: dict) -> Self: ...
+
+    @property
+    def offset(self) -> int:
+        """Tokens seen so far: the position of the next token."""
+
+    @offset.setter
+    def offset(self, value: int, /) -> None: ...
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array | str | None:
+        """
+        The attention mask for ``N`` new tokens.
+
+        Args:
+            N (int): Number of new tokens.
+            return_array (bool): Return an array even where ``"causal"`` would do.
+            window_size (int, optional): Sliding-window width.
+
+        Returns:
+            array | str | None: A boolean mask, ``"causal"`` or ``None``.
+        """
+
+    @property
+    def keep(self) -> int:
+        """Leading tokens that are never rotated out."""
+
+    @keep.setter
+    def keep(self, arg: object, /) -> None: ...
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+        """Not available for a rotating cache."""
+
+    @property
+    def state(self) -> tuple:
+        """``(keys, values, offset, keep, max_size, _idx)``."""
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @property
+    def max_size(self) -> int:
+        """Slots in the ring."""
+
+    @max_size.setter
+    def max_size(self, arg: object, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache:
+        """A BatchRotatingKVCache holding these caches as rows."""
+
+class QuantizedKVCache:
+    """
+    Full-attention cache holding keys and values quantized by ``mx.quantize``.
+    """
+
+    def __init__(self, group_size: int = 64, bits: int = 8) -> None:
+        """
+        Args:
+            group_size (int): Quantization group size (32, 64 or 128).
+            bits (int): Bits per element (2, 3, 4, 5, 6 or 8).
+        """
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """
+        Quantize and append new keys and values.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple: The cached ``(weights, scales, biases)`` of the keys
+            and of the values, up to ``offset``.
+        """
+
+    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """The cached key and value triples, up to ``offset``."""
+
+    @property
+    def offset(self) -> int:
+        """Tokens seen so far."""
+
+    @offset.setter
+    def offset(self, arg: object, /) -> None: ...
+
+    @property
+    def keys(self) -> object:
+        """The keys' ``(weights, scales, biases)`` buffers, or None."""
+
+    @keys.setter
+    def keys(self, arg: object, /) -> None: ...
+
+    @property
+    def values(self) -> object:
+        """The values' ``(weights, scales, biases)`` buffers, or None."""
+
+    @values.setter
+    def values(self, arg: object, /) -> None: ...
+
+    @property
+    def group_size(self) -> int: ...
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def empty(self) -> bool: ...
+
+    def size(self) -> int:
+        """0, as in mlx-lm (the cache does not report it)."""
+
+    def is_trimmable(self) -> bool: ...
+
+    def trim(self, n: int) -> int: ...
+
+    def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None: ...
+
+    @property
+    def state(self) -> tuple:
+        """
+        ``(keys, values, offset, group_size, bits)``; keys and values are triples.
+        """
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    def __copy__(self) -> object: ...
+
+    def __deepcopy__(self, memo: object) -> object: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+class ChunkedKVCache:
+    """
+    Chunked-attention cache: a KVCache that drops tokens before the current chunk.
+    """
+
+    def __init__(self, chunk_size: int) -> None: ...
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]:
+        """
+        Append new keys and values and return all the cached ones.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple(array, array): The cached keys and values, new ones included.
+        """
+
+    def keys_and_values(self) -> tuple[mlx.core.array, mlx.core.array]:
+        """The cached keys and values."""
+
+    @property
+    def keys(self, /) -> mlx.core.array | None:
+        """The keys buffer, or None before the first update."""
+
+    @keys.setter
+    def keys(self, keys: mlx.core.array | None) -> None: ...
+
+    @property
+    def values(self, /) -> mlx.core.array | None:
+        """The values buffer, or None before the first update."""
+
+    @values.setter
+    def values(self, values: mlx.core.array | None) -> None: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds (0 where mlx-lm's does not say)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __copy__(self) -> Self: ...
+
+    def __deepcopy__(self, memo: dict) -> Self: ...
+
+    @property
+    def offset(self) -> int:
+        """Tokens seen so far: the position of the next token."""
+
+    @offset.setter
+    def offset(self, value: int, /) -> None: ...
+
+    def maybe_trim_front(self) -> None:
+        """Keep at most ``chunk_size`` tokens, dropping the oldest."""
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @chunk_size.setter
+    def chunk_size(self, arg: object, /) -> None: ...
+
+    @property
+    def start_position(self) -> int:
+        """Absolute position of the first token held."""
+
+    @start_position.setter
+    def start_position(self, arg: object, /) -> None: ...
+
+    @property
+    def state(self) -> tuple:
+        """``(keys, values, offset, chunk_size, start_position)``."""
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+class ArraysCache:
+    """Per-layer state arrays (conv and SSM states) for state-space models."""
+
+    def __init__(self, size: int, left_padding: list[int] | None = None) -> None:
+        """
+        Args:
+            size (int): Number of slots.
+            left_padding (list[int], optional): Per-row prompt padding.
+        """
+
+    def __getitem__(self, idx: int) -> mlx.core.array | None: ...
+
+    def __setitem__(self, idx: object, value: mlx.core.array | None) -> None: ...
+
+    @property
+    def cache(self) -> list:
+        """The slots, as a new list."""
+
+    @cache.setter
+    def cache(self, arg: object, /) -> None: ...
+
+    @property
+    def left_padding(self) -> object: ...
+
+    @left_padding.setter
+    def left_padding(self, value: mlx.core.array | None) -> None: ...
+
+    @property
+    def lengths(self) -> object: ...
+
+    @lengths.setter
+    def lengths(self, value: mlx.core.array | None) -> None: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def state(self) -> tuple:
+        """``(slots, left_padding, lengths)``."""
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    def filter(self, batch_indices: object) -> None:
+        """Keep only these rows, in place."""
+
+    def extend(self, other: ArraysCache) -> None:
+        """Append the other cache's rows, in place."""
+
+    def extract(self, idx: object) -> object:
+        """Row ``idx`` as a one-row cache."""
+
+    def prepare(self, lengths: object | None = None, **kwargs) -> None: ...
+
+    def finalize(self) -> None: ...
+
+    def advance(self, N: object) -> None: ...
+
+    def make_mask(self, N: int) -> mlx.core.array | None: ...
+
+    def empty(self) -> bool: ...
+
+    def size(self) -> int: ...
+
+    def is_trimmable(self) -> bool: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __copy__(self) -> object: ...
+
+    def __deepcopy__(self, memo: object) -> object: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[ArraysCache]) -> ArraysCache:
+        """One cache with a row per input cache."""
+
+def dynamic_roll(x: mlx.core.array, shifts: mlx.core.array, axis: int) -> mlx.core.array:
+    """
+    Roll each row of ``x`` by its own shift along ``axis``.
+
+    Args:
+        x (array): The array.
+        shifts (array): Per-row shifts, broadcastable to the leading axes.
+        axis (int): The axis to roll.
+
+    Returns:
+        array: ``x`` with row ``i`` rolled right by ``shifts[i]``.
+    """
+
+class BatchKVCache:
+    """Full-attention cache for a batch of left-padded sequences."""
+
+    def __init__(self, left_padding: list[int]) -> None:
+        """
+        Args:
+            left_padding (list[int]): Pad tokens before each row's prompt.
+        """
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]:
+        """
+        Append new keys and values and return all the cached ones.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple(array, array): The cached keys and values, new ones included.
+        """
+
+    def keys_and_values(self) -> tuple[mlx.core.array, mlx.core.array]:
+        """The cached keys and values."""
+
+    @property
+    def keys(self, /) -> mlx.core.array | None:
+        """The keys buffer, or None before the first update."""
+
+    @keys.setter
+    def keys(self, keys: mlx.core.array | None) -> None: ...
+
+    @property
+    def values(self, /) -> mlx.core.array | None:
+        """The values buffer, or None before the first update."""
+
+    @values.setter
+    def values(self, values: mlx.core.array | None) -> None: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds (0 where mlx-lm's does not say)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __copy__(self) -> Self: ...
+
+    def __deepcopy__(self, memo: dict) -> Self: ...
+
+    @property
+    def offset(self) -> mlx.core.array:
+        """Per-row positions (B,): tokens seen minus left padding."""
+
+    @offset.setter
+    def offset(self, arg: object, /) -> None: ...
+
+    @property
+    def left_padding(self) -> mlx.core.array:
+        """Per-row left padding (B,)."""
+
+    @left_padding.setter
+    def left_padding(self, arg: object, /) -> None: ...
+
+    def finalize(self) -> None: ...
+
+    def filter(self, batch_indices: object) -> None:
+        """Keep only these rows, in place."""
+
+    def extend(self, other: BatchKVCache) -> None:
+        """Append the other cache's rows, in place."""
+
+    def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None: ...
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mlx.core.array: ...
+
+    def extract(self, idx: object) -> object:
+        """Row ``idx`` as a KVCache holding only its tokens."""
+
+    @property
+    def state(self) -> tuple:
+        """``(keys, values, offset, left_padding, _idx)``."""
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[KVCache]) -> BatchKVCache:
+        """One batch cache from single-sequence KVCaches, left-padded."""
+
+class BatchRotatingKVCache:
+    """Sliding-window cache for a batch of left-padded sequences."""
+
+    def __init__(self, max_size: int, left_padding: list[int]) -> None: ...
+
+    step: int = 256
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]:
+        """
+        Append new keys and values and return all the cached ones.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple(array, array): The cached keys and values, new ones included.
+        """
+
+    def keys_and_values(self) -> tuple[mlx.core.array, mlx.core.array]:
+        """The cached keys and values."""
+
+    @property
+    def keys(self, /) -> mlx.core.array | None:
+        """The keys buffer, or None before the first update."""
+
+    @keys.setter
+    def keys(self, keys: mlx.core.array | None) -> None: ...
+
+    @property
+    def values(self, /) -> mlx.core.array | None:
+        """The values buffer, or None before the first update."""
+
+    @values.setter
+    def values(self, values: mlx.core.array | None) -> None: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds (0 where mlx-lm's does not say)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __copy__(self) -> Self: ...
+
+    def __deepcopy__(self, memo: dict) -> Self: ...
+
+    @property
+    def offset(self) -> mlx.core.array:
+        """Per-row positions (B,): tokens seen minus left padding."""
+
+    @offset.setter
+    def offset(self, arg: object, /) -> None: ...
+
+    @property
+    def left_padding(self) -> mlx.core.array:
+        """Per-row left padding (B,)."""
+
+    @left_padding.setter
+    def left_padding(self, arg: object, /) -> None: ...
+
+    def finalize(self) -> None: ...
+
+    def filter(self, batch_indices: object) -> None:
+        """Keep only these rows, in place."""
+
+    def extend(self, other: BatchRotatingKVCache) -> None:
+        """Append the other cache's rows, in place."""
+
+    def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None: ...
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array: ...
+
+    @property
+    def max_size(self) -> int: ...
+
+    @property
+    def rotated(self) -> bool: ...
+
+    @rotated.setter
+    def rotated(self, arg: bool, /) -> None: ...
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> object: ...
+
+    def extract(self, idx: object) -> object:
+        """Row ``idx`` as a RotatingKVCache."""
+
+    @property
+    def state(self) -> tuple:
+        """
+        ``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated)``.
+        """
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache:
+        """One batch cache from single-sequence RotatingKVCaches."""
