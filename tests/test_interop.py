@@ -670,3 +670,13 @@ def test_type_stub_covers_the_extension():
         if name.startswith("_") or name.startswith("Cache"):
             continue
         assert (f"class {name}" in stub) or (f"def {name}(" in stub), name
+
+
+def test_repr_names_class_offset_and_buffer():
+    c = kvcore.KVCache()
+    assert repr(c) == "KVCache(offset=0, keys=None)"
+    k = mx.zeros((1, 2, 3, 4), mx.float16)
+    c.update_and_fetch(k, k)
+    assert repr(c) == "KVCache(offset=3, keys=(1, 2, 256, 4) float16)"
+    b = kvcore.BatchKVCache([1, 0])
+    assert repr(b) == "BatchKVCache(batch=2, _idx=0, keys=None)"

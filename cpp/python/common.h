@@ -216,6 +216,18 @@ void def_buffer_api(nb::class_<T>& cls, int default_step) {
       .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a,
            nb::sig("def trim(self, n: int) -> int"),
            "Drop up to ``n`` tokens from the end; returns how many were dropped.")
+      .def("__repr__", [](nb::handle self) {
+        const T& c = *nb::inst_ptr<T>(self);
+        std::string out = nb::cast<std::string>(nb::str(self.type().attr("__name__"))) + "(";
+        if constexpr (std::is_same_v<decltype(c.offset()), int>) {
+          out += "offset=" + std::to_string(c.offset());
+        } else {
+          out += "batch=" + std::to_string(c.offset().size()) + ", _idx=" + std::to_string(c.idx());
+        }
+        out += ", keys=" + (c.keys() ? shape_str(c.keys()->shape()) + " " + dtype_str(c.keys()->dtype())
+                                     : std::string("None"));
+        return out + ")";
+      })
       .def("__copy__", [](nb::handle self) { return copy_instance<T>(self, nb::handle()); },
            nb::sig("def __copy__(self) -> typing.Self"))
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
