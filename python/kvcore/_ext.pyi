@@ -103,6 +103,8 @@ class KVCache:
     def trim(self, n: int) -> int:
         """Drop up to ``n`` tokens from the end; returns how many were dropped."""
 
+    def __repr__(self) -> str: ...
+
     def __copy__(self) -> Self: ...
 
     def __deepcopy__(self, memo: dict) -> Self: ...
@@ -208,6 +210,8 @@ class ConcatenateKVCache:
     def trim(self, n: int) -> int:
         """Drop up to ``n`` tokens from the end; returns how many were dropped."""
 
+    def __repr__(self) -> str: ...
+
     def __copy__(self) -> Self: ...
 
     def __deepcopy__(self, memo: dict) -> Self: ...
@@ -301,6 +305,8 @@ class RotatingKVCache:
 
     def trim(self, n: int) -> int:
         """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __repr__(self) -> str: ...
 
     def __copy__(self) -> Self: ...
 
@@ -500,6 +506,8 @@ class ChunkedKVCache:
     def trim(self, n: int) -> int:
         """Drop up to ``n`` tokens from the end; returns how many were dropped."""
 
+    def __repr__(self) -> str: ...
+
     def __copy__(self) -> Self: ...
 
     def __deepcopy__(self, memo: dict) -> Self: ...
@@ -688,6 +696,8 @@ class BatchKVCache:
     def trim(self, n: int) -> int:
         """Drop up to ``n`` tokens from the end; returns how many were dropped."""
 
+    def __repr__(self) -> str: ...
+
     def __copy__(self) -> Self: ...
 
     def __deepcopy__(self, memo: dict) -> Self: ...
@@ -787,6 +797,8 @@ class BatchRotatingKVCache:
 
     def trim(self, n: int) -> int:
         """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def __repr__(self) -> str: ...
 
     def __copy__(self) -> Self: ...
 
