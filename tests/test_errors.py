@@ -629,8 +629,14 @@ def test_create_causal_mask_bad_keywords():
     raises_value(lambda: kvcore.create_causal_mask(N=3, offset=-2), r"offset in \[0, .*but got -2")
     raises_value(lambda: kvcore.create_causal_mask(N=3, window_size=-2), r"window_size in .*but got -2")
     raises_value(
-        lambda: kvcore.create_causal_mask(3, right_padding=mx.array([1.0])),
-        r"right_padding of an integer dtype",
+        lambda: kvcore.create_causal_mask(3, right_padding=mx.array([True])),
+        r"right_padding of a numeric dtype",
+    )
+    # Float paddings are what mlx-lm's empty batch caches hold: accepted.
+    fp = mx.array([1.0, 0.0])
+    assert_equal_arrays(
+        kvcore.create_causal_mask(3, 1, right_padding=fp, left_padding=fp),
+        ref_base.create_causal_mask(3, 1, right_padding=fp, left_padding=fp),
     )
     raises_value(
         lambda: kvcore.create_causal_mask(3, left_padding=mx.array([[1]])),

@@ -146,6 +146,8 @@ void bind_arrays(nb::module_& m) {
       .def("size", &C::size)
       .def("is_trimmable", &C::is_trimmable)
       .def_prop_ro("nbytes", &C::nbytes)
+      .def("_assign", [](C& self, const C& other) { self = other; }, "other"_a,
+           "Take other's contents (a staged copy), as one step.")
       .def("__copy__", [](nb::handle self) { return copy_instance<C>(self, nb::handle()); })
       .def("__deepcopy__",
            [](nb::handle self, nb::handle memo) { return copy_instance<C>(self, memo); }, "memo"_a);

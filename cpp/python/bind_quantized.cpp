@@ -110,6 +110,8 @@ void bind_quantized(nb::module_& m) {
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, group_size, bits)``; keys and values are triples.")
+      .def("_assign", [](QuantizedKVCache& self, const QuantizedKVCache& other) { self = other; }, "other"_a,
+           "Take other's contents (a staged copy), as one step.")
       .def("__copy__", [](nb::handle self) { return copy_instance<QuantizedKVCache>(self, nb::handle()); })
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
         return copy_instance<QuantizedKVCache>(self, memo);

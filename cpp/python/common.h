@@ -216,6 +216,8 @@ void def_buffer_api(nb::class_<T>& cls, int default_step) {
       .def("trim", [](T& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a,
            nb::sig("def trim(self, n: int) -> int"),
            "Drop up to ``n`` tokens from the end; returns how many were dropped.")
+      .def("_assign", [](T& self, const T& other) { self = other; }, "other"_a,
+           "Take other's contents (a staged copy), as one step.")
       .def("__repr__", [](nb::handle self) {
         const T& c = *nb::inst_ptr<T>(self);
         std::string out = nb::cast<std::string>(nb::str(self.type().attr("__name__"))) + "(";

@@ -37,6 +37,14 @@ OptionalArray cat_rows(const OptionalArray& a, int a_rows, const OptionalArray& 
   return mx::concatenate({a ? *a : zeros(a_rows), b ? *b : zeros(b_rows)}, 0);
 }
 
+void check_batched_slots(const char* ctx, const std::vector<OptionalArray>& slots) {
+  for (const auto& c : slots) {
+    if (c && c->ndim() == 0) {
+      throw ValueError(ctx, "slots with a batch axis", "a scalar slot");
+    }
+  }
+}
+
 mx::array rows(const mx::array& x, int start, int stop) {
   mx::Shape lo(x.ndim(), 0), hi = x.shape();
   lo[0] = start;
@@ -47,7 +55,9 @@ mx::array rows(const mx::array& x, int start, int stop) {
 } // namespace
 
 ArraysCache::ArraysCache(int size, OptionalArray left_padding)
-    : cache_(check_size("ArraysCache", "size", size), std::nullopt) {
+    // Slots are per-layer states (a handful); the cap keeps a forged size
+    // from allocating without bound.
+    : cache_(check_size("ArraysCache", "size", size, 0, 1 << 16), std::nullopt) {
   check_rows("ArraysCache", "left_padding", left_padding);
   left_padding_ = std::move(left_padding);
 }
@@ -104,17 +114,31 @@ void ArraysCache::filter(const mx::array& indices) {
     throw ValueError(ctx, "integer batch indices of rank 1",
                      dtype_str(indices.dtype()) + " " + shape_str(indices.shape()));
   }
-  for (const auto& c : cache_) {
-    if (c && c->ndim() == 0) {
-      throw ValueError(ctx, "slots with a batch axis", "a scalar slot");
+  check_batched_slots(ctx, cache_);
+  // mx::take does not check its indices: read them (a few ints) and check
+  // them against every array they will index.
+  auto idx = mx::astype(indices, mx::int32);
+  idx.eval();
+  const int32_t* first = idx.data<int32_t>();
+  auto check_rows_of = [&](const mx::array& a) {
+    for (size_t i = 0; i < idx.size(); ++i) {
+      if (first[i] < 0 || first[i] >= a.shape(0)) {
+        throw IndexError(ctx, "batch indices in [0, " + std::to_string(a.shape(0)) + ")",
+                         std::to_string(first[i]));
+      }
     }
+  };
+  for (const auto& c : cache_) {
+    if (c) check_rows_of(*c);
   }
+  if (left_padding_) check_rows_of(*left_padding_);
+  if (lengths_) check_rows_of(*lengths_);
   std::vector<OptionalArray> next;
   for (const auto& c : cache_) {
-    next.push_back(c ? OptionalArray(mx::take(*c, indices, 0)) : std::nullopt);
+    next.push_back(c ? OptionalArray(mx::take(*c, idx, 0)) : std::nullopt);
   }
-  OptionalArray lp = left_padding_ ? OptionalArray(mx::take(*left_padding_, indices, 0)) : std::nullopt;
-  OptionalArray len = lengths_ ? OptionalArray(mx::take(*lengths_, indices, 0)) : std::nullopt;
+  OptionalArray lp = left_padding_ ? OptionalArray(mx::take(*left_padding_, idx, 0)) : std::nullopt;
+  OptionalArray len = lengths_ ? OptionalArray(mx::take(*lengths_, idx, 0)) : std::nullopt;
   cache_ = std::move(next);
   left_padding_ = std::move(lp);
   lengths_ = std::move(len);
@@ -125,6 +149,8 @@ void ArraysCache::extend(const ArraysCache& other) {
     throw ValueError("ArraysCache.extend", std::to_string(slots()) + " slots",
                      std::to_string(other.slots()) + " slots");
   }
+  check_batched_slots("ArraysCache.extend", cache_);
+  check_batched_slots("ArraysCache.extend", other.cache_);
   const int a = batch_size(), b = other.batch_size();
   std::vector<OptionalArray> next;
   for (int i = 0; i < slots(); ++i) {
@@ -138,6 +164,7 @@ void ArraysCache::extend(const ArraysCache& other) {
 }
 
 ArraysCache ArraysCache::extract(int idx) const {
+  check_batched_slots("ArraysCache.extract", cache_);
   int B = batch_size();
   if (idx < 0 || idx >= B) {
     throw IndexError("ArraysCache.extract", "a row in [0, " + std::to_string(B) + ")",
@@ -162,13 +189,13 @@ void ArraysCache::finalize() {
 }
 
 void ArraysCache::advance(int N) {
-  auto down = [N](const mx::array& v) { return mx::subtract(v, mx::array(N, v.dtype())); };
-  if (lengths_) {
-    lengths_ = down(*lengths_);
-  }
-  if (left_padding_) {
-    left_padding_ = down(*left_padding_);
-  }
+  auto down = [N](const mx::array& v) {
+    return mx::subtract(v, scalar_like(N, v.dtype(), "ArraysCache.advance"));
+  };
+  OptionalArray len = lengths_ ? OptionalArray(down(*lengths_)) : std::nullopt;
+  OptionalArray lp = left_padding_ ? OptionalArray(down(*left_padding_)) : std::nullopt;
+  lengths_ = std::move(len);
+  left_padding_ = std::move(lp);
 }
 
 Mask ArraysCache::make_mask(int N, bool, std::optional<int>) const {
@@ -200,6 +227,9 @@ ArraysCache ArraysCache::merge(const std::vector<const ArraysCache*>& caches) {
                        std::to_string(c->slots()));
     }
   }
+  for (const auto* c : caches) {
+    check_batched_slots(ctx, c->cache_);
+  }
   ArraysCache out(n);
   bool all_empty = true;
   for (const auto* c : caches) {
@@ -219,9 +249,6 @@ ArraysCache ArraysCache::merge(const std::vector<const ArraysCache*>& caches) {
     }
     if (!first) {
       continue;
-    }
-    if (first->ndim() == 0) {
-      throw ValueError(ctx, "slots with a batch axis", "a scalar slot");
     }
     mx::Shape shape = first->shape();
     shape[0] = B;

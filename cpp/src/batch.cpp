@@ -26,12 +26,13 @@ std::vector<int> negated(const std::vector<int>& v) {
   return out;
 }
 
-// `x + n` / `x - n` with a Python int: the array keeps its dtype.
+// `x + n` / `x - n` with a Python int: the array keeps its dtype (and, as
+// in mlx, an int that does not fit it is an error, not a wrap-around).
 mx::array plus(const mx::array& x, int n) {
-  return mx::add(x, mx::array(n, x.dtype()));
+  return mx::add(x, scalar_like(n, x.dtype(), "an offset or padding change"));
 }
 mx::array minus(const mx::array& x, int n) {
-  return mx::subtract(x, mx::array(n, x.dtype()));
+  return mx::subtract(x, scalar_like(n, x.dtype(), "an offset or padding change"));
 }
 
 std::vector<int> to_ints(const mx::array& a) {
@@ -92,6 +93,10 @@ Stacked stack_rows(
     Dk = std::max(Dk, k->shape(3));
     Dv = std::max(Dv, v->shape(3));
     if (!dt) dt = k->dtype();
+  }
+  if (!dt) {
+    throw ValueError(ctx, "a cache with keys and values among those with tokens",
+                     "offsets without arrays");
   }
   const int B = static_cast<int>(kv.size());
   auto keys = mx::zeros({B, H, max_length, Dk}, *dt);
@@ -178,7 +183,10 @@ void BatchCache::check_update(
     const mx::array& keys,
     const mx::array& values) const {
   check_kv(ctx, keys, values);
-  check_pair(ctx, keys_, values_);
+  check_batch(ctx);
+  if (!keys_ && idx_ != 0) {
+    throw RuntimeError(ctx, "_idx 0 in a cache without keys", "_idx " + std::to_string(idx_));
+  }
   if (keys.shape(0) != rows()) {
     throw ValueError(ctx, "keys for the batch of " + std::to_string(rows()) + " rows",
                      "batch " + std::to_string(keys.shape(0)));
@@ -194,7 +202,19 @@ void BatchCache::check_update(
   check_size(ctx, "_idx + S", 1LL * idx_ + keys.shape(2));
 }
 
+void BatchCache::check_batch(const char* ctx) const {
+  check_pair(ctx, keys_, values_);
+  size_t B = offset_.size();
+  if (left_padding_.size() != B || (keys_ && size_t(keys_->shape(0)) != B)) {
+    throw RuntimeError(
+        ctx, "offset, left_padding and keys for one batch of " + std::to_string(B),
+        std::to_string(left_padding_.size()) + " paddings" +
+            (keys_ ? " and keys for " + std::to_string(keys_->shape(0)) : std::string()));
+  }
+}
+
 void BatchCache::filter(const std::vector<int>& indices) {
+  check_batch("filter");
   auto idx = int_array(check_indices("filter", indices, rows()));
   if (indices.empty()) idx = mx::astype(idx, mx::int32);
   OptionalArray k, v;
@@ -212,6 +232,8 @@ void BatchCache::filter(const std::vector<int>& indices) {
 
 void BatchCache::extend_aligned(BatchCache& other) {
   constexpr const char* ctx = "extend";
+  check_batch(ctx);
+  other.check_batch(ctx);
   const int max_idx = std::max(idx_, other.idx_);
   int H = 0, D = 0, M = 0, L1 = 0, L2 = 0;
   const mx::array* like = nullptr;
@@ -350,26 +372,22 @@ Mask BatchKVCache::make_mask(int N, bool, std::optional<int> window_size) const 
 }
 
 void BatchKVCache::filter(const std::vector<int>& indices) {
-  BatchCache::filter(indices);
-  if (indices.empty()) {
-    return;
-  }
+  BatchKVCache next = *this; // staged: the padding is read (evaluated) below
+  next.BatchCache::filter(indices);
   // Shift left to drop padding no row needs any more. An empty cache's
   // padding is still to be written, so it stays (mlx-lm would take _idx
   // below zero there).
-  if (!keys_ || !values_) {
-    return;
+  if (!indices.empty() && next.keys_ && next.values_) {
+    auto pads = to_ints(next.left_padding());
+    int min_pad = std::min(*std::min_element(pads.begin(), pads.end()), next.idx_);
+    if (min_pad > 0) {
+      next.keys_ = seq_slice(*next.keys_, min_pad, next.keys_->shape(2));
+      next.values_ = seq_slice(*next.values_, min_pad, next.values_->shape(2));
+      next.idx_ -= min_pad;
+      next.left_padding_.shift(-min_pad);
+    }
   }
-  auto pads = to_ints(left_padding());
-  int min_pad = std::min(*std::min_element(pads.begin(), pads.end()), idx_);
-  if (min_pad > 0) {
-    auto k = seq_slice(*keys_, min_pad, keys_->shape(2));
-    auto v = seq_slice(*values_, min_pad, values_->shape(2));
-    keys_ = std::move(k);
-    values_ = std::move(v);
-    idx_ -= min_pad;
-    left_padding_.shift(-min_pad);
-  }
+  *this = std::move(next);
 }
 
 void BatchKVCache::extend(BatchKVCache& other) {
@@ -383,6 +401,7 @@ void BatchKVCache::extend(BatchKVCache& other) {
 
 KVCache BatchKVCache::extract(int idx) const {
   constexpr const char* ctx = "BatchKVCache.extract";
+  check_batch(ctx);
   check_indices(ctx, {idx}, rows());
   if (!keys_ || !values_) {
     throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
@@ -674,6 +693,7 @@ Mask BatchRotatingKVCache::make_mask(
   auto lp = left_padding();
   int window = (window_size && *window_size) ? *window_size : max_size_;
   int offset = std::min(max_size_ - 1, offset_in_ring_);
+  check_size(ctx, "offset + N", 1LL * offset + N);
   auto rinds = mx::arange(offset + N);
   auto linds = offset ? mx::arange(offset, offset + N) : rinds;
   linds = mx::expand_dims(linds, 1);
@@ -702,17 +722,22 @@ void BatchRotatingKVCache::extend(BatchRotatingKVCache& other) {
     offset_ = mx::concatenate({offset(), other.offset()}, 0);
     return;
   }
-  if (rotated_ != other.rotated_ || idx_ != other.idx_) {
-    temporal_order();
-    other.temporal_order();
+  // Staged on copies: both caches change only if the extend succeeds.
+  BatchRotatingKVCache a = *this, b = other;
+  if (a.rotated_ != b.rotated_ || a.idx_ != b.idx_) {
+    a.temporal_order();
+    b.temporal_order();
   }
-  int ring = std::max(offset_in_ring_, other.offset_in_ring_);
-  extend_aligned(other);
-  offset_in_ring_ = ring;
+  int ring = std::max(a.offset_in_ring_, b.offset_in_ring_);
+  a.extend_aligned(b);
+  a.offset_in_ring_ = ring;
+  *this = std::move(a);
+  other = std::move(b);
 }
 
 RotatingKVCache BatchRotatingKVCache::extract(int idx) const {
   constexpr const char* ctx = "BatchRotatingKVCache.extract";
+  check_batch(ctx);
   check_indices(ctx, {idx}, rows());
   if (!keys_ || !values_) {
     throw RuntimeError(ctx, "the cache is empty: no keys or values yet");

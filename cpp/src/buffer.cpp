@@ -98,6 +98,25 @@ void check_count(const char* ctx, const char* what, size_t n, size_t expected) {
   }
 }
 
+mx::array scalar_like(long long n, mx::Dtype dtype, const char* what) {
+  if (mx::issubdtype(dtype, mx::integer)) {
+    long long lo = 0, hi = 0;
+    switch (dtype.size()) {
+      case 1: lo = mx::issubdtype(dtype, mx::signedinteger) ? -128 : 0;
+              hi = mx::issubdtype(dtype, mx::signedinteger) ? 127 : 255; break;
+      case 2: lo = mx::issubdtype(dtype, mx::signedinteger) ? -32768 : 0;
+              hi = mx::issubdtype(dtype, mx::signedinteger) ? 32767 : 65535; break;
+      case 4: lo = mx::issubdtype(dtype, mx::signedinteger) ? INT_MIN : 0;
+              hi = mx::issubdtype(dtype, mx::signedinteger) ? INT_MAX : 4294967295LL; break;
+      default: lo = mx::issubdtype(dtype, mx::signedinteger) ? LLONG_MIN : 0; hi = LLONG_MAX;
+    }
+    if (n < lo || n > hi) {
+      throw ValueError(what, "a value that fits " + dtype_str(dtype), std::to_string(n));
+    }
+  }
+  return mx::array(n, dtype);
+}
+
 int parse_int(const char* ctx, const char* what, const std::string& s) {
   size_t used = 0;
   long long v = 0;
@@ -138,12 +157,11 @@ void check_fits(
   }
 }
 
-int check_size(const char* ctx, const char* what, long long n, int min) {
-  if (n < min || n > INT_MAX) {
+int check_size(const char* ctx, const char* what, long long n, int min, int max) {
+  if (n < min || n > max) {
     throw ValueError(
         ctx,
-        std::string(what) + " in [" + std::to_string(min) + ", " +
-            std::to_string(INT_MAX) + "]",
+        std::string(what) + " in [" + std::to_string(min) + ", " + std::to_string(max) + "]",
         std::to_string(n));
   }
   return static_cast<int>(n);

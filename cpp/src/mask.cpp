@@ -16,10 +16,11 @@ void check_padding(const char* what, const mx::array& pad) {
         std::string(what) + " of rank 1 (B,)",
         "shape " + shape_str(pad.shape()));
   }
-  if (!mx::issubdtype(pad.dtype(), mx::integer)) {
+  // mlx-lm's empty batch caches hold float32 paddings; any number works.
+  if (!mx::issubdtype(pad.dtype(), mx::number)) {
     throw ValueError(
         "create_causal_mask",
-        std::string(what) + " of an integer dtype",
+        std::string(what) + " of a numeric dtype",
         dtype_str(pad.dtype()));
   }
 }
@@ -57,7 +58,7 @@ mx::array create_causal_mask(
   }
   if (right_padding) {
     auto& rp = *right_padding;
-    auto end = mx::subtract(mx::array(offset + N, rp.dtype()), rp);
+    auto end = mx::subtract(scalar_like(offset + N, rp.dtype(), ctx), rp);
     mask = mx::logical_and(mask, mx::less(rinds, mx::expand_dims(end, {1, 2, 3})));
   }
   if (left_padding) {

@@ -4,6 +4,8 @@ cache beside a state-space cache), handled as one.
 It only delegates to its inner caches, which do the work natively, so it is
 plain Python; inner caches may be any kvcore cache or a Python subclass."""
 
+import copy
+
 from ._errors import error
 
 
@@ -14,14 +16,25 @@ class CacheList:
     def __getitem__(self, idx):
         return self.caches[idx]
 
+    def _each(self, op, others=None):
+        """op on every inner cache, all or nothing: kvcore caches are changed
+        on copies, which replace the originals' contents only once every op
+        has succeeded (so a failing inner cache leaves none changed)."""
+        others = others if others is not None else [None] * len(self.caches)
+        if all(hasattr(c, "_assign") for c in self.caches):
+            staged = [copy.copy(c) for c in self.caches]
+            results = [op(s, o) for s, o in zip(staged, others)]
+            for c, s in zip(self.caches, staged):
+                c._assign(s)
+            return results
+        return [op(c, o) for c, o in zip(self.caches, others)]
+
     def is_trimmable(self):
         return all(c.is_trimmable() for c in self.caches)
 
     def trim(self, n):
-        m = 0
-        for c in self.caches:
-            m = c.trim(n)
-        return m
+        results = self._each(lambda c, _: c.trim(n))
+        return results[-1] if results else 0
 
     @property
     def state(self):
@@ -50,12 +63,10 @@ class CacheList:
         return obj
 
     def filter(self, batch_indices):
-        for c in self.caches:
-            c.filter(batch_indices)
+        self._each(lambda c, _: c.filter(batch_indices))
 
     def extend(self, other):
-        for c, o in zip(self.caches, other.caches):
-            c.extend(o)
+        self._each(lambda c, o: c.extend(o), list(other.caches))
 
     @classmethod
     def merge(cls, caches):
@@ -70,12 +81,10 @@ class CacheList:
         return CacheList(*(c.extract(idx) for c in self.caches))
 
     def prepare(self, **kwargs):
-        for c in self.caches:
-            c.prepare(**kwargs)
+        self._each(lambda c, _: c.prepare(**kwargs))
 
     def finalize(self):
-        for c in self.caches:
-            c.finalize()
+        self._each(lambda c, _: c.finalize())
 
     def size(self):
         return max((c.size() for c in self.caches), default=0)

@@ -187,7 +187,9 @@ def _load_new(arrays, meta):
     if not tags or tags[0] != "":
         raise _bad("the scalar list's leading ''", repr(tags[:1]))
     for entry in tags[1:]:
-        if not isinstance(entry, list) or len(entry) != 2:
+        if not isinstance(entry, list) or len(entry) != 2 or not all(
+            isinstance(x, str) for x in entry
+        ):
             raise _bad("(path, tag) scalar entries", repr(entry)[:80])
         path, kind = entry
         if path not in arrays:
@@ -228,6 +230,8 @@ def _old_state(name, state, meta):
         if not isinstance(state, list) or len(state) != 4:
             raise _bad(f"(keys, values, offset, left_padding) for {name}", repr(type(state)), ctx)
         keys, values, offset, left_padding = state
+        if not (isinstance(keys, mx.array) and keys.ndim == 4):
+            raise _bad(f"rank-4 keys for {name}", f"{type(keys).__name__}", ctx)
         if name == "BatchKVCache":
             return (keys, values, offset, left_padding, keys.shape[2])
         if not isinstance(meta, list) or len(meta) != 4:
@@ -240,6 +244,11 @@ def _old_state(name, state, meta):
     if not isinstance(state, list) or len(state) != 2:
         raise _bad(f"(keys, values) for {name}", repr(type(state)), ctx)
     keys, values = state
+    if name != "QuantizedKVCache" and not (
+        isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4
+    ):
+        raise _bad(f"rank-4 keys and values arrays for {name}",
+                   f"{type(keys).__name__} {getattr(keys, 'shape', '')}", ctx)
     if name == "KVCache":
         return (keys, values, keys.shape[2])
     if name == "ConcatenateKVCache":

@@ -93,6 +93,8 @@ class BatchCache : public Cache {
   int rows() const {
     return static_cast<int>(offset_.size());
   }
+  /// The buffers, offsets and paddings agree on the batch size.
+  void check_batch(const char* ctx) const;
   /// Checks an update: shapes and dtypes against the buffers and the batch.
   void check_update(const char* ctx, const mx::array& keys, const mx::array& values) const;
   /// mlx-lm's extend: both caches' buffers right-aligned at the larger

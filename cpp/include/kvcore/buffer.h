@@ -2,6 +2,7 @@
 // buffer and the sequence-axis slices every cache uses.
 #pragma once
 
+#include <climits>
 #include <string>
 
 #include <mlx/array.h>
@@ -34,6 +35,10 @@ void check_offset_fits(
 /// A state of `what` holds n items where `expected` were due.
 void check_count(const char* ctx, const char* what, size_t n, size_t expected);
 
+/// The int n as a scalar of dtype (mlx's weak typing of a Python int in
+/// `array + n`); refuses an n the integer dtype cannot hold.
+mx::array scalar_like(long long n, mx::Dtype dtype, const char* what);
+
 /// A base-10 integer scalar from a meta_state string.
 int parse_int(const char* ctx, const char* what, const std::string& s);
 
@@ -44,8 +49,13 @@ void check_fits(
     const mx::array& x,
     const mx::array& buf);
 
-/// A size read from the user: 0 <= n <= INT32_MAX (a Shape element).
-int check_size(const char* ctx, const char* what, long long n, int min = 0);
+/// A size read from the user: min <= n <= max (by default a Shape element).
+int check_size(
+    const char* ctx,
+    const char* what,
+    long long n,
+    int min = 0,
+    int max = INT_MAX);
 
 /// buf[..., start:stop, :].
 mx::array seq_slice(const mx::array& buf, int start, int stop);
