@@ -23,6 +23,9 @@ BatchRotatingKVCache it loads cannot be updated (_lengths unset).
 """
 
 import importlib.util
+import os
+import pathlib
+import zipfile
 import json
 import struct
 import subprocess
@@ -38,7 +41,36 @@ from conftest import assert_arrays_equal, int_valued_normal
 
 import kvcore
 
-OLD_CACHE_PY = "/tmp/oldlm/mlx_lm/models/cache.py"
+OLD_MLX_LM = "mlx-lm==0.31.2"
+
+
+def old_cache_source(tmp_dir):
+    """mlx-lm 0.31.2's models/cache.py, from its wheel: the one named by
+    KVCORE_OLD_MLX_LM_WHEEL, or one kept under build/oldlm, or downloaded
+    there now (PyPI). Without it the old-layout tests skip, except in CI."""
+    wheel = os.environ.get("KVCORE_OLD_MLX_LM_WHEEL")
+    if not wheel:
+        keep = pathlib.Path(__file__).resolve().parent.parent / "build" / "oldlm"
+        found = sorted(keep.glob("mlx_lm-0.31.2-*.whl"))
+        if not found:
+            keep.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", OLD_MLX_LM,
+                 "-d", str(keep)],
+                capture_output=True, text=True,
+            )
+            found = sorted(keep.glob("mlx_lm-0.31.2-*.whl"))
+            if not found:
+                message = f"{OLD_MLX_LM} could not be fetched: {proc.stderr[-300:]}"
+                if os.environ.get("CI"):
+                    pytest.fail(message)
+                pytest.skip(message)
+        wheel = found[0]
+    with zipfile.ZipFile(wheel) as z:
+        source = z.read("mlx_lm/models/cache.py")
+    path = pathlib.Path(tmp_dir) / "old_cache.py"
+    path.write_bytes(source)
+    return str(path)
 
 D = 32  # head dim: a multiple of the quantization group size
 
@@ -386,9 +418,10 @@ def test_unserializable_state_raises_typed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def old():
+def old(tmp_path_factory):
     """mlx-lm 0.31.2's cache.py, loaded from its file under a private
     package whose .base supplies create_causal_mask."""
+    old_cache_py = old_cache_source(tmp_path_factory.mktemp("oldlm"))
     pkg_name = "_kvcore_test_oldlm"
     pkg = types.ModuleType(pkg_name)
     pkg.__path__ = []
@@ -396,7 +429,7 @@ def old():
     base.create_causal_mask = ref_base.create_causal_mask
     sys.modules[pkg_name] = pkg
     sys.modules[pkg_name + ".base"] = base
-    spec = importlib.util.spec_from_file_location(pkg_name + ".cache", OLD_CACHE_PY)
+    spec = importlib.util.spec_from_file_location(pkg_name + ".cache", old_cache_py)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     try:

@@ -166,6 +166,17 @@ def run_generate(model, prompt, cache, **kwargs):
     return out
 
 
+def run_reference(model, prompt, cache, **kwargs):
+    """mlx-lm's own run; on a GPU whose mlx build has no quantized_matmul
+    kernel for these shapes, mlx-lm cannot run either, so the test skips."""
+    try:
+        return run_generate(model, prompt, cache, **kwargs)
+    except RuntimeError as e:
+        if "quantized_matmul" in str(e) and mx.default_device() != mx.cpu:
+            pytest.skip(f"mlx on this device: {e}")
+        raise
+
+
 @pytest.mark.parametrize("kv_bits", [4, 8])
 @pytest.mark.parametrize("quantized_kv_start,prefill_step_size", [(0, 2048), (0, 4), (5, 4), (14, 2048)])
 def test_generate_with_quantized_kv_cache(qwen, kv_bits, quantized_kv_start, prefill_step_size):
@@ -174,8 +185,8 @@ def test_generate_with_quantized_kv_cache(qwen, kv_bits, quantized_kv_start, pre
                   quantized_kv_start=quantized_kv_start, prefill_step_size=prefill_step_size)
     cs, rs = kvcore.make_prompt_cache(qwen), ref.make_prompt_cache(qwen)
     assert [type(c) for c in cs] == [kvcore.KVCache] * 2
+    want = run_reference(qwen, prompt, rs, **kwargs)
     got = run_generate(qwen, prompt, cs, **kwargs)
-    want = run_generate(qwen, prompt, rs, **kwargs)
     assert len(got) == len(want) == 12
     for i, ((t1, l1), (t2, l2)) in enumerate(zip(got, want)):
         assert t1 == t2, f"token {i}: kvcore {t1} != mlx-lm {t2}"
@@ -197,7 +208,7 @@ def test_generate_with_quantized_kv_cache_under_patch(qwen):
     # and quantizes them with KVCache.to_quantized.
     prompt = prompt_of(9, seed=3)
     kwargs = dict(max_tokens=10, kv_bits=4, kv_group_size=64, quantized_kv_start=2, prefill_step_size=3)
-    want = run_generate(qwen, prompt, None, **kwargs)
+    want = run_reference(qwen, prompt, None, **kwargs)
     made = []
     with patched():
         inner = gen.make_prompt_cache

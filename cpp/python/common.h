@@ -31,10 +31,13 @@ namespace kvcore::py {
 template <class T, bool HasStep = requires(const T& t) { t.step(); }>
 struct PyCache;
 
+// The constructors forward rather than inherit (`using T::T`): with GCC 13
+// an inherited constructor that throws was seen destroying a by-value
+// mx::array argument twice.
 template <class T>
 struct PyCache<T, true> final : T {
-  using T::T;
-  explicit PyCache(const T& other) : T(other) {}
+  template <class... Args>
+  explicit PyCache(Args&&... args) : T(std::forward<Args>(args)...) {}
 
   int step() const override {
     nb::object self = nb::find(static_cast<const T&>(*this));
@@ -56,8 +59,8 @@ struct PyCache<T, true> final : T {
 /// Caches without a growth step need nothing from Python.
 template <class T>
 struct PyCache<T, false> final : T {
-  using T::T;
-  explicit PyCache(const T& other) : T(other) {}
+  template <class... Args>
+  explicit PyCache(Args&&... args) : T(std::forward<Args>(args)...) {}
 };
 
 /// A ready instance of `cls` (the bound class or a Python subclass) holding

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <sstream>
 
 #include <mlx/ops.h>
 
@@ -10,20 +9,35 @@
 
 namespace kvcore {
 
+// Strings built without iostreams: the library stays usable where a
+// toolchain links its own copy of libstdc++ (as seen on one GPU machine,
+// where an ostringstream in the library crashed inside Python).
 std::string shape_str(const mx::Shape& shape) {
-  std::ostringstream os;
-  os << "(";
+  std::string out = "(";
   for (size_t i = 0; i < shape.size(); ++i) {
-    os << (i ? ", " : "") << shape[i];
+    out += (i ? ", " : "") + std::to_string(shape[i]);
   }
-  os << (shape.size() == 1 ? ",)" : ")");
-  return os.str();
+  return out + (shape.size() == 1 ? ",)" : ")");
 }
 
 std::string dtype_str(mx::Dtype dtype) {
-  std::ostringstream os;
-  os << dtype;
-  return os.str();
+  switch (dtype.val()) {
+    case mx::Dtype::Val::bool_: return "bool";
+    case mx::Dtype::Val::uint8: return "uint8";
+    case mx::Dtype::Val::uint16: return "uint16";
+    case mx::Dtype::Val::uint32: return "uint32";
+    case mx::Dtype::Val::uint64: return "uint64";
+    case mx::Dtype::Val::int8: return "int8";
+    case mx::Dtype::Val::int16: return "int16";
+    case mx::Dtype::Val::int32: return "int32";
+    case mx::Dtype::Val::int64: return "int64";
+    case mx::Dtype::Val::float16: return "float16";
+    case mx::Dtype::Val::float32: return "float32";
+    case mx::Dtype::Val::float64: return "float64";
+    case mx::Dtype::Val::bfloat16: return "bfloat16";
+    case mx::Dtype::Val::complex64: return "complex64";
+  }
+  return "dtype " + std::to_string(static_cast<int>(dtype.val()));
 }
 
 void check_kv(const char* ctx, const mx::array& keys, const mx::array& values) {
