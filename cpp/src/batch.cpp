@@ -295,14 +295,9 @@ std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(
   constexpr const char* ctx = "BatchKVCache.update_and_fetch";
   check_update(ctx, keys, values);
   const int S = keys.shape(2), prev = idx_;
-  std::pair<mx::array, mx::array> kv = [&]() -> std::pair<mx::array, mx::array> {
-    if (needs_growth(keys_, prev, S)) {
-      const int step = check_size(ctx, "step", this->step(), 1);
-      return {seq_write(grow_to(keys_, keys, prev, S, step), keys, prev),
-              seq_write(grow_to(values_, values, prev, S, step), values, prev)};
-    }
-    return {seq_write(*keys_, keys, prev), seq_write(*values_, values, prev)};
-  }();
+  auto kv = write_grown(keys_, values_, keys, values, prev, [&] {
+    return check_size(ctx, "step", this->step(), 1);
+  });
   keys_ = std::move(kv.first);
   values_ = std::move(kv.second);
   offset_.shift(S);

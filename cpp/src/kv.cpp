@@ -71,15 +71,10 @@ std::pair<mx::array, mx::array> SequenceCache::write_at(
     check_fits(ctx, "keys", keys, *keys_);
     check_fits(ctx, "values", values, *values_);
   }
-  const int S = keys.shape(2);
-  check_size(ctx, "offset + S", 1LL * offset_ + S);
-  if (needs_growth(keys_, prev, S)) {
-    const int step = check_size(ctx, "step", this->step(), 1);
-    return {
-        seq_write(grow_to(keys_, keys, prev, S, step), keys, prev),
-        seq_write(grow_to(values_, values, prev, S, step), values, prev)};
-  }
-  return {seq_write(*keys_, keys, prev), seq_write(*values_, values, prev)};
+  check_size(ctx, "offset + S", 1LL * offset_ + keys.shape(2));
+  return write_grown(keys_, values_, keys, values, prev, [&] {
+    return check_size(ctx, "step", this->step(), 1);
+  });
 }
 
 std::pair<mx::array, mx::array> KVCache::update_and_fetch(

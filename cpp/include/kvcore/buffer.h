@@ -81,6 +81,27 @@ inline bool needs_growth(const std::optional<mx::array>& buf, int prev, int S) {
   return !buf || prev + S > buf->shape(2);
 }
 
+/// The (keys, values) buffers with the new tokens written at prev, grown
+/// by whole steps first where needed. step() is asked only when growing
+/// (for a Python cache it reads a Python attribute). Changes nothing.
+template <class StepFn>
+std::pair<mx::array, mx::array> write_grown(
+    const OptionalArray& keys_buf,
+    const OptionalArray& values_buf,
+    const mx::array& keys,
+    const mx::array& values,
+    int prev,
+    StepFn step) {
+  const int S = keys.shape(2);
+  if (needs_growth(keys_buf, prev, S)) {
+    const int n = step();
+    return {
+        seq_write(grow_to(keys_buf, keys, prev, S, n), keys, prev),
+        seq_write(grow_to(values_buf, values, prev, S, n), values, prev)};
+  }
+  return {seq_write(*keys_buf, keys, prev), seq_write(*values_buf, values, prev)};
+}
+
 /// A ring still filling up (the rotating caches' single-token writes, once
 /// the buffers are missing or full below max_size): append up to `step`
 /// zero slots, never past max_size. prev is the tokens written so far.
