@@ -191,6 +191,7 @@ void bind_kv(nb::module_& m);
 void bind_quantized(nb::module_& m);
 void bind_arrays(nb::module_& m);
 void bind_batch(nb::module_& m);
+void bind_files(nb::module_& m);
 
 // What every cache holding one keys and one values buffer shows Python.
 template <class T>

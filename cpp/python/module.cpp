@@ -186,4 +186,5 @@ NB_MODULE(_ext, m) {
   kvcore::py::bind_quantized(m);
   kvcore::py::bind_arrays(m);
   kvcore::py::bind_batch(m);
+  kvcore::py::bind_files(m);
 }

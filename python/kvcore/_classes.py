@@ -1,6 +1,7 @@
-"""The fixed table of cache classes a state or a file may name. Nothing
-outside it is ever looked up, so a file cannot make kvcore call arbitrary
-attributes."""
+"""The fixed table of cache classes a state or a file may name: the C++
+library's (kvcore::cache_class_names), each mapped to its Python class.
+Nothing outside it is ever looked up, so a file cannot make kvcore call
+arbitrary attributes."""
 
 from ._errors import error
 
@@ -8,20 +9,7 @@ from ._errors import error
 def classes():
     import kvcore
 
-    return {
-        name: getattr(kvcore, name)
-        for name in (
-            "KVCache",
-            "ConcatenateKVCache",
-            "RotatingKVCache",
-            "QuantizedKVCache",
-            "ChunkedKVCache",
-            "ArraysCache",
-            "CacheList",
-            "BatchKVCache",
-            "BatchRotatingKVCache",
-        )
-    }
+    return {name: getattr(kvcore, name) for name in kvcore._ext.cache_class_names()}
 
 
 def cache_class(name, context):

@@ -1,0 +1,102 @@
+// Prompt-cache files: mlx-lm 0.32's safetensors layout, written and read
+// both ways, and the per-layer meta_state layout of mlx-lm 0.32.0 and
+// before, read.
+//
+// A file is untrusted input. Before mlx reads any array, the safetensors
+// header is parsed here with bounds (header size, JSON nesting, dtypes,
+// shapes, data offsets inside the file and matching the shapes); then the
+// layout's keys must form dense lists no deeper than kMaxDepth, class names
+// come from the fixed table of state.h, scalar tags must be known and match
+// their arrays, and each cache's own setters check its state. Any fault is a
+// ValueError with context "load_prompt_cache" naming what was wrong; nothing
+// else escapes, and nothing is allocated from a size the file states
+// before it has been checked against the file's length.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvcore/state.h"
+
+namespace kvcore {
+
+/// One model's caches, a layer each.
+using PromptCache = std::vector<std::shared_ptr<Cache>>;
+/// User metadata stored beside the caches (string to string).
+using Metadata = std::map<std::string, std::string>;
+
+/// Limits a file must keep to.
+inline constexpr uint64_t kMaxHeaderBytes = 64ull << 20;
+inline constexpr int kMaxDepth = 16; ///< nesting of state paths
+inline constexpr int kMaxNdim = 8;
+inline constexpr size_t kMaxString = 1 << 16; ///< code points in a string
+inline constexpr size_t kMaxEntries = 1 << 20; ///< tensors or metadata keys
+
+/// Save `caches` to `path` in mlx-lm 0.32's layout, with `metadata`. As with
+/// mlx, ".safetensors" is appended to a path without it. Throws ValueError
+/// for a state deeper than kMaxDepth and whatever mlx throws on I/O.
+void save_prompt_cache(
+    const std::string& path,
+    const PromptCache& caches,
+    const Metadata& metadata = {});
+
+struct LoadedPromptCache {
+  PromptCache caches;
+  Metadata metadata;
+};
+
+/// Load a prompt cache written by kvcore or mlx-lm (0.32's layout or the
+/// older meta_state one). Throws ValueError for a missing, unreadable or
+/// malformed file; see the top of this header for what is checked.
+LoadedPromptCache load_prompt_cache(const std::string& path);
+
+// The layer below, for callers whose caches are not C++ objects (the
+// Python package saves Python caches' states through it).
+
+/// One layer as a file holds it: the class name and its 0.32 state.
+struct NamedState {
+  std::string name;
+  StateValue state;
+};
+
+enum class FileLayout { Current, MetaState };
+
+struct PromptCacheStates {
+  std::vector<NamedState> layers;
+  Metadata metadata;
+  FileLayout layout = FileLayout::Current;
+};
+
+/// Write layers' states (any names) in mlx-lm 0.32's layout.
+void save_prompt_cache_states(
+    const std::string& path,
+    const std::vector<NamedState>& layers,
+    const Metadata& metadata = {});
+
+/// Read and check a file down to its layers' states; names are checked
+/// against the class table and meta_state-layout states are converted to
+/// 0.32 states. The arrays are mlx's lazy loads of the file.
+PromptCacheStates load_prompt_cache_states(const std::string& path);
+
+/// What a safetensors header says of one tensor.
+struct TensorInfo {
+  std::string name;
+  std::string dtype; ///< safetensors' name: "F16", "I32", ...
+  std::vector<int64_t> shape;
+  uint64_t begin = 0; ///< data offsets, relative to the data section
+  uint64_t end = 0;
+};
+
+struct SafetensorsHeader {
+  std::vector<TensorInfo> tensors;
+  Metadata metadata;
+  uint64_t file_bytes = 0;
+};
+
+/// The checked safetensors header of `path`; reads nothing past it.
+SafetensorsHeader read_safetensors_header(const std::string& path);
+
+} // namespace kvcore

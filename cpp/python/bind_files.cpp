@@ -1,0 +1,140 @@
+// Prompt-cache files: the Python package's save/load are these calls.
+#include <nanobind/stl/map.h>
+
+#include "common.h"
+#include "kvcore/arrays.h"
+#include "kvcore/batch.h"
+#include "kvcore/cache_list.h"
+#include "kvcore/chunked.h"
+#include "kvcore/files.h"
+#include "kvcore/quantized.h"
+#include "kvcore/rotating.h"
+
+namespace kvcore::py {
+
+namespace {
+
+/// A Python state (mlx arrays, numbers, strings, None in lists and
+/// tuples) as a StateValue; anything else is refused as mlx-lm refuses it.
+StateValue state_from_py(nb::handle h, int depth) {
+  constexpr const char* ctx = "save_prompt_cache";
+  if (depth > kMaxDepth) {
+    throw ValueError(ctx, "states at most " + std::to_string(kMaxDepth) + " deep",
+                     "deeper nesting");
+  }
+  if (h.is_none()) {
+    return {};
+  }
+  mx::array* a = nullptr;
+  if (nb::try_cast<mx::array*>(h, a, false) && a != nullptr) {
+    return *a;
+  }
+  if (PyBool_Check(h.ptr())) {
+    return h.ptr() == Py_True;
+  }
+  if (PyLong_Check(h.ptr())) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+    if (overflow != 0) {
+      throw ValueError(ctx, "integers within 64 bits", nb::cast<std::string>(nb::repr(h)));
+    }
+    return v;
+  }
+  if (PyFloat_Check(h.ptr())) {
+    return PyFloat_AsDouble(h.ptr());
+  }
+  if (PyUnicode_Check(h.ptr())) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(h.ptr(), &n);
+    if (s == nullptr) {
+      PyErr_Clear();
+      throw ValueError(ctx, "strings encodable as UTF-8", "a string with surrogates");
+    }
+    return std::string(s, static_cast<size_t>(n));
+  }
+  if (nb::isinstance<nb::list>(h) || nb::isinstance<nb::tuple>(h)) {
+    StateValue::List out;
+    for (nb::handle x : h) {
+      out.push_back(state_from_py(x, depth + 1));
+    }
+    return out;
+  }
+  throw ValueError(ctx, "arrays, numbers, strings or None",
+                   nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+}
+
+template <class T>
+nb::object wrap_as(nb::handle kvcore, std::shared_ptr<Cache>& c) {
+  return make_instance<T>(kvcore.attr(c->name()), std::move(dynamic_cast<T&>(*c)));
+}
+
+/// A cache fresh from a file as an instance of its kvcore Python class.
+nb::object wrap(nb::handle kvcore, std::shared_ptr<Cache>& c) {
+  std::string name = c->name();
+  if (name == "KVCache") return wrap_as<KVCache>(kvcore, c);
+  if (name == "ConcatenateKVCache") return wrap_as<ConcatenateKVCache>(kvcore, c);
+  if (name == "RotatingKVCache") return wrap_as<RotatingKVCache>(kvcore, c);
+  if (name == "QuantizedKVCache") return wrap_as<QuantizedKVCache>(kvcore, c);
+  if (name == "ChunkedKVCache") return wrap_as<ChunkedKVCache>(kvcore, c);
+  if (name == "ArraysCache") return wrap_as<ArraysCache>(kvcore, c);
+  if (name == "BatchKVCache") return wrap_as<BatchKVCache>(kvcore, c);
+  if (name == "BatchRotatingKVCache") return wrap_as<BatchRotatingKVCache>(kvcore, c);
+  if (name == "CacheList") {
+    // The Python CacheList (it may hold Python subclasses), over wrapped
+    // members.
+    auto& list = dynamic_cast<CacheList&>(*c);
+    nb::list members;
+    for (auto m : list.caches()) {
+      members.append(wrap(kvcore, m));
+    }
+    return kvcore.attr("CacheList")(*nb::tuple(members));
+  }
+  throw ValueError("load_prompt_cache", "a cache class with a Python binding", name);
+}
+
+} // namespace
+
+void bind_files(nb::module_& m) {
+  m.def(
+      "_save_prompt_cache_states",
+      [](const std::string& path, nb::handle layers, const Metadata& metadata) {
+        std::vector<NamedState> out;
+        for (nb::handle layer : layers) {
+          nb::tuple t = nb::cast<nb::tuple>(layer);
+          out.push_back({nb::cast<std::string>(t[0]), state_from_py(t[1], 1)});
+        }
+        nb::gil_scoped_release release;
+        save_prompt_cache_states(path, out, metadata);
+      },
+      "path"_a, "layers"_a, "metadata"_a,
+      "Write (class name, state) layers in mlx-lm 0.32's layout.");
+  m.def(
+      "_load_prompt_cache",
+      [](const std::string& path) {
+        LoadedPromptCache loaded;
+        FileLayout layout;
+        {
+          nb::gil_scoped_release release;
+          PromptCacheStates states = load_prompt_cache_states(path);
+          layout = states.layout;
+          for (const auto& layer : states.layers) {
+            loaded.caches.push_back(cache_from_state(layer.name, layer.state));
+          }
+          loaded.metadata = std::move(states.metadata);
+        }
+        nb::module_ kvcore = nb::module_::import_("kvcore");
+        nb::list caches;
+        for (auto& c : loaded.caches) {
+          caches.append(wrap(kvcore, c));
+        }
+        return nb::make_tuple(caches, loaded.metadata,
+                              layout == FileLayout::Current ? "mlx-lm 0.32"
+                                                            : "mlx-lm <= 0.32.0 (meta_state)");
+      },
+      "path"_a,
+      "Load and check a prompt-cache file: (caches, metadata, layout name).");
+  m.def("cache_class_names", &cache_class_names,
+        "The cache classes a prompt-cache file may name.");
+}
+
+} // namespace kvcore::py
