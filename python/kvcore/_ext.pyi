@@ -860,3 +860,6 @@ class BatchRotatingKVCache:
     @classmethod
     def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache:
         """One batch cache from single-sequence RotatingKVCaches."""
+
+def cache_class_names() -> list[str]:
+    """The cache classes a prompt-cache file may name."""
