@@ -19,3 +19,8 @@ ctest --test-dir build/ctest --output-on-failure
 cmake -S cpp/examples -B build/example -Dkvcore_DIR="$(cd /tmp && "$PY" -m kvcore --cmake-dir)" >/dev/null
 cmake --build build/example -j "$JOBS"
 ./build/example/decode
+./build/example/prompt_cache
+"$PY" scripts/check_cpp_files.py build/example/prompt_cache
+
+# cmake --install outside Python, then find_package from that prefix.
+JOBS="$JOBS" PYTHON="$PY" bash scripts/install_test.sh

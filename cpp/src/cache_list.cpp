@@ -36,13 +36,15 @@ Cache& CacheList::operator[](size_t idx) const {
 
 template <class Op>
 void CacheList::each(Op op) {
-  std::vector<std::shared_ptr<Cache>> staged;
-  staged.reserve(caches_.size());
+  // A dry run on copies (they share the arrays, so they are cheap) finds
+  // any member that would fail before one has changed; the copies are gone
+  // before the members themselves run, so in-place writes stay in place.
   for (size_t i = 0; i < caches_.size(); ++i) {
-    staged.push_back(caches_[i]->copy());
-    op(*staged.back(), i);
+    op(*caches_[i]->copy(), i);
   }
-  caches_ = std::move(staged);
+  for (size_t i = 0; i < caches_.size(); ++i) {
+    op(*caches_[i], i);
+  }
 }
 
 bool CacheList::is_trimmable() const {
@@ -52,7 +54,7 @@ bool CacheList::is_trimmable() const {
 int CacheList::trim(int n) {
   int last = 0;
   each([&](Cache& c, size_t) { last = c.trim(n); });
-  return last;
+  return last; // from the real run, which comes second
 }
 
 std::vector<OptionalArray> CacheList::state() const {
@@ -78,10 +80,12 @@ void CacheList::restore(const std::vector<OptionalArray>& arrays, const std::vec
   if (arrays.size() != total) {
     throw ValueError(ctx, std::to_string(total) + " arrays", std::to_string(arrays.size()) + " arrays");
   }
-  size_t at = 0;
+  std::vector<size_t> starts;
+  for (size_t i = 0, at = 0; i < counts.size(); at += counts[i], ++i) {
+    starts.push_back(at);
+  }
   each([&](Cache& c, size_t i) {
-    std::vector<OptionalArray> mine(arrays.begin() + at, arrays.begin() + at + counts[i]);
-    at += counts[i];
+    std::vector<OptionalArray> mine(arrays.begin() + starts[i], arrays.begin() + starts[i] + counts[i]);
     c.restore(mine, c.meta_state());
   });
 }

@@ -663,6 +663,10 @@ void save_prompt_cache_states(
   }
   std::unordered_map<std::string, std::string> meta;
   for (const auto& [k, v] : metadata) {
+    if (k.empty()) {
+      // "0." would not read back as a key under "0.".
+      throw ValueError(kSave, "non-empty metadata keys", "''");
+    }
     meta["0." + k] = v;
   }
   for (size_t i = 0; i < layers.size(); ++i) {

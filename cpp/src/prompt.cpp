@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kvcore/buffer.h"
+#include "kvcore/errors.h"
 #include "kvcore/kv.h"
 #include "kvcore/rotating.h"
 
@@ -10,8 +11,10 @@ namespace kvcore {
 
 PromptCache make_prompt_cache(int num_layers, std::optional<int> max_kv_size) {
   check_size("make_prompt_cache", "num_layers", num_layers);
-  if (max_kv_size) {
-    check_size("make_prompt_cache", "max_kv_size", *max_kv_size, 1);
+  if (max_kv_size && *max_kv_size <= 4) {
+    // The window keeps its first 4 tokens, so it needs room beside them.
+    throw ValueError("make_prompt_cache", "max_kv_size above 4 (the 4 kept tokens)",
+                     std::to_string(*max_kv_size));
   }
   PromptCache out;
   for (int i = 0; i < num_layers; ++i) {
@@ -32,15 +35,16 @@ int trim_prompt_cache(PromptCache& caches, int num_tokens) {
   if (caches.empty() || !can_trim_prompt_cache(caches)) {
     return 0;
   }
-  // On copies first, so a layer that throws leaves all of them as they were.
-  PromptCache staged;
-  std::vector<int> trimmed;
+  // A dry run on copies first, so a layer that throws leaves every layer
+  // as it was; then the caches themselves are trimmed.
   for (const auto& c : caches) {
-    staged.push_back(c->copy());
-    trimmed.push_back(staged.back()->trim(num_tokens));
+    c->copy()->trim(num_tokens);
   }
-  caches = std::move(staged);
-  return trimmed[0];
+  int first = caches[0]->trim(num_tokens);
+  for (size_t i = 1; i < caches.size(); ++i) {
+    caches[i]->trim(num_tokens);
+  }
+  return first;
 }
 
 } // namespace kvcore

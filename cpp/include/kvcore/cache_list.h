@@ -10,9 +10,10 @@
 namespace kvcore {
 
 /// A list of caches of any kind. Every operation that changes the members
-/// is all or nothing: it runs on copies of the members (copies share the
-/// arrays, so they are cheap) and replaces the members only once every one
-/// has succeeded, so a failure leaves the list as it was.
+/// changes them in place and is all or nothing: it runs first on copies of
+/// the members (copies share the arrays, so they are cheap) and on the
+/// members only once every copy has succeeded, so a failure leaves the list
+/// and every member as they were.
 class CacheList : public Cache {
  public:
   CacheList() = default;
@@ -69,7 +70,7 @@ class CacheList : public Cache {
   static CacheList merge(const std::vector<const CacheList*>& lists);
 
  private:
-  /// Runs op on a copy of each member, then commits all the copies.
+  /// Runs op on a copy of each member, then on each member.
   template <class Op>
   void each(Op op);
 

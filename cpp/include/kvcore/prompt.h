@@ -10,7 +10,7 @@ namespace kvcore {
 /// A cache per layer for a model that has no make_cache of its own: a
 /// KVCache each, or a RotatingKVCache(max_kv_size, keep=4) each when a size
 /// is given. Throws ValueError for a negative num_layers or a max_kv_size
-/// below 1.
+/// of 4 or less (no room beside the kept tokens).
 PromptCache make_prompt_cache(
     int num_layers,
     std::optional<int> max_kv_size = std::nullopt);
@@ -20,7 +20,8 @@ bool can_trim_prompt_cache(const PromptCache& caches);
 
 /// Trim every layer by num_tokens; returns the tokens trimmed from the
 /// first layer, or 0 when the caches cannot be trimmed or there are none.
-/// All or nothing: a layer that fails leaves every layer as it was.
+/// The caches are trimmed in place, all or nothing: a dry run on copies
+/// comes first, so a layer that would fail leaves every layer as it was.
 int trim_prompt_cache(PromptCache& caches, int num_tokens);
 
 } // namespace kvcore
