@@ -8,6 +8,7 @@
 #include "kvcore/chunked.h"
 #include "kvcore/files.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_rotating.h"
 #include "kvcore/rotating.h"
 
 namespace kvcore::py {
@@ -75,6 +76,7 @@ nb::object wrap(nb::handle kvcore, std::shared_ptr<Cache>& c) {
   if (name == "ConcatenateKVCache") return wrap_as<ConcatenateKVCache>(kvcore, c);
   if (name == "RotatingKVCache") return wrap_as<RotatingKVCache>(kvcore, c);
   if (name == "QuantizedKVCache") return wrap_as<QuantizedKVCache>(kvcore, c);
+  if (name == "QuantizedRotatingKVCache") return wrap_as<QuantizedRotatingKVCache>(kvcore, c);
   if (name == "ChunkedKVCache") return wrap_as<ChunkedKVCache>(kvcore, c);
   if (name == "ArraysCache") return wrap_as<ArraysCache>(kvcore, c);
   if (name == "BatchKVCache") return wrap_as<BatchKVCache>(kvcore, c);

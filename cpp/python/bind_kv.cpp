@@ -3,6 +3,7 @@
 #include "kvcore/kv.h"
 #include "kvcore/quantized.h"
 #include "kvcore/rotating.h"
+#include "kvcore/quantized_rotating.h"
 
 namespace kvcore::py {
 
@@ -137,13 +138,26 @@ void bind_kv(nb::module_& m) {
                    },
                    "The ring cursor: where the next single token goes.")
       .def("to_quantized",
-           [](const RotatingKVCache&, int, int) -> nb::object {
-             throw NotImplementedError(
-                 "RotatingKVCache.to_quantized", "RotatingKVCache Quantization NYI");
+           [](nb::handle self, nb::handle group_size, nb::handle bits) {
+             constexpr const char* ctx = "RotatingKVCache.to_quantized";
+             auto& c = *nb::inst_ptr<RotatingKVCache>(self);
+             auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+             nb::object cls = nb::module_::import_("kvcore").attr("QuantizedRotatingKVCache");
+             return make_instance<QuantizedRotatingKVCache>(cls, to_quantized(c, ks, vs));
            },
            "group_size"_a = 64, "bits"_a = 4,
-           nb::sig("def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache"),
-           "Not available for a rotating cache.")
+           nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedRotatingKVCache"),
+           R"pbdoc(
+             The same ring (offset, cursor, window), each slot quantized.
+             mlx-lm raises NotImplementedError here.
+
+             Args:
+                 group_size (int | tuple): Group size, or ``(keys, values)``.
+                 bits (int | tuple): Bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+
+             Returns:
+                 QuantizedRotatingKVCache: With this cache's tokens.
+           )pbdoc")
       .def_prop_rw(
           "state",
           [](const RotatingKVCache& c) {

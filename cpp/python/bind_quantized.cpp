@@ -7,22 +7,6 @@ namespace kvcore::py {
 
 namespace {
 
-nb::object to_py(const OptionalQuantized& q) {
-  return q ? nb::cast(*q) : nb::none();
-}
-
-OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handle h) {
-  if (h.is_none()) {
-    return std::nullopt;
-  }
-  StateReader r(ctx, h, 3);
-  auto w = r.array(0, what), s = r.array(1, what), b = r.array(2, what);
-  if (!w || !s || !b) {
-    throw ValueError(ctx, std::string(what) + " as three arrays", "None in the triple");
-  }
-  return QuantizedArrays{*w, *s, *b};
-}
-
 } // namespace
 
 void bind_quantized(nb::module_& m) {

@@ -17,6 +17,7 @@
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
+#include "kvcore/quantized.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -185,6 +186,16 @@ constexpr const char* kUpdateDoc = R"pbdoc(
 template <class T>
 void def_sequence_api(nb::class_<T>& cls);
 
+/// A quantized (weights, scales, biases) triple, or None.
+nb::object to_py(const OptionalQuantized& q);
+OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handle h);
+
+/// group_size and bits from Python: an int for keys and values alike, or
+/// a (keys, values) pair; checked against mx::quantize's choices.
+std::pair<QuantSpec, QuantSpec> quant_specs_arg(const char* ctx, nb::handle group_size, nb::handle bits);
+/// An int when keys and values agree, else a (keys, values) tuple.
+nb::object spec_to_py(int keys, int values);
+
 void register_errors(nb::module_& m);
 void bind_masks(nb::module_& m);
 void bind_kv(nb::module_& m);
@@ -192,6 +203,7 @@ void bind_quantized(nb::module_& m);
 void bind_arrays(nb::module_& m);
 void bind_batch(nb::module_& m);
 void bind_files(nb::module_& m);
+void bind_quantized_rotating(nb::module_& m);
 
 // What every cache holding one keys and one values buffer shows Python.
 template <class T>

@@ -184,6 +184,7 @@ NB_MODULE(_ext, m) {
   kvcore::py::bind_masks(m);
   kvcore::py::bind_kv(m);
   kvcore::py::bind_quantized(m);
+  kvcore::py::bind_quantized_rotating(m);
   kvcore::py::bind_arrays(m);
   kvcore::py::bind_batch(m);
   kvcore::py::bind_files(m);

@@ -63,15 +63,6 @@ void check_kv(const char* ctx, const mx::array& keys, const mx::array& values) {
           "values of shape " + shape_str(values.shape()));
     }
   }
-  for (auto* a : {&keys, &values}) {
-    if (!mx::issubdtype(a->dtype(), mx::floating)) {
-      throw ValueError(
-          ctx,
-          std::string(a == &keys ? "keys" : "values") +
-              " of a floating-point dtype",
-          dtype_str(a->dtype()));
-    }
-  }
 }
 
 void check_pair(

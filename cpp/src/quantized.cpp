@@ -30,7 +30,18 @@ QuantizedArrays write3(const QuantizedArrays& buf, const QuantizedArrays& x, int
       seq_write(std::get<2>(buf), std::get<2>(x), at)};
 }
 
-// A triple's arrays: rank 4, one sequence length, one (B, H).
+void check_triple_fits(
+    const char* ctx,
+    const char* what,
+    const QuantizedArrays& x,
+    const QuantizedArrays& buf) {
+  check_fits(ctx, what, std::get<0>(x), std::get<0>(buf));
+  check_fits(ctx, what, std::get<1>(x), std::get<1>(buf));
+  check_fits(ctx, what, std::get<2>(x), std::get<2>(buf));
+}
+
+} // namespace
+
 void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
   const auto& w = std::get<0>(q);
   for (const auto* a : {&std::get<0>(q), &std::get<1>(q), &std::get<2>(q)}) {
@@ -48,17 +59,6 @@ void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
   }
 }
 
-void check_triple_fits(
-    const char* ctx,
-    const char* what,
-    const QuantizedArrays& x,
-    const QuantizedArrays& buf) {
-  check_fits(ctx, what, std::get<0>(x), std::get<0>(buf));
-  check_fits(ctx, what, std::get<1>(x), std::get<1>(buf));
-  check_fits(ctx, what, std::get<2>(x), std::get<2>(buf));
-}
-
-} // namespace
 
 void check_quantization(const char* ctx, int group_size, int bits) {
   if (group_size != 32 && group_size != 64 && group_size != 128) {

@@ -17,6 +17,7 @@
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_rotating.h"
 #include "kvcore/rotating.h"
 
 namespace kvcore {
@@ -156,6 +157,23 @@ OptionalQuantized quantized_from(const char* ctx, const char* what, const StateV
   return QuantizedArrays{l[0].array(ctx, what), l[1].array(ctx, what), l[2].array(ctx, what)};
 }
 
+/// An int when keys and values agree, else [keys, values].
+StateValue spec_state(int keys, int values) {
+  if (keys == values) {
+    return keys;
+  }
+  return StateValue::List{keys, values};
+}
+
+std::pair<int, int> spec_from(const char* ctx, const char* what, const StateValue& v) {
+  if (v.is_list()) {
+    const auto& l = v.list(ctx, what, 2);
+    return {l[0].integer(ctx, what), l[1].integer(ctx, what)};
+  }
+  int i = v.integer(ctx, what);
+  return {i, i};
+}
+
 // The cache as the class its name() says (a C++ subclass that renames
 // itself without being one is refused, not misread).
 template <class T>
@@ -221,6 +239,25 @@ const std::map<std::string, ClassEntry>& table() {
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                  l[2].integer(ctx, "offset"), l[3].integer(ctx, "group_size"),
                  l[4].integer(ctx, "bits"));
+          return c;
+        }}},
+      {"QuantizedRotatingKVCache",
+       {[](const Cache& c) -> StateValue {
+          auto& k = as<QuantizedRotatingKVCache>(c);
+          return StateValue::List{quantized_state(k.keys()), quantized_state(k.values()),
+                                  k.offset(), k.keep(), k.max_size(), k.idx(),
+                                  spec_state(k.key_spec().group_size, k.value_spec().group_size),
+                                  spec_state(k.key_spec().bits, k.value_spec().bits)};
+        },
+        [](const StateValue& s) -> std::unique_ptr<Cache> {
+          constexpr const char* ctx = "QuantizedRotatingKVCache.state";
+          const auto& l = s.list(ctx, "state", 8);
+          auto [kg, vg] = spec_from(ctx, "group_size", l[6]);
+          auto [kb, vb] = spec_from(ctx, "bits", l[7]);
+          auto c = std::make_unique<QuantizedRotatingKVCache>(1, 0);
+          c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                 l[2].integer(ctx, "offset"), l[3].integer(ctx, "keep"),
+                 l[4].integer(ctx, "max_size"), l[5].integer(ctx, "_idx"), {kg, kb}, {vg, vb});
           return c;
         }}},
       {"ChunkedKVCache",

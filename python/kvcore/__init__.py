@@ -21,12 +21,15 @@ from ._ext import (  # noqa: E402
     ConcatenateKVCache,
     KVCache,
     QuantizedKVCache,
+    QuantizedRotatingKVCache,
     RotatingKVCache,
     create_attention_mask,
     create_causal_mask,
     dynamic_roll,
+    quantized_scaled_dot_product_attention,
 )
 from ._cache_list import CacheList  # noqa: E402
+from ._attention import scaled_dot_product_attention  # noqa: E402
 from ._files import load_prompt_cache, save_prompt_cache  # noqa: E402
 from ._prompt import (  # noqa: E402
     can_trim_prompt_cache,
@@ -50,6 +53,7 @@ __all__ = [
     "ConcatenateKVCache",
     "KVCache",
     "QuantizedKVCache",
+    "QuantizedRotatingKVCache",
     "RotatingKVCache",
     "can_trim_prompt_cache",
     "create_attention_mask",
@@ -58,7 +62,9 @@ __all__ = [
     "load_prompt_cache",
     "make_prompt_cache",
     "patch_mlx_lm",
+    "quantized_scaled_dot_product_attention",
     "save_prompt_cache",
+    "scaled_dot_product_attention",
     "trim_prompt_cache",
     "unpatch_mlx_lm",
 ]

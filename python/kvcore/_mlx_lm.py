@@ -22,10 +22,26 @@ FUNCTIONS = (
 )
 
 
+# mlx_lm.models.base's attention, for caches whose keys and values have
+# different bits.
+BASE_FUNCTIONS = ("scaled_dot_product_attention", "quantized_scaled_dot_product_attention")
+
+
 def swapped_names():
     from ._classes import classes
 
     return tuple(classes()) + FUNCTIONS
+
+
+def _originals():
+    """{name: mlx-lm's object} for every name kvcore replaces (classes mlx-lm
+    lacks, such as QuantizedRotatingKVCache, have nothing to replace)."""
+    import mlx_lm.models.base as base
+    import mlx_lm.models.cache as reference
+
+    out = {n: getattr(reference, n) for n in swapped_names() if hasattr(reference, n)}
+    out.update({n: getattr(base, n) for n in BASE_FUNCTIONS})
+    return out
 
 
 _replaced = None  # [(module, name, original)] while patched
@@ -36,11 +52,9 @@ def patch_mlx_lm():
     global _replaced
     if _replaced is not None:
         return
-    import mlx_lm.models.cache as reference
-
     import kvcore
 
-    originals = {name: getattr(reference, name) for name in swapped_names()}
+    originals = _originals()
     replaced = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):

@@ -8,6 +8,8 @@
 #include "kvcore/kv.h"
 #include "kvcore/rotating.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_rotating.h"
+#include "kvcore/attention.h"
 #include "kvcore/chunked.h"
 #include "kvcore/arrays.h"
 #include "kvcore/batch.h"

@@ -12,6 +12,15 @@ namespace kvcore {
 using QuantizedArrays = std::tuple<mx::array, mx::array, mx::array>;
 using OptionalQuantized = std::optional<QuantizedArrays>;
 
+/// How keys or values are quantized: mx::quantize's group size and bits.
+struct QuantSpec {
+  int group_size = 64;
+  int bits = 8;
+};
+
+/// A triple's arrays are rank 4 and share (B, H, S); weights are uint32.
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q);
+
 /// Throws unless mx::quantize's affine mode takes these settings.
 void check_quantization(const char* ctx, int group_size, int bits);
 

@@ -1,0 +1,25 @@
+// Attention over a quantized cache, for keys and values at their own bits.
+#pragma once
+
+#include "kvcore/quantized.h"
+
+namespace kvcore {
+
+/// mlx-lm's quantized_scaled_dot_product_attention, with the keys and the
+/// values each quantized as their spec says: softmax(scale * q k^T + mask) v
+/// computed by mx::quantized_matmul on the triples, grouped-query heads
+/// repeated as mlx-lm does. queries (B, n_q_heads, L, D); the triples hold
+/// n_kv_heads dividing n_q_heads. mask: none, "causal" (the last L of the
+/// keys see what precedes them) or an array (bool: where allowed; else
+/// added). With equal specs the result is mlx-lm's, bit for bit. Throws
+/// ValueError on shapes that do not fit.
+mx::array quantized_attention(
+    const mx::array& queries,
+    const QuantizedArrays& keys,
+    const QuantizedArrays& values,
+    float scale,
+    const Mask& mask,
+    QuantSpec key_spec,
+    QuantSpec value_spec);
+
+} // namespace kvcore

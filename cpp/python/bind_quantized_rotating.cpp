@@ -1,0 +1,207 @@
+// QuantizedRotatingKVCache, and the quantized helpers every quantized
+// cache's binding shares.
+#include "common.h"
+#include "kvcore/attention.h"
+#include "kvcore/quantized_rotating.h"
+
+namespace kvcore::py {
+
+nb::object to_py(const OptionalQuantized& q) {
+  return q ? nb::cast(*q) : nb::none();
+}
+
+OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handle h) {
+  if (h.is_none()) {
+    return std::nullopt;
+  }
+  StateReader r(ctx, h, 3);
+  auto w = r.array(0, what), s = r.array(1, what), b = r.array(2, what);
+  if (!w || !s || !b) {
+    throw ValueError(ctx, std::string(what) + " as three arrays", "None in the triple");
+  }
+  return QuantizedArrays{*w, *s, *b};
+}
+
+namespace {
+
+std::pair<int, int> int_or_pair(const char* ctx, const char* what, nb::handle h) {
+  if (nb::isinstance<nb::tuple>(h) || nb::isinstance<nb::list>(h)) {
+    if (nb::len(h) != 2) {
+      throw ValueError(ctx, std::string(what) + " as an int or a (keys, values) pair",
+                       nb::cast<std::string>(nb::repr(h)));
+    }
+    return {int_arg(ctx, what, h[0]), int_arg(ctx, what, h[1])};
+  }
+  int v = int_arg(ctx, what, h);
+  return {v, v};
+}
+
+} // namespace
+
+std::pair<QuantSpec, QuantSpec> quant_specs_arg(
+    const char* ctx,
+    nb::handle group_size,
+    nb::handle bits) {
+  auto [kg, vg] = int_or_pair(ctx, "group_size", group_size);
+  auto [kb, vb] = int_or_pair(ctx, "bits", bits);
+  check_quantization(ctx, kg, kb);
+  check_quantization(ctx, vg, vb);
+  return {{kg, kb}, {vg, vb}};
+}
+
+nb::object spec_to_py(int keys, int values) {
+  if (keys == values) {
+    return nb::int_(keys);
+  }
+  return nb::make_tuple(keys, values);
+}
+
+void bind_quantized_rotating(nb::module_& m) {
+  m.def(
+      "quantized_scaled_dot_product_attention",
+      [](const mx::array& queries, nb::handle q_keys, nb::handle q_values, float scale,
+         nb::handle mask, nb::handle group_size, nb::handle bits) {
+        constexpr const char* ctx = "quantized_scaled_dot_product_attention";
+        auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+        auto k = quantized_from_py(ctx, "q_keys", q_keys);
+        auto v = quantized_from_py(ctx, "q_values", q_values);
+        if (!k || !v) {
+          throw ValueError(ctx, "q_keys and q_values as triples", "None");
+        }
+        Mask m;
+        mx::array* a = nullptr;
+        if (nb::isinstance<nb::str>(mask)) {
+          m = nb::cast<std::string>(mask);
+        } else if (nb::try_cast<mx::array*>(mask, a, false) && a != nullptr) {
+          m = *a;
+        } else if (!mask.is_none()) {
+          throw ValueError(ctx, "mask as None, a str or an array",
+                           nb::cast<std::string>(nb::str(mask.type().attr("__name__"))));
+        }
+        return quantized_attention(queries, *k, *v, scale, m, ks, vs);
+      },
+      "queries"_a, "q_keys"_a, "q_values"_a, "scale"_a, "mask"_a.none(),
+      "group_size"_a = 64, "bits"_a = 8,
+      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> mlx.core.array"),
+      R"pbdoc(
+        mlx-lm's quantized attention, with keys and values at their own bits.
+
+        Args:
+            queries (array): ``(B, n_q_heads, L, D)``.
+            q_keys (tuple): The keys' ``(weights, scales, biases)``.
+            q_values (tuple): The values' ``(weights, scales, biases)``.
+            scale (float): Applied to the queries.
+            mask (array | str | None): A boolean or additive mask, or ``"causal"``.
+            group_size (int | tuple): The group size, or ``(keys, values)``.
+            bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+
+        Returns:
+            array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
+            group size, equal to mlx-lm's bit for bit.
+      )pbdoc");
+
+  using C = QuantizedRotatingKVCache;
+  auto q = nb::class_<C>(
+      m, "QuantizedRotatingKVCache", nb::dynamic_attr(),
+      "Sliding-window cache holding keys and values quantized by ``mx.quantize``.");
+  q.def("__init__",
+        [](C* self, nb::handle max_size, nb::handle keep, nb::handle group_size,
+           nb::handle bits) {
+          constexpr const char* ctx = "QuantizedRotatingKVCache";
+          auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+          new (self) PyCache<C>(int_arg(ctx, "max_size", max_size), int_arg(ctx, "keep", keep),
+                                ks, vs);
+        },
+        "max_size"_a, "keep"_a = 0, "group_size"_a = 64, "bits"_a = 4,
+        nb::sig("def __init__(self, max_size: int, keep: int = 0, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> None"),
+        R"pbdoc(
+          Args:
+              max_size (int): Slots in the ring (the window), at least 1.
+              keep (int): Leading tokens never rotated out, below max_size.
+              group_size (int | tuple): 32, 64 or 128; a ``(keys, values)``
+                pair to quantize them differently.
+              bits (int | tuple): 2, 3, 4, 5, 6 or 8; or a ``(keys,
+                values)`` pair, e.g. ``(8, 4)``.
+        )pbdoc")
+      .def("update_and_fetch", &C::update_and_fetch, "keys"_a, "values"_a,
+           nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
+                   "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
+                   "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+           R"pbdoc(
+             Quantize new keys and values and add them to the ring.
+
+             Args:
+                 keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+                 values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+             Returns:
+                 tuple: The cached ``(weights, scales, biases)`` of the keys
+                 and of the values, in the float ring's order.
+           )pbdoc")
+      .def("keys_and_values", &C::keys_and_values, "The cached key and value triples.")
+      .def("make_mask",
+           [](const C& c, nb::handle N, nb::handle window_size, bool return_array) {
+             constexpr const char* ctx = "QuantizedRotatingKVCache.make_mask";
+             return c.make_mask(int_arg(ctx, "N", N), return_array,
+                                opt_int_arg(ctx, "window_size", window_size));
+           },
+           "N"_a, "window_size"_a.none() = nb::none(), "return_array"_a = false,
+           nb::sig("def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array | str | None"),
+           "The attention mask for ``N`` new tokens, as RotatingKVCache's.")
+      .def_prop_ro("offset", &C::offset, "Tokens seen so far.")
+      .def_prop_ro("max_size", &C::max_size, "Slots in the ring.")
+      .def_prop_ro("keep", &C::keep, "Leading tokens that are never rotated out.")
+      .def_prop_ro("_idx", &C::idx, "The ring cursor.")
+      .def_prop_ro("keys", [](const C& c) { return to_py(c.keys()); },
+                   "The keys' ``(weights, scales, biases)`` ring, or None.")
+      .def_prop_ro("values", [](const C& c) { return to_py(c.values()); },
+                   "The values' ``(weights, scales, biases)`` ring, or None.")
+      .def_prop_ro("group_size",
+                   [](const C& c) { return spec_to_py(c.key_spec().group_size, c.value_spec().group_size); },
+                   "The group size, or ``(keys, values)`` when they differ.")
+      .def_prop_ro("bits", [](const C& c) { return spec_to_py(c.key_spec().bits, c.value_spec().bits); },
+                   "The bits, or ``(keys, values)`` when they differ.")
+      .def_prop_ro("nbytes", &C::nbytes, "Bytes held by the quantized rings.")
+      .def("empty", &C::empty, "True before the first update.")
+      .def("size", &C::size, "Tokens the ring holds.")
+      .def("is_trimmable", &C::is_trimmable, "Whether ``trim`` can drop tokens.")
+      .def("trim", [](C& c, nb::handle n) { return c.trim(count_arg(c.name(), n)); }, "n"_a,
+           nb::sig("def trim(self, n: int) -> int"),
+           "Drop up to ``n`` tokens from the end; returns how many were dropped.")
+      .def_prop_rw(
+          "state",
+          [](const C& c) {
+            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.keep(),
+                                  c.max_size(), c.idx(),
+                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
+          },
+          [](C& c, nb::handle v) {
+            constexpr const char* ctx = "QuantizedRotatingKVCache.state";
+            StateReader r(ctx, v, 8);
+            nb::tuple t(v);
+            auto [ks, vs] = quant_specs_arg(ctx, t[6], t[7]);
+            c.set(quantized_from_py(ctx, "keys", t[0]), quantized_from_py(ctx, "values", t[1]),
+                  r.integer(2, "offset"), r.integer(3, "keep"), r.integer(4, "max_size"),
+                  r.integer(5, "_idx"), ks, vs);
+          },
+          nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
+          nb::for_setter(nb::arg("state").none()),
+          "``(keys, values, offset, keep, max_size, _idx, group_size, bits)``; keys and "
+          "values are triples.")
+      .def("_assign", [](C& self, const C& other) { self = other; }, "other"_a,
+           "Take other's contents (a staged copy), as one step.")
+      .def("__repr__", [](const C& c) {
+        return "QuantizedRotatingKVCache(offset=" + std::to_string(c.offset()) +
+            ", max_size=" + std::to_string(c.max_size()) +
+            ", bits=" + nb::cast<std::string>(nb::repr(spec_to_py(c.key_spec().bits, c.value_spec().bits))) + ")";
+      })
+      .def("__copy__", [](nb::handle self) { return copy_instance<C>(self, nb::handle()); })
+      .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
+        return copy_instance<C>(self, memo);
+      }, "memo"_a);
+  def_from_state<C>(q, "Build a cache from ``state`` without calling __init__.", 1, 0,
+                    QuantSpec{64, 4}, QuantSpec{64, 4});
+}
+
+} // namespace kvcore::py
