@@ -27,7 +27,23 @@ void bind_kv(nb::module_& m) {
   auto kv = nb::class_<KVCache>(
       m, "KVCache", nb::dynamic_attr(),
       "Full-attention cache: a buffer grown ``step`` slots at a time.");
-  kv.def("__init__", [](KVCache* self) { new (self) PyCache<KVCache>(); });
+  kv.def("__init__",
+         [](KVCache* self, nb::handle capacity) {
+           if (capacity.is_none()) {
+             new (self) PyCache<KVCache>();
+           } else {
+             new (self) PyCache<KVCache>(int_arg("KVCache", "capacity", capacity));
+           }
+         },
+         nb::kw_only(), "capacity"_a.none() = nb::none(),
+         nb::sig("def __init__(self, *, capacity: int | None = None) -> None"),
+         R"pbdoc(
+           Args:
+               capacity (int, optional): Tokens to allocate room for at the
+                 first update, so that filling up to it never copies the
+                 buffer (a long prefill then peaks at the cache's own size).
+                 Past it, the cache grows by ``step`` as without.
+         )pbdoc");
   def_sequence_api(kv);
   kv.def("make_mask",
          [](const KVCache& c, nb::handle N, bool return_array, nb::handle window_size) {

@@ -262,6 +262,11 @@ void def_sequence_api(nb::class_<T>& cls) {
       [](T& c, nb::handle v) { c.set_offset(int_arg(c.name(), "offset", v)); },
       nb::for_setter(nb::sig("def offset(self, value: int, /) -> None")),
       "Tokens seen so far: the position of the next token.");
+  cls.def_prop_rw(
+      "capacity", &T::capacity,
+      [](T& c, nb::handle v) { c.set_capacity(int_arg(c.name(), "capacity", v)); },
+      nb::for_setter(nb::sig("def capacity(self, value: int, /) -> None")),
+      "Tokens the buffer gets room for when next allocated (0: ``step`` at a time).");
 }
 
 } // namespace kvcore::py

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 
+#include <mlx/memory.h>
 #include <mlx/ops.h>
 
 #include "kvcore/errors.h"
@@ -206,16 +207,31 @@ mx::array grow_to(
     const mx::array& like,
     int prev,
     int S,
-    int step) {
+    int step,
+    int capacity) {
   long long n_steps = (static_cast<long long>(step) + S - 1) / step;
-  int added = check_size("grow_to", "buffer growth", n_steps * step);
-  auto fresh = seq_zeros(like, added);
-  if (!buf) {
+  long long added = n_steps * step;
+  std::optional<mx::array> kept;
+  if (buf) {
+    kept = (prev % step != 0) ? seq_slice(*buf, 0, prev) : *buf;
+  }
+  const int kept_len = kept ? kept->shape(2) : 0;
+  added = std::max(added, 1LL * capacity - kept_len);
+  check_size("grow_to", "buffer growth", added);
+  check_size("grow_to", "buffer length", 1LL * kept_len + added);
+  double bytes = double(kept_len + added) * like.shape(0) * like.shape(1) * like.shape(3) *
+      like.itemsize();
+  if (bytes > double(mx::get_memory_limit())) {
+    throw ValueError(
+        "grow_to",
+        "a buffer within mlx's memory limit of " + std::to_string(mx::get_memory_limit()) + " bytes",
+        std::to_string(kept_len + added) + " tokens of " + std::to_string(size_t(bytes)) + " bytes");
+  }
+  auto fresh = seq_zeros(like, static_cast<int>(added));
+  if (!kept) {
     return fresh;
   }
-  auto kept = (prev % step != 0) ? seq_slice(*buf, 0, prev) : *buf;
-  check_size("grow_to", "buffer length", 1LL * kept.shape(2) + added);
-  return seq_concat({kept, fresh});
+  return seq_concat({*kept, fresh});
 }
 
 void grow_ring(

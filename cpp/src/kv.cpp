@@ -59,6 +59,10 @@ Mask Cache::make_mask(int, bool, std::optional<int>) const {
 
 // KVCache ------------------------------------------------------------------
 
+void SequenceCache::set_capacity(int capacity) {
+  capacity_ = check_size((std::string(name()) + ".capacity").c_str(), "capacity", capacity);
+}
+
 std::pair<mx::array, mx::array> SequenceCache::write_at(
     const char* ctx,
     const mx::array& keys,
@@ -74,7 +78,7 @@ std::pair<mx::array, mx::array> SequenceCache::write_at(
   check_size(ctx, "offset + S", 1LL * offset_ + keys.shape(2));
   return write_grown(keys_, values_, keys, values, prev, [&] {
     return check_size(ctx, "step", this->step(), 1);
-  });
+  }, capacity_);
 }
 
 std::pair<mx::array, mx::array> KVCache::update_and_fetch(

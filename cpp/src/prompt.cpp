@@ -9,7 +9,10 @@
 
 namespace kvcore {
 
-PromptCache make_prompt_cache(int num_layers, std::optional<int> max_kv_size) {
+PromptCache make_prompt_cache(
+    int num_layers,
+    std::optional<int> max_kv_size,
+    std::optional<int> capacity) {
   check_size("make_prompt_cache", "num_layers", num_layers);
   if (max_kv_size && *max_kv_size <= 4) {
     // The window keeps its first 4 tokens, so it needs room beside them.
@@ -21,7 +24,7 @@ PromptCache make_prompt_cache(int num_layers, std::optional<int> max_kv_size) {
     if (max_kv_size) {
       out.push_back(std::make_shared<RotatingKVCache>(*max_kv_size, 4));
     } else {
-      out.push_back(std::make_shared<KVCache>());
+      out.push_back(std::make_shared<KVCache>(capacity.value_or(0)));
     }
   }
   return out;

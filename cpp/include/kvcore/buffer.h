@@ -68,13 +68,16 @@ mx::array seq_zeros(const mx::array& like, int n);
 
 /// Make room for S more tokens after prev in a step-grown buffer, the way
 /// mlx-lm's KVCache does: keep buf[..., :prev, :] and append zeros in whole
-/// steps. Returns buf unchanged when it has room.
+/// steps. A capacity larger than that makes the buffer capacity long at
+/// once, so filling it later never copies it. Throws ValueError when the
+/// new buffer could not fit in mlx's memory limit.
 mx::array grow_to(
     const std::optional<mx::array>& buf,
     const mx::array& like,
     int prev,
     int S,
-    int step);
+    int step,
+    int capacity = 0);
 
 /// True when buf is missing or too short for prev + S tokens.
 inline bool needs_growth(const std::optional<mx::array>& buf, int prev, int S) {
@@ -82,7 +85,7 @@ inline bool needs_growth(const std::optional<mx::array>& buf, int prev, int S) {
 }
 
 /// The (keys, values) buffers with the new tokens written at prev, grown
-/// by whole steps first where needed. step() is asked only when growing
+/// by whole steps (or to `capacity`) first where needed. step() is asked only when growing
 /// (for a Python cache it reads a Python attribute). Changes nothing.
 template <class StepFn>
 std::pair<mx::array, mx::array> write_grown(
@@ -91,13 +94,14 @@ std::pair<mx::array, mx::array> write_grown(
     const mx::array& keys,
     const mx::array& values,
     int prev,
-    StepFn step) {
+    StepFn step,
+    int capacity = 0) {
   const int S = keys.shape(2);
   if (needs_growth(keys_buf, prev, S)) {
     const int n = step();
     return {
-        seq_write(grow_to(keys_buf, keys, prev, S, n), keys, prev),
-        seq_write(grow_to(values_buf, values, prev, S, n), values, prev)};
+        seq_write(grow_to(keys_buf, keys, prev, S, n, capacity), keys, prev),
+        seq_write(grow_to(values_buf, values, prev, S, n, capacity), values, prev)};
   }
   return {seq_write(*keys_buf, keys, prev), seq_write(*values_buf, values, prev)};
 }

@@ -39,6 +39,14 @@ class SequenceCache : public Cache {
   }
   void set_step(int step);
 
+  /// Tokens the buffer gets room for when it is first allocated (or next
+  /// grown), so filling that many never copies it; 0 grows step by step.
+  int capacity() const {
+    return capacity_;
+  }
+  /// Throws ValueError for a negative capacity.
+  void set_capacity(int capacity);
+
   bool empty() const override {
     return !keys_;
   }
@@ -61,11 +69,18 @@ class SequenceCache : public Cache {
   OptionalArray values_;
   int offset_ = 0;
   int step_ = default_step;
+  int capacity_ = 0;
 };
 
 /// The standard cache: a buffer grown in `step` slots, written in place.
 class KVCache : public SequenceCache {
  public:
+  KVCache() = default;
+  /// With room for `capacity` tokens at the first update.
+  explicit KVCache(int capacity) {
+    set_capacity(capacity);
+  }
+
   const char* name() const override {
     return "KVCache";
   }

@@ -10,10 +10,12 @@ namespace kvcore {
 /// A cache per layer for a model that has no make_cache of its own: a
 /// KVCache each, or a RotatingKVCache(max_kv_size, keep=4) each when a size
 /// is given. Throws ValueError for a negative num_layers or a max_kv_size
-/// of 4 or less (no room beside the kept tokens).
+/// of 4 or less (no room beside the kept tokens). A capacity makes each
+/// KVCache allocate room for that many tokens at its first update.
 PromptCache make_prompt_cache(
     int num_layers,
-    std::optional<int> max_kv_size = std::nullopt);
+    std::optional<int> max_kv_size = std::nullopt,
+    std::optional<int> capacity = std::nullopt);
 
 /// Whether every layer's cache can be trimmed.
 bool can_trim_prompt_cache(const PromptCache& caches);
