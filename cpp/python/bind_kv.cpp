@@ -66,19 +66,22 @@ void bind_kv(nb::module_& m) {
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset)``; the buffers are whole, as mlx-lm keeps them.");
   kv.def("to_quantized",
-         [](nb::handle self, int group_size, int bits) {
+         [](nb::handle self, nb::handle group_size, nb::handle bits) {
            auto& c = *nb::inst_ptr<KVCache>(self);
+           auto [ks, vs] = quant_specs_arg("KVCache.to_quantized", group_size, bits);
            nb::object cls = nb::module_::import_("kvcore").attr("QuantizedKVCache");
-           return make_instance<QuantizedKVCache>(cls, to_quantized(c, group_size, bits));
+           return make_instance<QuantizedKVCache>(cls, to_quantized(c, ks, vs));
          },
          "group_size"_a = 64, "bits"_a = 4,
-         nb::sig("def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache"),
+         nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedKVCache"),
          R"pbdoc(
            The same tokens in a QuantizedKVCache.
 
            Args:
-               group_size (int): Quantization group size.
-               bits (int): Bits per element.
+               group_size (int | tuple): Quantization group size, or
+                 ``(keys, values)``.
+               bits (int | tuple): Bits per element, or ``(keys, values)``
+                 such as ``(8, 4)``.
 
            Returns:
                QuantizedKVCache: With this cache's offset and quantized buffers.

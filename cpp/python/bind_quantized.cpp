@@ -15,17 +15,24 @@ void bind_quantized(nb::module_& m) {
       "Full-attention cache holding keys and values quantized by ``mx.quantize``.");
   q.attr("step") = QuantizedKVCache::default_step;
   q.def("__init__",
-        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits) {
-          new (self) PyCache<QuantizedKVCache>(
-              int_arg("QuantizedKVCache", "group_size", group_size),
-              int_arg("QuantizedKVCache", "bits", bits));
+        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits, nb::handle capacity) {
+          constexpr const char* ctx = "QuantizedKVCache";
+          auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs);
+          if (!capacity.is_none()) {
+            c->set_capacity(int_arg(ctx, "capacity", capacity));
+          }
         },
-        "group_size"_a = 64, "bits"_a = 8,
-        nb::sig("def __init__(self, group_size: int = 64, bits: int = 8) -> None"),
+        "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "capacity"_a.none() = nb::none(),
+        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None) -> None"),
         R"pbdoc(
           Args:
-              group_size (int): Quantization group size (32, 64 or 128).
-              bits (int): Bits per element (2, 3, 4, 5, 6 or 8).
+              group_size (int | tuple): Quantization group size (32, 64 or
+                128), or a ``(keys, values)`` pair.
+              bits (int | tuple): Bits per element (2, 3, 4, 5, 6 or 8), or a
+                ``(keys, values)`` pair such as ``(8, 4)``.
+              capacity (int, optional): Tokens to allocate room for at the
+                first update.
         )pbdoc")
       .def("update_and_fetch", &QuantizedKVCache::update_and_fetch, "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
@@ -61,8 +68,21 @@ void bind_quantized(nb::module_& m) {
             c.set_values(quantized_from_py("QuantizedKVCache.values", "values", h));
           },
           "The values' ``(weights, scales, biases)`` buffers, or None.")
-      .def_prop_ro("group_size", &QuantizedKVCache::group_size)
-      .def_prop_ro("bits", &QuantizedKVCache::bits)
+      .def_prop_ro("group_size",
+                   [](const QuantizedKVCache& c) {
+                     return spec_to_py(c.key_spec().group_size, c.value_spec().group_size);
+                   },
+                   "The group size, or ``(keys, values)`` when they differ.")
+      .def_prop_ro("bits",
+                   [](const QuantizedKVCache& c) {
+                     return spec_to_py(c.key_spec().bits, c.value_spec().bits);
+                   },
+                   "The bits, or ``(keys, values)`` when they differ.")
+      .def_prop_rw("capacity", &QuantizedKVCache::capacity,
+                   [](QuantizedKVCache& c, nb::handle v) {
+                     c.set_capacity(int_arg("QuantizedKVCache", "capacity", v));
+                   },
+                   "Tokens the buffers get room for when next allocated.")
       .def_prop_ro("nbytes", &QuantizedKVCache::nbytes)
       .def("empty", &QuantizedKVCache::empty)
       .def("size", &QuantizedKVCache::size, "0, as in mlx-lm (the cache does not report it).")
@@ -82,14 +102,18 @@ void bind_quantized(nb::module_& m) {
           "state",
           [](const QuantizedKVCache& c) {
             return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(),
-                                  c.group_size(), c.bits());
+                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
           },
           [](QuantizedKVCache& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedKVCache.state";
             StateReader r(ctx, v, 5);
             nb::tuple t(v);
-            c.set(quantized_from_py(ctx, "keys", t[0]), quantized_from_py(ctx, "values", t[1]),
-                  r.integer(2, "offset"), r.integer(3, "group_size"), r.integer(4, "bits"));
+            auto keys = quantized_from_py(ctx, "keys", t[0]);
+            auto values = quantized_from_py(ctx, "values", t[1]);
+            int offset = r.integer(2, "offset");
+            auto [ks, vs] = quant_specs_arg(ctx, t[3], t[4]);
+            c.set(std::move(keys), std::move(values), offset, ks, vs);
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),

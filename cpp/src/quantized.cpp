@@ -70,6 +70,14 @@ void check_quantization(const char* ctx, int group_size, int bits) {
 }
 
 QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, int bits) {
+  // mx::quantize refuses integers itself, but takes float64 and fails only
+  // when the result is evaluated.
+  if (x.dtype() != mx::float16 && x.dtype() != mx::bfloat16 && x.dtype() != mx::float32) {
+    throw ValueError(
+        ctx,
+        "keys and values of dtype float16, bfloat16 or float32 to quantize",
+        dtype_str(x.dtype()));
+  }
   int D = x.shape(-1);
   if (D % group_size != 0 || (D * bits) % 32 != 0) {
     throw ValueError(
@@ -81,9 +89,10 @@ QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, in
   return {q[0], q[1], q[2]};
 }
 
-QuantizedKVCache::QuantizedKVCache(int group_size, int bits)
-    : group_size_(group_size), bits_(bits) {
-  check_quantization("QuantizedKVCache", group_size, bits);
+QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values)
+    : key_spec_(keys), value_spec_(values) {
+  check_quantization("QuantizedKVCache", keys.group_size, keys.bits);
+  check_quantization("QuantizedKVCache", values.group_size, values.bits);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
@@ -101,8 +110,8 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
     throw ValueError(ctx, "values of the keys' dtype " + dtype_str(keys.dtype()),
                      dtype_str(values.dtype()));
   }
-  auto qk = quantize(ctx, keys, group_size_, bits_);
-  auto qv = quantize(ctx, values, group_size_, bits_);
+  auto qk = quantize(ctx, keys, key_spec_.group_size, key_spec_.bits);
+  auto qv = quantize(ctx, values, value_spec_.group_size, value_spec_.bits);
   if (keys_) {
     check_triple(ctx, "keys", *keys_);
     check_triple(ctx, "values", *values_);
@@ -116,7 +125,10 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
   OptionalQuantized kbuf = keys_, vbuf = values_;
   if (!kbuf || prev + S > std::get<0>(*kbuf).shape(2)) {
     const int step = check_size(ctx, "step", this->step(), 1);
-    const int added = check_size(ctx, "buffer growth", (1LL * step + S - 1) / step * step);
+    const int kept = kbuf ? (prev % step != 0 ? prev : std::get<0>(*kbuf).shape(2)) : 0;
+    const int added = check_size(
+        ctx, "buffer growth",
+        std::max((1LL * step + S - 1) / step * step, 1LL * capacity_ - kept));
     if (kbuf) {
       kbuf = grow3(*kbuf, prev, added, step);
       vbuf = grow3(*vbuf, prev, added, step);
@@ -180,7 +192,8 @@ std::vector<OptionalArray> QuantizedKVCache::state() const {
 }
 
 std::vector<std::string> QuantizedKVCache::meta_state() const {
-  return {std::to_string(offset_), std::to_string(group_size_), std::to_string(bits_)};
+  return {std::to_string(offset_), std::to_string(key_spec_.group_size),
+          std::to_string(key_spec_.bits)};
 }
 
 void QuantizedKVCache::restore(
@@ -207,10 +220,11 @@ void QuantizedKVCache::set(
     OptionalQuantized keys,
     OptionalQuantized values,
     int offset,
-    int group_size,
-    int bits) {
+    QuantSpec key_spec,
+    QuantSpec value_spec) {
   constexpr const char* ctx = "QuantizedKVCache.state";
-  check_quantization(ctx, group_size, bits);
+  check_quantization(ctx, key_spec.group_size, key_spec.bits);
+  check_quantization(ctx, value_spec.group_size, value_spec.bits);
   if (keys.has_value() != values.has_value()) {
     throw ValueError(ctx, "keys and values both set or both None", "only one set");
   }
@@ -233,8 +247,8 @@ void QuantizedKVCache::set(
   keys_ = std::move(keys);
   values_ = std::move(values);
   offset_ = offset;
-  group_size_ = group_size;
-  bits_ = bits;
+  key_spec_ = key_spec;
+  value_spec_ = value_spec;
 }
 
 size_t QuantizedKVCache::nbytes() const {
@@ -249,17 +263,21 @@ void QuantizedKVCache::set_offset(int offset) {
   offset_ = check_size("QuantizedKVCache.offset", "offset", offset);
 }
 
+void QuantizedKVCache::set_capacity(int capacity) {
+  capacity_ = check_size("QuantizedKVCache.capacity", "capacity", capacity);
+}
+
 void QuantizedKVCache::set_step(int step) {
   step_ = check_size("QuantizedKVCache.step", "step", step, 1);
 }
 
-QuantizedKVCache to_quantized(const KVCache& cache, int group_size, int bits) {
+QuantizedKVCache to_quantized(const KVCache& cache, QuantSpec keys, QuantSpec values) {
   constexpr const char* ctx = "KVCache.to_quantized";
-  QuantizedKVCache out(group_size, bits);
+  QuantizedKVCache out(keys, values);
   out.set_offset(cache.offset());
   if (cache.keys() && cache.values()) {
-    out.set_keys(quantize(ctx, *cache.keys(), group_size, bits));
-    out.set_values(quantize(ctx, *cache.values(), group_size, bits));
+    out.set_keys(quantize(ctx, *cache.keys(), keys.group_size, keys.bits));
+    out.set_values(quantize(ctx, *cache.values(), values.group_size, values.bits));
   }
   return out;
 }

@@ -230,15 +230,18 @@ const std::map<std::string, ClassEntry>& table() {
        {[](const Cache& c) -> StateValue {
           auto& k = as<QuantizedKVCache>(c);
           return StateValue::List{quantized_state(k.keys()), quantized_state(k.values()),
-                                  k.offset(), k.group_size(), k.bits()};
+                                  k.offset(),
+                                  spec_state(k.key_spec().group_size, k.value_spec().group_size),
+                                  spec_state(k.key_spec().bits, k.value_spec().bits)};
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedKVCache.state";
           const auto& l = s.list(ctx, "state", 5);
+          auto [kg, vg] = spec_from(ctx, "group_size", l[3]);
+          auto [kb, vb] = spec_from(ctx, "bits", l[4]);
           auto c = std::make_unique<QuantizedKVCache>(64, 8);
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
-                 l[2].integer(ctx, "offset"), l[3].integer(ctx, "group_size"),
-                 l[4].integer(ctx, "bits"));
+                 l[2].integer(ctx, "offset"), {kg, kb}, {vg, vb});
           return c;
         }}},
       {"QuantizedRotatingKVCache",

@@ -54,7 +54,14 @@ def create_attention_mask(N: int, offset: int, return_array: bool, window_size: 
 class KVCache:
     """Full-attention cache: a buffer grown ``step`` slots at a time."""
 
-    def __init__(self) -> None: ...
+    def __init__(self, *, capacity: int | None = None) -> None:
+        """
+        Args:
+            capacity (int, optional): Tokens to allocate room for at the
+              first update, so that filling up to it never copies the
+              buffer (a long prefill then peaks at the cache's own size).
+              Past it, the cache grows by ``step`` as without.
+        """
 
     step: int = 256
 
@@ -116,6 +123,15 @@ class KVCache:
     @offset.setter
     def offset(self, value: int, /) -> None: ...
 
+    @property
+    def capacity(self) -> int:
+        """
+        Tokens the buffer gets room for when next allocated (0: ``step`` at a time).
+        """
+
+    @capacity.setter
+    def capacity(self, value: int, /) -> None: ...
+
     def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None:
         """
         The attention mask for ``N`` new tokens.
@@ -138,13 +154,15 @@ class KVCache:
     @state.setter
     def state(self, state: tuple, /) -> None: ...
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedKVCache:
         """
         The same tokens in a QuantizedKVCache.
 
         Args:
-            group_size (int): Quantization group size.
-            bits (int): Bits per element.
+            group_size (int | tuple): Quantization group size, or
+              ``(keys, values)``.
+            bits (int | tuple): Bits per element, or ``(keys, values)``
+              such as ``(8, 4)``.
 
         Returns:
             QuantizedKVCache: With this cache's offset and quantized buffers.
@@ -222,6 +240,15 @@ class ConcatenateKVCache:
 
     @offset.setter
     def offset(self, value: int, /) -> None: ...
+
+    @property
+    def capacity(self) -> int:
+        """
+        Tokens the buffer gets room for when next allocated (0: ``step`` at a time).
+        """
+
+    @capacity.setter
+    def capacity(self, value: int, /) -> None: ...
 
     def make_mask(self, N: int, *, return_array: bool = False, window_size: int | None = None) -> mlx.core.array | str | None:
         """
@@ -319,6 +346,15 @@ class RotatingKVCache:
     @offset.setter
     def offset(self, value: int, /) -> None: ...
 
+    @property
+    def capacity(self) -> int:
+        """
+        Tokens the buffer gets room for when next allocated (0: ``step`` at a time).
+        """
+
+    @capacity.setter
+    def capacity(self, value: int, /) -> None: ...
+
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array | str | None:
         """
         The attention mask for ``N`` new tokens.
@@ -339,8 +375,18 @@ class RotatingKVCache:
     @keep.setter
     def keep(self, arg: object, /) -> None: ...
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
-        """Not available for a rotating cache."""
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedRotatingKVCache:
+        """
+        The same ring (offset, cursor, window), each slot quantized.
+        mlx-lm raises NotImplementedError here.
+
+        Args:
+            group_size (int | tuple): Group size, or ``(keys, values)``.
+            bits (int | tuple): Bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+
+        Returns:
+            QuantizedRotatingKVCache: With this cache's tokens.
+        """
 
     @property
     def state(self) -> tuple:
@@ -369,11 +415,15 @@ class QuantizedKVCache:
     Full-attention cache holding keys and values quantized by ``mx.quantize``.
     """
 
-    def __init__(self, group_size: int = 64, bits: int = 8) -> None:
+    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None) -> None:
         """
         Args:
-            group_size (int): Quantization group size (32, 64 or 128).
-            bits (int): Bits per element (2, 3, 4, 5, 6 or 8).
+            group_size (int | tuple): Quantization group size (32, 64 or
+              128), or a ``(keys, values)`` pair.
+            bits (int | tuple): Bits per element (2, 3, 4, 5, 6 or 8), or a
+              ``(keys, values)`` pair such as ``(8, 4)``.
+            capacity (int, optional): Tokens to allocate room for at the
+              first update.
         """
 
     step: int = 256
@@ -416,10 +466,19 @@ class QuantizedKVCache:
     def values(self, arg: object, /) -> None: ...
 
     @property
-    def group_size(self) -> int: ...
+    def group_size(self) -> object:
+        """The group size, or ``(keys, values)`` when they differ."""
 
     @property
-    def bits(self) -> int: ...
+    def bits(self) -> object:
+        """The bits, or ``(keys, values)`` when they differ."""
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers get room for when next allocated."""
+
+    @capacity.setter
+    def capacity(self, arg: object, /) -> None: ...
 
     @property
     def nbytes(self) -> int: ...
@@ -519,6 +578,15 @@ class ChunkedKVCache:
     @offset.setter
     def offset(self, value: int, /) -> None: ...
 
+    @property
+    def capacity(self) -> int:
+        """
+        Tokens the buffer gets room for when next allocated (0: ``step`` at a time).
+        """
+
+    @capacity.setter
+    def capacity(self, value: int, /) -> None: ...
+
     def maybe_trim_front(self) -> None:
         """Keep at most ``chunk_size`` tokens, dropping the oldest."""
 
@@ -541,6 +609,122 @@ class ChunkedKVCache:
 
     @state.setter
     def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> mlx.core.array:
+    """
+    mlx-lm's quantized attention, with keys and values at their own bits.
+
+    Args:
+        queries (array): ``(B, n_q_heads, L, D)``.
+        q_keys (tuple): The keys' ``(weights, scales, biases)``.
+        q_values (tuple): The values' ``(weights, scales, biases)``.
+        scale (float): Applied to the queries.
+        mask (array | str | None): A boolean or additive mask, or ``"causal"``.
+        group_size (int | tuple): The group size, or ``(keys, values)``.
+        bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+
+    Returns:
+        array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
+        group size, equal to mlx-lm's bit for bit.
+    """
+
+class QuantizedRotatingKVCache:
+    """
+    Sliding-window cache holding keys and values quantized by ``mx.quantize``.
+    """
+
+    def __init__(self, max_size: int, keep: int = 0, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> None:
+        """
+        Args:
+            max_size (int): Slots in the ring (the window), at least 1.
+            keep (int): Leading tokens never rotated out, below max_size.
+            group_size (int | tuple): 32, 64 or 128; a ``(keys, values)``
+              pair to quantize them differently.
+            bits (int | tuple): 2, 3, 4, 5, 6 or 8; or a ``(keys,
+              values)`` pair, e.g. ``(8, 4)``.
+        """
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """
+        Quantize new keys and values and add them to the ring.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple: The cached ``(weights, scales, biases)`` of the keys
+            and of the values, in the float ring's order.
+        """
+
+    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """The cached key and value triples."""
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array | str | None:
+        """The attention mask for ``N`` new tokens, as RotatingKVCache's."""
+
+    @property
+    def offset(self) -> int:
+        """Tokens seen so far."""
+
+    @property
+    def max_size(self) -> int:
+        """Slots in the ring."""
+
+    @property
+    def keep(self) -> int:
+        """Leading tokens that are never rotated out."""
+
+    @property
+    def keys(self) -> object:
+        """The keys' ``(weights, scales, biases)`` ring, or None."""
+
+    @property
+    def values(self) -> object:
+        """The values' ``(weights, scales, biases)`` ring, or None."""
+
+    @property
+    def group_size(self) -> object:
+        """The group size, or ``(keys, values)`` when they differ."""
+
+    @property
+    def bits(self) -> object:
+        """The bits, or ``(keys, values)`` when they differ."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the quantized rings."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the ring holds."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    @property
+    def state(self) -> tuple:
+        """
+        ``(keys, values, offset, keep, max_size, _idx, group_size, bits)``; keys and values are triples.
+        """
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    def __repr__(self) -> str: ...
+
+    def __copy__(self) -> object: ...
+
+    def __deepcopy__(self, memo: object) -> object: ...
 
     @classmethod
     def from_state(cls, state: tuple) -> Self:

@@ -15,7 +15,8 @@ namespace kvcore {
 std::string shape_str(const mx::Shape& shape);
 std::string dtype_str(mx::Dtype dtype);
 
-/// keys and values are rank 4, floating point, and agree on B, H and S.
+/// keys and values are rank 4 and agree on B, H and S. Any dtype: storing
+/// tokens needs none in particular (as in mlx-lm); quantizing checks its own.
 void check_kv(const char* ctx, const mx::array& keys, const mx::array& values);
 
 /// A cache's or a state's (keys, values): both None, or both set and

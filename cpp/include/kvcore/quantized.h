@@ -24,14 +24,19 @@ void check_triple(const char* ctx, const char* what, const QuantizedArrays& q);
 /// Throws unless mx::quantize's affine mode takes these settings.
 void check_quantization(const char* ctx, int group_size, int bits);
 
-/// Quantize (..., D) along the last axis, validating D and the settings.
+/// Quantize (..., D) along the last axis, validating D, the settings and
+/// the dtype: float16, bfloat16 or float32 (the caches store any dtype;
+/// mx::quantize takes only these).
 QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, int bits);
 
 class QuantizedKVCache : public Cache {
  public:
   static constexpr int default_step = 256;
 
-  explicit QuantizedKVCache(int group_size = 64, int bits = 8);
+  explicit QuantizedKVCache(int group_size = 64, int bits = 8)
+      : QuantizedKVCache({group_size, bits}, {group_size, bits}) {}
+  /// Keys and values each quantized as their spec says (bits (8, 4), say).
+  QuantizedKVCache(QuantSpec keys, QuantSpec values);
 
   const char* name() const override {
     return "QuantizedKVCache";
@@ -64,7 +69,15 @@ class QuantizedKVCache : public Cache {
       OptionalQuantized values,
       int offset,
       int group_size,
-      int bits);
+      int bits) {
+    set(std::move(keys), std::move(values), offset, {group_size, bits}, {group_size, bits});
+  }
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      int offset,
+      QuantSpec key_spec,
+      QuantSpec value_spec);
 
   bool empty() const override {
     return !keys_;
@@ -90,12 +103,25 @@ class QuantizedKVCache : public Cache {
     return offset_;
   }
   void set_offset(int offset);
+  /// The keys' group size and bits (the values' may differ: value_spec()).
   int group_size() const {
-    return group_size_;
+    return key_spec_.group_size;
   }
   int bits() const {
-    return bits_;
+    return key_spec_.bits;
   }
+  const QuantSpec& key_spec() const {
+    return key_spec_;
+  }
+  const QuantSpec& value_spec() const {
+    return value_spec_;
+  }
+  /// As SequenceCache::capacity: room for this many tokens at the first
+  /// allocation.
+  int capacity() const {
+    return capacity_;
+  }
+  void set_capacity(int capacity);
   virtual int step() const {
     return step_;
   }
@@ -105,13 +131,17 @@ class QuantizedKVCache : public Cache {
   OptionalQuantized keys_;
   OptionalQuantized values_;
   int offset_ = 0;
-  int group_size_;
-  int bits_;
+  QuantSpec key_spec_;
+  QuantSpec value_spec_;
   int step_ = default_step;
+  int capacity_ = 0;
 };
 
 /// KVCache.to_quantized: the same tokens, quantized (the whole buffer, as
 /// mlx-lm does).
-QuantizedKVCache to_quantized(const KVCache& cache, int group_size = 64, int bits = 4);
+QuantizedKVCache to_quantized(const KVCache& cache, QuantSpec keys, QuantSpec values);
+inline QuantizedKVCache to_quantized(const KVCache& cache, int group_size = 64, int bits = 4) {
+  return to_quantized(cache, {group_size, bits}, {group_size, bits});
+}
 
 } // namespace kvcore
