@@ -43,16 +43,34 @@ mx::array array_arg(const char* ctx, const char* what, nb::handle h) {
   return *a;
 }
 
-template <class Single>
-std::vector<const Single*> singles(const char* ctx, nb::handle caches) {
-  std::vector<const Single*> out;
+std::vector<const RotatingKVCache*> rotating_singles(const char* ctx, nb::handle caches) {
+  std::vector<const RotatingKVCache*> out;
   for (nb::handle h : caches) {
-    const Single* p = nullptr;
-    if (!nb::try_cast<const Single*>(h, p, false) || !p) {
-      throw ValueError(ctx, std::string("a list of kvcore ") + (std::is_same_v<Single, KVCache> ? "KVCache" : "RotatingKVCache"),
+    const RotatingKVCache* p = nullptr;
+    if (!nb::try_cast<const RotatingKVCache*>(h, p, false) || !p) {
+      throw ValueError(ctx, "a list of kvcore RotatingKVCache",
                        nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
     }
     out.push_back(p);
+  }
+  return out;
+}
+
+// BatchKVCache.merge's rows: KVCaches, or RotatingKVCaches as mlx-lm's
+// merge reads them (checked in C++).
+std::vector<const SequenceCache*> sequence_singles(const char* ctx, nb::handle caches) {
+  std::vector<const SequenceCache*> out;
+  for (nb::handle h : caches) {
+    const KVCache* kv = nullptr;
+    const RotatingKVCache* rot = nullptr;
+    if (nb::try_cast<const KVCache*>(h, kv, false) && kv) {
+      out.push_back(kv);
+    } else if (nb::try_cast<const RotatingKVCache*>(h, rot, false) && rot) {
+      out.push_back(rot);
+    } else {
+      throw ValueError(ctx, "a list of kvcore KVCache or RotatingKVCache",
+                       nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+    }
   }
   return out;
 }
@@ -155,12 +173,13 @@ void bind_batch(nb::module_& m) {
                                std::vector<int>{});
   auto merge_kv = [](nb::handle type, nb::handle caches) {
     return make_instance<BatchKVCache>(
-        type, BatchKVCache::merge(singles<KVCache>("BatchKVCache.merge", caches)));
+        type, BatchKVCache::merge(sequence_singles("BatchKVCache.merge", caches)));
   };
   classmethod<BatchKVCache>(b, "merge",
       nb::cpp_function(merge_kv, nb::name("merge"), "cls"_a, "caches"_a,
-                       nb::sig("def merge(cls, caches: list[KVCache]) -> BatchKVCache"),
-                       "One batch cache from single-sequence KVCaches, left-padded."));
+                       nb::sig("def merge(cls, caches: list[KVCache | RotatingKVCache]) -> BatchKVCache"),
+                       "One batch cache from single-sequence KVCaches (or unrotated\n"
+                       "RotatingKVCaches), left-padded."));
 
   auto r = nb::class_<BatchRotatingKVCache>(
       m, "BatchRotatingKVCache", nb::dynamic_attr(),
@@ -237,7 +256,7 @@ void bind_batch(nb::module_& m) {
   auto merge_rot = [](nb::handle type, nb::handle caches) {
     return make_instance<BatchRotatingKVCache>(
         type, BatchRotatingKVCache::merge(
-                  singles<RotatingKVCache>("BatchRotatingKVCache.merge", caches)));
+                  rotating_singles("BatchRotatingKVCache.merge", caches)));
   };
   classmethod<BatchRotatingKVCache>(r, "merge",
       nb::cpp_function(merge_rot, nb::name("merge"), "cls"_a, "caches"_a,
@@ -249,14 +268,15 @@ void bind_batch(nb::module_& m) {
   classmethod<KVCache>(kv_cls, "merge",
       nb::cpp_function([b](nb::handle, nb::handle caches) {
         return make_instance<BatchKVCache>(
-            b, BatchKVCache::merge(singles<KVCache>("KVCache.merge", caches)));
+            b, BatchKVCache::merge(sequence_singles("KVCache.merge", caches)));
       }, nb::name("merge"), "cls"_a, "caches"_a,
-      nb::sig("def merge(cls, caches: list[KVCache]) -> BatchKVCache"),
-      "A BatchKVCache holding these caches as rows."));
+      nb::sig("def merge(cls, caches: list[KVCache | RotatingKVCache]) -> BatchKVCache"),
+      "A BatchKVCache holding these caches as rows (KVCaches, or\n"
+      "RotatingKVCaches whose buffer holds their tokens in order)."));
   classmethod<RotatingKVCache>(rot_cls, "merge",
       nb::cpp_function([r](nb::handle, nb::handle caches) {
         return make_instance<BatchRotatingKVCache>(
-            r, BatchRotatingKVCache::merge(singles<RotatingKVCache>("RotatingKVCache.merge", caches)));
+            r, BatchRotatingKVCache::merge(rotating_singles("RotatingKVCache.merge", caches)));
       }, nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache"),
       "A BatchRotatingKVCache holding these caches as rows."));

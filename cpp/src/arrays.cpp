@@ -217,9 +217,7 @@ Mask ArraysCache::make_mask(int N, bool, std::optional<int>) const {
 
 ArraysCache ArraysCache::merge(const std::vector<const ArraysCache*>& caches) {
   constexpr const char* ctx = "ArraysCache.merge";
-  if (caches.empty()) {
-    throw ValueError(ctx, "at least one cache", "none");
-  }
+  check_non_null_list(ctx, caches);
   const int n = caches[0]->slots(), B = static_cast<int>(caches.size());
   for (const auto* c : caches) {
     if (c->slots() != n) {

@@ -116,6 +116,38 @@ Stacked stack_rows(
   return {keys, values};
 }
 
+// mlx-lm's BatchKVCache.merge copies keys[..., :offset, :] of each cache
+// into a row of size() slots. That is a KVCache's tokens, and a
+// RotatingKVCache's only while its buffer begins with exactly its tokens in
+// temporal order: mlx-lm copies a rotated ring in slot order (wrong rows)
+// and fails on a buffer longer than max_size; both are refused here.
+void check_merge_row(const char* ctx, const SequenceCache& c) {
+  if (dynamic_cast<const KVCache*>(&c)) {
+    return;
+  }
+  const auto* r = dynamic_cast<const RotatingKVCache*>(&c);
+  if (!r) {
+    throw ValueError(ctx, "KVCache or RotatingKVCache caches", c.name());
+  }
+  if (!r->keys() || !r->values()) {
+    return;
+  }
+  const int slots = r->keys()->shape(2), idx = r->idx(), offset = r->offset();
+  // In temporal order the buffer is whole (cursor at its end, or at `keep`
+  // after a wrap) or its first idx slots.
+  const bool whole = idx == slots || (idx < offset && idx == r->keep());
+  const bool scrambled = !whole && idx < offset;
+  const int held = whole ? slots : idx;
+  if (scrambled || held != r->size() || std::min(offset, slots) != r->size()) {
+    throw ValueError(
+        ctx,
+        "a RotatingKVCache whose buffer begins with its " + std::to_string(r->size()) +
+            " tokens in temporal order (not rotated, no longer than max_size)",
+        "offset " + std::to_string(offset) + ", _idx " + std::to_string(idx) + " in " +
+            std::to_string(slots) + " slots");
+  }
+}
+
 } // namespace
 
 const mx::array& ShiftedRows::get() const {
@@ -183,13 +215,9 @@ void BatchCache::check_update(
     const mx::array& keys,
     const mx::array& values) const {
   check_kv(ctx, keys, values);
-  check_batch(ctx);
+  check_paddings(ctx);
   if (!keys_ && idx_ != 0) {
     throw RuntimeError(ctx, "_idx 0 in a cache without keys", "_idx " + std::to_string(idx_));
-  }
-  if (keys.shape(0) != rows()) {
-    throw ValueError(ctx, "keys for the batch of " + std::to_string(rows()) + " rows",
-                     "batch " + std::to_string(keys.shape(0)));
   }
   if (keys_) {
     check_fits(ctx, "keys", keys, *keys_);
@@ -200,6 +228,15 @@ void BatchCache::check_update(
     }
   }
   check_size(ctx, "_idx + S", 1LL * idx_ + keys.shape(2));
+}
+
+void BatchCache::check_paddings(const char* ctx) const {
+  check_pair(ctx, keys_, values_);
+  if (left_padding_.size() != offset_.size()) {
+    throw RuntimeError(
+        ctx, "offset and left_padding for one batch of " + std::to_string(offset_.size()),
+        std::to_string(left_padding_.size()) + " paddings");
+  }
 }
 
 void BatchCache::check_batch(const char* ctx) const {
@@ -341,6 +378,7 @@ void BatchKVCache::finalize() {
   if (!right_padding_) {
     return;
   }
+  check_batch("BatchKVCache.finalize");
   const auto& pad = *right_padding_;
   if (keys_ && values_) {
     auto shifts = mx::expand_dims(pad, 1);
@@ -363,6 +401,7 @@ int BatchKVCache::trim(int n) {
 }
 
 Mask BatchKVCache::make_mask(int N, bool, std::optional<int> window_size) const {
+  check_batch("BatchKVCache.make_mask");
   return create_causal_mask(N, idx_, window_size, std::nullopt, left_padding());
 }
 
@@ -409,14 +448,13 @@ KVCache BatchKVCache::extract(int idx) const {
   return out;
 }
 
-BatchKVCache BatchKVCache::merge(const std::vector<const KVCache*>& caches) {
+BatchKVCache BatchKVCache::merge(const std::vector<const SequenceCache*>& caches) {
   constexpr const char* ctx = "BatchKVCache.merge";
-  if (caches.empty()) {
-    throw ValueError(ctx, "at least one cache", "none");
-  }
+  check_non_null_list(ctx, caches);
   std::vector<int> lengths, padding;
   std::vector<std::pair<OptionalArray, OptionalArray>> kv;
   for (const auto* c : caches) {
+    check_merge_row(ctx, *c);
     lengths.push_back(c->size());
     kv.emplace_back(
         c->keys() ? OptionalArray(seq_slice(*c->keys(), 0, c->offset())) : std::nullopt,
@@ -466,10 +504,9 @@ void BatchKVCache::set(
   check_pair(ctx, keys, values);
   check_rows(ctx, "offset", offset);
   check_rows(ctx, "left_padding", left_padding);
-  if (offset.size() != left_padding.size() || (keys && keys->shape(0) != int(offset.size()))) {
-    throw ValueError(ctx, "offset, left_padding and keys for one batch size",
-                     std::to_string(offset.size()) + ", " + std::to_string(left_padding.size()) +
-                         (keys ? ", " + std::to_string(keys->shape(0)) : ""));
+  if (offset.size() != left_padding.size()) {
+    throw ValueError(ctx, "offset and left_padding for one batch size",
+                     std::to_string(offset.size()) + ", " + std::to_string(left_padding.size()));
   }
   check_offset_fits(ctx, keys, idx);
   keys_ = std::move(keys);
@@ -507,6 +544,9 @@ std::pair<mx::array, mx::array> BatchRotatingKVCache::update_and_fetch(
           ctx, "finalize() should be called before decoding with BatchRotatingKVCache");
     }
     return update_in_place(keys, values);
+  }
+  if (lengths_ && keys_) {
+    check_batch(ctx); // right-padded rows are rolled, each by its own shift
   }
   return update_concat(keys, values);
 }
@@ -651,6 +691,7 @@ void BatchRotatingKVCache::finalize() {
   if (!lengths_) {
     return;
   }
+  check_batch("BatchRotatingKVCache.finalize");
   auto roll = mx::maximum(mx::array(0, offset_.dtype()), mx::subtract(offset(), *lengths_));
   if (keys_ && values_) {
     auto shifts = mx::expand_dims(roll, 1);
@@ -684,6 +725,7 @@ Mask BatchRotatingKVCache::make_mask(
     bool,
     std::optional<int> window_size) const {
   constexpr const char* ctx = "BatchRotatingKVCache.make_mask";
+  check_batch(ctx);
   check_size(ctx, "N", N);
   auto lp = left_padding();
   int window = (window_size && *window_size) ? *window_size : max_size_;
@@ -756,9 +798,7 @@ RotatingKVCache BatchRotatingKVCache::extract(int idx) const {
 
 BatchRotatingKVCache BatchRotatingKVCache::merge(const std::vector<const RotatingKVCache*>& caches) {
   constexpr const char* ctx = "BatchRotatingKVCache.merge";
-  if (caches.empty()) {
-    throw ValueError(ctx, "at least one cache", "none");
-  }
+  check_non_null_list(ctx, caches);
   const int max_size = caches[0]->max_size();
   std::vector<int> offsets, lengths, padding;
   std::vector<std::pair<OptionalArray, OptionalArray>> kv;
@@ -830,8 +870,8 @@ void BatchRotatingKVCache::set(
   check_rows(ctx, "left_padding", left_padding);
   check_size(ctx, "max_size", max_size, 1);
   check_size(ctx, "_offset", offset_in_ring);
-  if (offset.size() != left_padding.size() || (keys && keys->shape(0) != int(offset.size()))) {
-    throw ValueError(ctx, "offset, left_padding and keys for one batch size",
+  if (offset.size() != left_padding.size()) {
+    throw ValueError(ctx, "offset and left_padding for one batch size",
                      std::to_string(offset.size()) + ", " + std::to_string(left_padding.size()));
   }
   check_offset_fits(ctx, keys, idx);

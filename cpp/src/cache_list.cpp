@@ -185,17 +185,15 @@ void CacheList::finalize() {
 
 CacheList CacheList::merge(const std::vector<const CacheList*>& lists) {
   constexpr const char* ctx = "CacheList.merge";
-  if (lists.empty()) {
-    throw ValueError(ctx, "at least one CacheList", "none");
-  }
+  check_non_null_list(ctx, lists);
   size_t n = lists[0]->count();
   std::vector<std::shared_ptr<Cache>> out;
   for (size_t i = 0; i < n; ++i) {
     std::vector<const Cache*> column;
     for (const auto* l : lists) {
-      if (l == nullptr || l->count() != n) {
+      if (l->count() != n) {
         throw ValueError(ctx, std::to_string(n) + " caches in every list",
-                         l ? std::to_string(l->count()) : std::string("null"));
+                         std::to_string(l->count()));
       }
       column.push_back(l->caches_[i].get());
     }
@@ -224,9 +222,7 @@ std::vector<const T*> all_of_class(const char* ctx, const std::vector<const Cach
 
 std::unique_ptr<Cache> merge_caches(const std::vector<const Cache*>& caches) {
   constexpr const char* ctx = "merge_caches";
-  if (caches.empty() || caches[0] == nullptr) {
-    throw ValueError(ctx, "at least one cache", caches.empty() ? "none" : "null");
-  }
+  check_non_null_list(ctx, caches);
   std::string name = caches[0]->name();
   if (name == "KVCache") {
     return std::make_unique<BatchKVCache>(BatchKVCache::merge(all_of_class<KVCache>(ctx, caches)));

@@ -83,7 +83,7 @@ TEST(kvcache_bad_input_throws_and_leaves_cache_unchanged) {
   CHECK_THROWS(ValueError, "keys of rank 4", c.update_and_fetch(mx::zeros({1, 2, 2}), tokens(0, 2)));
   CHECK_THROWS(ValueError, "like the cache's", c.update_and_fetch(mx::zeros({1, 2, 1, 2}), mx::zeros({1, 2, 1, 2})));
   CHECK_THROWS(ValueError, "dtype float32", c.update_and_fetch(mx::zeros({1, 1, 1, 2}, mx::float16), mx::zeros({1, 1, 1, 2}, mx::float16)));
-  CHECK_THROWS(ValueError, "floating-point", c.update_and_fetch(mx::zeros({1, 1, 1, 2}, mx::int32), mx::zeros({1, 1, 1, 2}, mx::int32)));
+  CHECK_THROWS(ValueError, "dtype float32", c.update_and_fetch(mx::zeros({1, 1, 1, 2}, mx::int32), mx::zeros({1, 1, 1, 2}, mx::int32)));
   CHECK_THROWS(ValueError, "n in [0", c.trim(-1));
   CHECK_THROWS(ValueError, "offset in [0, 256]", c.set(c.keys(), c.values(), 300));
   CHECK_EQ(c.offset(), 2);
@@ -214,6 +214,32 @@ TEST(to_quantized_keeps_offset) {
   auto q = to_quantized(c, 64, 4);
   CHECK_EQ(q.offset(), 5);
   CHECK_EQ(std::get<0>(*q.keys()).shape(3), 8); // 64 * 4 bits / 32
+}
+
+TEST(integer_keys_are_stored_but_not_quantized) {
+  KVCache c;
+  auto x = mx::reshape(mx::arange(5, mx::int32), {1, 1, 5, 1});
+  auto [k, v] = c.update_and_fetch(x, x);
+  CHECK(k.dtype() == mx::int32);
+  CHECK(mx::array_equal(k, x).item<bool>());
+  CHECK_THROWS(ValueError, "float16, bfloat16 or float32 to quantize but got int32",
+               to_quantized(c, 64, 4));
+  QuantizedKVCache q(64, 4);
+  CHECK_THROWS(ValueError, "but got int32", q.update_and_fetch(mx::zeros({1, 1, 1, 64}, mx::int32), mx::zeros({1, 1, 1, 64}, mx::int32)));
+  CHECK_EQ(q.offset(), 0);
+  CHECK(q.empty());
+}
+
+TEST(kvcache_merge_takes_unrotated_rotating_caches) {
+  KVCache a;
+  a.update_and_fetch(tokens(0, 2), tokens(0, 2));
+  RotatingKVCache r(4);
+  r.update_and_fetch(tokens(0, 4), tokens(0, 4));
+  auto b = BatchKVCache::merge({&a, &r});
+  CHECK_EQ(b.idx(), 4);
+  CHECK(b.keys()->shape() == mx::Shape({2, 1, 4, 2}));
+  r.update_and_fetch(tokens(4, 1), tokens(4, 1)); // rotated: slot order is not temporal
+  CHECK_THROWS(ValueError, "not rotated", BatchKVCache::merge({&a, &r}));
 }
 
 TEST(chunked_cache_trims_front_to_chunk) {

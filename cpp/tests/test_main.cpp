@@ -19,6 +19,10 @@ int main(int argc, char** argv) {
     std::cout << (ok ? "ok   " : "FAIL ") << c.name << "\n";
     (ok ? passed : failed)++;
   }
+  if (argc > 1 && passed + failed == 0) {
+    std::cout << "no test named " << argv[1] << "\n";
+    return 1;
+  }
   std::cout << passed << " passed, " << failed << " failed\n";
   return failed ? 1 : 0;
 }

@@ -173,8 +173,11 @@ class KVCache:
         """Build a cache from ``state`` without calling __init__."""
 
     @classmethod
-    def merge(cls, caches: list[KVCache]) -> BatchKVCache:
-        """A BatchKVCache holding these caches as rows."""
+    def merge(cls, caches: list[KVCache | RotatingKVCache]) -> BatchKVCache:
+        """
+        A BatchKVCache holding these caches as rows (KVCaches, or
+        RotatingKVCaches whose buffer holds their tokens in order).
+        """
 
 class ConcatenateKVCache:
     """Full-attention cache that concatenates on every update."""
@@ -927,8 +930,11 @@ class BatchKVCache:
         """Build a cache from ``state`` without calling __init__."""
 
     @classmethod
-    def merge(cls, caches: list[KVCache]) -> BatchKVCache:
-        """One batch cache from single-sequence KVCaches, left-padded."""
+    def merge(cls, caches: list[KVCache | RotatingKVCache]) -> BatchKVCache:
+        """
+        One batch cache from single-sequence KVCaches (or unrotated
+        RotatingKVCaches), left-padded.
+        """
 
 class BatchRotatingKVCache:
     """Sliding-window cache for a batch of left-padded sequences."""

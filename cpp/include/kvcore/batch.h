@@ -2,6 +2,8 @@
 // row right-aligned at the write position with its own padding and offset.
 #pragma once
 
+#include <type_traits>
+
 #include "kvcore/kv.h"
 #include "kvcore/rotating.h"
 
@@ -93,9 +95,13 @@ class BatchCache : public Cache {
   int rows() const {
     return static_cast<int>(offset_.size());
   }
-  /// The buffers, offsets and paddings agree on the batch size.
+  /// keys and values are a pair, offsets and paddings one per row. The
+  /// buffers' batch may differ (mlx-lm stores any); row-wise operations
+  /// then refuse through check_batch.
+  void check_paddings(const char* ctx) const;
+  /// As check_paddings, and the buffers hold one row per padding.
   void check_batch(const char* ctx) const;
-  /// Checks an update: shapes and dtypes against the buffers and the batch.
+  /// Checks an update: shapes and dtypes against the buffers.
   void check_update(const char* ctx, const mx::array& keys, const mx::array& values) const;
   /// mlx-lm's extend: both caches' buffers right-aligned at the larger
   /// write position and padded to one length, then stacked.
@@ -148,8 +154,15 @@ class BatchKVCache : public BatchCache {
   /// Row idx as a KVCache holding only its tokens.
   KVCache extract(int idx) const;
   /// One batch cache from single-sequence caches, left-padded to the
-  /// longest.
-  static BatchKVCache merge(const std::vector<const KVCache*>& caches);
+  /// longest. Like mlx-lm's, it also takes RotatingKVCaches, as long as
+  /// their buffer starts with exactly their tokens in temporal order (not
+  /// rotated, not over-long); others are refused.
+  static BatchKVCache merge(const std::vector<const SequenceCache*>& caches);
+  template <class T>
+    requires std::is_base_of_v<SequenceCache, T>
+  static BatchKVCache merge(const std::vector<const T*>& caches) {
+    return merge(std::vector<const SequenceCache*>(caches.begin(), caches.end()));
+  }
 
   /// (keys, values); arrays of state also: offset, left_padding.
   std::vector<OptionalArray> state() const override;

@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace kvcore {
 
@@ -86,5 +87,19 @@ struct IndexError : CacheError {
             std::move(expected),
             std::move(actual)) {}
 };
+
+/// Throws ValueError (ctx) unless `items` is non-empty and holds no null
+/// pointer: the merges' precondition.
+template <class T>
+void check_non_null_list(const char* ctx, const std::vector<const T*>& items) {
+  if (items.empty()) {
+    throw ValueError(ctx, "at least one cache", "none");
+  }
+  for (const T* p : items) {
+    if (p == nullptr) {
+      throw ValueError(ctx, "a cache in every entry", "null");
+    }
+  }
+}
 
 } // namespace kvcore
