@@ -6,9 +6,6 @@
 
 namespace kvcore::py {
 
-namespace {
-
-// A list of ints from Python: a list, a tuple or an mx.array (evaluated).
 std::optional<std::vector<int>> int_list(const char* ctx, const char* what, nb::handle h) {
   if (h.is_none()) {
     return std::nullopt;
@@ -42,6 +39,8 @@ mx::array array_arg(const char* ctx, const char* what, nb::handle h) {
   }
   return *a;
 }
+
+namespace {
 
 std::vector<const RotatingKVCache*> rotating_singles(const char* ctx, nb::handle caches) {
   std::vector<const RotatingKVCache*> out;
@@ -217,12 +216,6 @@ void bind_batch(nb::module_& m) {
                    })
       .def_prop_rw("rotated", &BatchRotatingKVCache::rotated, &BatchRotatingKVCache::set_rotated)
       .def_prop_ro("_lengths", [](const BatchRotatingKVCache& c) { return to_py(c.lengths()); })
-      .def("to_quantized",
-           [](const BatchRotatingKVCache&, int, int) -> nb::object {
-             throw NotImplementedError("BatchRotatingKVCache.to_quantized",
-                                       "BatchRotatingKVCache Quantization NYI");
-           },
-           "group_size"_a = 64, "bits"_a = 4)
       .def("extract",
            [](const BatchRotatingKVCache& c, nb::handle idx) {
              return make_instance<RotatingKVCache>(

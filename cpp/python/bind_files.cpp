@@ -8,6 +8,7 @@
 #include "kvcore/chunked.h"
 #include "kvcore/files.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_batch.h"
 #include "kvcore/quantized_rotating.h"
 #include "kvcore/rotating.h"
 
@@ -81,6 +82,10 @@ nb::object wrap(nb::handle kvcore, std::shared_ptr<Cache>& c) {
   if (name == "ArraysCache") return wrap_as<ArraysCache>(kvcore, c);
   if (name == "BatchKVCache") return wrap_as<BatchKVCache>(kvcore, c);
   if (name == "BatchRotatingKVCache") return wrap_as<BatchRotatingKVCache>(kvcore, c);
+  if (name == "QuantizedBatchKVCache") return wrap_as<QuantizedBatchKVCache>(kvcore, c);
+  if (name == "QuantizedBatchRotatingKVCache") {
+    return wrap_as<QuantizedBatchRotatingKVCache>(kvcore, c);
+  }
   if (name == "CacheList") {
     // The Python CacheList (it may hold Python subclasses), over wrapped
     // members.

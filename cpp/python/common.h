@@ -196,6 +196,12 @@ std::pair<QuantSpec, QuantSpec> quant_specs_arg(const char* ctx, nb::handle grou
 /// An int when keys and values agree, else a (keys, values) tuple.
 nb::object spec_to_py(int keys, int values);
 
+/// A list of ints from Python (a list, a tuple or a 1-D integer mx.array),
+/// or nullopt for None.
+std::optional<std::vector<int>> int_list(const char* ctx, const char* what, nb::handle h);
+/// An mlx array argument, refused with a typed error otherwise.
+mx::array array_arg(const char* ctx, const char* what, nb::handle h);
+
 void register_errors(nb::module_& m);
 void bind_masks(nb::module_& m);
 void bind_kv(nb::module_& m);
@@ -204,6 +210,7 @@ void bind_arrays(nb::module_& m);
 void bind_batch(nb::module_& m);
 void bind_files(nb::module_& m);
 void bind_quantized_rotating(nb::module_& m);
+void bind_quantized_batch(nb::module_& m);
 
 // What every cache holding one keys and one values buffer shows Python.
 template <class T>

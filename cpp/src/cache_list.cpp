@@ -6,6 +6,7 @@
 #include "kvcore/batch.h"
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
+#include "kvcore/quantized_batch.h"
 #include "kvcore/rotating.h"
 
 namespace kvcore {
@@ -179,6 +180,10 @@ void CacheList::finalize() {
       r->finalize();
     } else if (auto* a = dynamic_cast<ArraysCache*>(&c)) {
       a->finalize();
+    } else if (auto* qb = dynamic_cast<QuantizedBatchKVCache*>(&c)) {
+      qb->finalize();
+    } else if (auto* qr = dynamic_cast<QuantizedBatchRotatingKVCache*>(&c)) {
+      qr->finalize();
     }
   });
 }
@@ -230,6 +235,14 @@ std::unique_ptr<Cache> merge_caches(const std::vector<const Cache*>& caches) {
   if (name == "RotatingKVCache") {
     return std::make_unique<BatchRotatingKVCache>(
         BatchRotatingKVCache::merge(all_of_class<RotatingKVCache>(ctx, caches)));
+  }
+  if (name == "QuantizedKVCache") {
+    return std::make_unique<QuantizedBatchKVCache>(
+        QuantizedBatchKVCache::merge(all_of_class<QuantizedKVCache>(ctx, caches)));
+  }
+  if (name == "QuantizedRotatingKVCache") {
+    return std::make_unique<QuantizedBatchRotatingKVCache>(
+        QuantizedBatchRotatingKVCache::merge(all_of_class<QuantizedRotatingKVCache>(ctx, caches)));
   }
   if (name == "ArraysCache") {
     return std::make_unique<ArraysCache>(ArraysCache::merge(all_of_class<ArraysCache>(ctx, caches)));

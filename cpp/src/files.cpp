@@ -320,8 +320,12 @@ StateValue decode_scalar(const mx::array& a, const std::string& kind, const std:
     }
     mx::array x = mx::reshape(a, {});
     if (x.dtype() == mx::bool_) {
-      x.eval();
-      return StateValue(x.item<bool>());
+      // The stored byte, read as a byte: a file may hold any value there,
+      // and a bool other than 0 or 1 is undefined in C++. Nonzero is true,
+      // as numpy reads it.
+      mx::array byte = mx::view(x, mx::uint8);
+      byte.eval();
+      return StateValue(byte.item<uint8_t>() != 0);
     }
     if (mx::issubdtype(x.dtype(), mx::integer)) {
       if (x.dtype() == mx::uint64) {

@@ -17,6 +17,7 @@
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_batch.h"
 #include "kvcore/quantized_rotating.h"
 #include "kvcore/rotating.h"
 
@@ -261,6 +262,46 @@ const std::map<std::string, ClassEntry>& table() {
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                  l[2].integer(ctx, "offset"), l[3].integer(ctx, "keep"),
                  l[4].integer(ctx, "max_size"), l[5].integer(ctx, "_idx"), {kg, kb}, {vg, vb});
+          return c;
+        }}},
+      {"QuantizedBatchKVCache",
+       {[](const Cache& c) -> StateValue {
+          auto& b = as<QuantizedBatchKVCache>(c);
+          return StateValue::List{quantized_state(b.keys()), quantized_state(b.values()),
+                                  b.offset(), b.left_padding(), b.idx(),
+                                  spec_state(b.key_spec().group_size, b.value_spec().group_size),
+                                  spec_state(b.key_spec().bits, b.value_spec().bits)};
+        },
+        [](const StateValue& s) -> std::unique_ptr<Cache> {
+          constexpr const char* ctx = "QuantizedBatchKVCache.state";
+          const auto& l = s.list(ctx, "state", 7);
+          auto [kg, vg] = spec_from(ctx, "group_size", l[5]);
+          auto [kb, vb] = spec_from(ctx, "bits", l[6]);
+          auto c = std::make_unique<QuantizedBatchKVCache>(std::vector<int>{});
+          c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                 l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"),
+                 l[4].integer(ctx, "_idx"), {kg, kb}, {vg, vb});
+          return c;
+        }}},
+      {"QuantizedBatchRotatingKVCache",
+       {[](const Cache& c) -> StateValue {
+          auto& b = as<QuantizedBatchRotatingKVCache>(c);
+          return StateValue::List{quantized_state(b.keys()), quantized_state(b.values()),
+                                  b.offset(), b.left_padding(), b.max_size(),
+                                  b.offset_in_ring(), b.idx(), b.rotated(),
+                                  spec_state(b.key_spec().group_size, b.value_spec().group_size),
+                                  spec_state(b.key_spec().bits, b.value_spec().bits)};
+        },
+        [](const StateValue& s) -> std::unique_ptr<Cache> {
+          constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
+          const auto& l = s.list(ctx, "state", 10);
+          auto [kg, vg] = spec_from(ctx, "group_size", l[8]);
+          auto [kb, vb] = spec_from(ctx, "bits", l[9]);
+          auto c = std::make_unique<QuantizedBatchRotatingKVCache>(1, std::vector<int>{});
+          c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                 l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"),
+                 l[4].integer(ctx, "max_size"), l[5].integer(ctx, "_offset"),
+                 l[6].integer(ctx, "_idx"), l[7].boolean(ctx, "rotated"), {kg, kb}, {vg, vb});
           return c;
         }}},
       {"ChunkedKVCache",

@@ -313,7 +313,7 @@ TEST(merge_caches_picks_the_batch_class) {
   CHECK_THROWS(ValueError, "caches of one class", merge_caches({k1.get(), r1.get()}));
   CHECK_THROWS(ValueError, "a cache in every entry but got null", merge_caches({k1.get(), nullptr}));
   QuantizedKVCache q(32, 4);
-  CHECK_THROWS(NotImplementedError, "QuantizedKVCache", merge_caches({&q, &q}));
+  CHECK(dynamic_cast<QuantizedBatchKVCache*>(merge_caches({&q, &q}).get()) != nullptr);
   ConcatenateKVCache cat;
   CHECK_THROWS(NotImplementedError, "ConcatenateKVCache", merge_caches({&cat}));
   CHECK_THROWS(ValueError, "at least one cache", merge_caches({}));

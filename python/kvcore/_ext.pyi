@@ -514,6 +514,10 @@ class QuantizedKVCache:
     def from_state(cls, state: tuple) -> Self:
         """Build a cache from ``state`` without calling __init__."""
 
+    @classmethod
+    def merge(cls, caches: list[QuantizedKVCache]) -> QuantizedBatchKVCache:
+        """A QuantizedBatchKVCache holding these caches as rows."""
+
 class ChunkedKVCache:
     """
     Chunked-attention cache: a KVCache that drops tokens before the current chunk.
@@ -733,6 +737,10 @@ class QuantizedRotatingKVCache:
     def from_state(cls, state: tuple) -> Self:
         """Build a cache from ``state`` without calling __init__."""
 
+    @classmethod
+    def merge(cls, caches: list[QuantizedRotatingKVCache]) -> QuantizedBatchRotatingKVCache:
+        """A QuantizedBatchRotatingKVCache holding these caches as rows."""
+
 class ArraysCache:
     """Per-layer state arrays (conv and SSM states) for state-space models."""
 
@@ -936,6 +944,9 @@ class BatchKVCache:
         RotatingKVCaches), left-padded.
         """
 
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchKVCache:
+        """The same rows and padding with keys and values quantized."""
+
 class BatchRotatingKVCache:
     """Sliding-window cache for a batch of left-padded sequences."""
 
@@ -1029,8 +1040,6 @@ class BatchRotatingKVCache:
     @rotated.setter
     def rotated(self, arg: bool, /) -> None: ...
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> object: ...
-
     def extract(self, idx: object) -> object:
         """Row ``idx`` as a RotatingKVCache."""
 
@@ -1050,6 +1059,236 @@ class BatchRotatingKVCache:
     @classmethod
     def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache:
         """One batch cache from single-sequence RotatingKVCaches."""
+
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchRotatingKVCache:
+        """The same rows, ring and padding with keys and values quantized."""
+
+class QuantizedBatchKVCache:
+    """BatchKVCache holding keys and values quantized by ``mx.quantize``."""
+
+    def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None:
+        """
+        Args:
+            left_padding (list[int]): Pad tokens before each row's prompt.
+            group_size (int | tuple): 32, 64 or 128, or ``(keys, values)``.
+            bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
+        """
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """
+        Quantize new keys and values and add them to the batch.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple: The cached ``(weights, scales, biases)`` of the keys and
+            of the values, as the float batch cache returns its arrays.
+        """
+
+    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """The cached key and value triples."""
+
+    @property
+    def keys(self) -> object:
+        """The keys' ``(weights, scales, biases)``, or None."""
+
+    @property
+    def values(self) -> object:
+        """The values' ``(weights, scales, biases)``, or None."""
+
+    @property
+    def offset(self) -> mlx.core.array:
+        """Per-row positions (B,): tokens seen minus left padding."""
+
+    @property
+    def left_padding(self) -> mlx.core.array:
+        """Per-row left padding (B,)."""
+
+    @property
+    def group_size(self) -> object:
+        """The group size, or ``(keys, values)`` when they differ."""
+
+    @property
+    def bits(self) -> object:
+        """The bits, or ``(keys, values)`` when they differ."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the quantized buffers."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds per row (the write position)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def finalize(self) -> None:
+        """Roll right-padded rows to end at the write position."""
+
+    def filter(self, batch_indices: object) -> None:
+        """Keep only these rows, in place."""
+
+    def extend(self, other: QuantizedBatchKVCache) -> None:
+        """Append the other cache's rows (quantized alike), in place."""
+
+    def __repr__(self) -> str: ...
+
+    def __copy__(self) -> object: ...
+
+    def __deepcopy__(self, memo: object) -> object: ...
+
+    def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None:
+        """As BatchKVCache.prepare."""
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mlx.core.array:
+        """The attention mask for ``N`` new tokens, as BatchKVCache's."""
+
+    def extract(self, idx: object) -> object:
+        """Row ``idx`` as a QuantizedKVCache holding only its tokens."""
+
+    @property
+    def state(self) -> tuple:
+        """
+        ``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values are triples.
+        """
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[QuantizedKVCache]) -> QuantizedBatchKVCache:
+        """One batch cache from QuantizedKVCaches quantized alike, left-padded."""
+
+class QuantizedBatchRotatingKVCache:
+    """
+    BatchRotatingKVCache holding keys and values quantized by ``mx.quantize``.
+    """
+
+    def __init__(self, max_size: int, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None:
+        """
+        Args:
+            max_size (int): Slots in each row's window.
+            left_padding (list[int]): Pad tokens before each row's prompt.
+            group_size (int | tuple): 32, 64 or 128, or ``(keys, values)``.
+            bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
+        """
+
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """
+        Quantize new keys and values and add them to the batch.
+
+        Args:
+            keys (array): ``(B, n_kv_heads, S, k_head_dim)``.
+            values (array): ``(B, n_kv_heads, S, v_head_dim)``.
+
+        Returns:
+            tuple: The cached ``(weights, scales, biases)`` of the keys and
+            of the values, as the float batch cache returns its arrays.
+        """
+
+    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+        """The cached key and value triples."""
+
+    @property
+    def keys(self) -> object:
+        """The keys' ``(weights, scales, biases)``, or None."""
+
+    @property
+    def values(self) -> object:
+        """The values' ``(weights, scales, biases)``, or None."""
+
+    @property
+    def offset(self) -> mlx.core.array:
+        """Per-row positions (B,): tokens seen minus left padding."""
+
+    @property
+    def left_padding(self) -> mlx.core.array:
+        """Per-row left padding (B,)."""
+
+    @property
+    def group_size(self) -> object:
+        """The group size, or ``(keys, values)`` when they differ."""
+
+    @property
+    def bits(self) -> object:
+        """The bits, or ``(keys, values)`` when they differ."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the quantized buffers."""
+
+    def empty(self) -> bool:
+        """True before the first update."""
+
+    def size(self) -> int:
+        """Tokens the cache holds per row (the write position)."""
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop tokens."""
+
+    def trim(self, n: int) -> int:
+        """Drop up to ``n`` tokens from the end; returns how many were dropped."""
+
+    def finalize(self) -> None:
+        """Roll right-padded rows to end at the write position."""
+
+    def filter(self, batch_indices: object) -> None:
+        """Keep only these rows, in place."""
+
+    def extend(self, other: QuantizedBatchRotatingKVCache) -> None:
+        """Append the other cache's rows (quantized alike), in place."""
+
+    def __repr__(self) -> str: ...
+
+    def __copy__(self) -> object: ...
+
+    def __deepcopy__(self, memo: object) -> object: ...
+
+    def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None:
+        """As BatchRotatingKVCache.prepare."""
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array:
+        """The attention mask for ``N`` new tokens, as BatchRotatingKVCache's."""
+
+    @property
+    def max_size(self) -> int:
+        """Slots in each row's window."""
+
+    @property
+    def rotated(self) -> bool:
+        """Whether the ring has wrapped."""
+
+    def extract(self, idx: object) -> object:
+        """Row ``idx`` as a QuantizedRotatingKVCache."""
+
+    @property
+    def state(self) -> tuple:
+        """
+        ``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated, group_size, bits)``; keys and values are triples.
+        """
+
+    @state.setter
+    def state(self, state: tuple, /) -> None: ...
+
+    @classmethod
+    def from_state(cls, state: tuple) -> Self:
+        """Build a cache from ``state`` without calling __init__."""
+
+    @classmethod
+    def merge(cls, caches: list[QuantizedRotatingKVCache]) -> QuantizedBatchRotatingKVCache:
+        """One batch cache from QuantizedRotatingKVCaches quantized alike."""
 
 def cache_class_names() -> list[str]:
     """The cache classes a prompt-cache file may name."""

@@ -79,7 +79,9 @@ class CacheList : public Cache {
 
 /// Merge single-sequence caches of one class into its batch form:
 /// KVCache -> BatchKVCache, RotatingKVCache -> BatchRotatingKVCache,
-/// ArraysCache -> ArraysCache, CacheList -> CacheList. Throws
+/// QuantizedKVCache -> QuantizedBatchKVCache, QuantizedRotatingKVCache ->
+/// QuantizedBatchRotatingKVCache, ArraysCache -> ArraysCache, CacheList ->
+/// CacheList. Throws
 /// NotImplementedError for other classes and ValueError for mixed ones.
 std::unique_ptr<Cache> merge_caches(const std::vector<const Cache*>& caches);
 

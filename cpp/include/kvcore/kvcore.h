@@ -9,6 +9,7 @@
 #include "kvcore/rotating.h"
 #include "kvcore/quantized.h"
 #include "kvcore/quantized_rotating.h"
+#include "kvcore/quantized_batch.h"
 #include "kvcore/attention.h"
 #include "kvcore/chunked.h"
 #include "kvcore/arrays.h"

@@ -88,6 +88,10 @@ class QuantizedRotatingKVCache : public Cache {
   const QuantSpec& value_spec() const {
     return value_spec_;
   }
+  /// Ring i (0 weights, 1 scales, 2 biases) as a float ring.
+  const RotatingKVCache& ring(int i) const {
+    return rings_[i];
+  }
 
  private:
   // Weights, scales and biases: each a ring whose "keys" are the keys'

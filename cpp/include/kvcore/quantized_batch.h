@@ -1,0 +1,222 @@
+// Quantized batch caches: BatchKVCache and BatchRotatingKVCache holding
+// mx::quantize triples, keys and values each at their own bits.
+#pragma once
+
+#include "kvcore/batch.h"
+#include "kvcore/quantized.h"
+#include "kvcore/quantized_rotating.h"
+
+namespace kvcore {
+
+/// What both quantized batch caches share. `Batch` (BatchKVCache or
+/// BatchRotatingKVCache) runs its bookkeeping (left padding, offsets, the
+/// write position, the ring, right padding between prepare and finalize)
+/// in lockstep over three parts: the weights, the scales and the biases.
+/// Every result is the float batch cache's with each token quantized.
+///
+/// All or nothing: update_and_fetch is checked on the weights' part first
+/// (the others hold the same (B, H, S) and cursor, so they cannot fail
+/// after it); every other change runs on copies that replace the parts only
+/// when all three succeeded.
+template <class Batch>
+class QuantizedBatchCache : public Cache {
+ public:
+  /// Quantize keys and values (B, H, S, D) and add them; returns the cached
+  /// triples as the float cache returns its arrays.
+  std::pair<QuantizedArrays, QuantizedArrays> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values);
+  std::pair<QuantizedArrays, QuantizedArrays> keys_and_values() const;
+
+  /// Roll right-padded rows so every row ends at the write position.
+  void finalize();
+  /// Keep the rows `indices`.
+  void filter(const std::vector<int>& indices);
+
+  bool is_trimmable() const override {
+    return parts_[0].is_trimmable();
+  }
+  int trim(int n) override;
+  Mask make_mask(
+      int N,
+      bool return_array = false,
+      std::optional<int> window_size = std::nullopt) const override {
+    return parts_[0].make_mask(N, return_array, window_size);
+  }
+
+  /// The six arrays (keys' triple, then values'), offset, left_padding.
+  std::vector<OptionalArray> state() const override;
+  int size() const override {
+    return parts_[0].size();
+  }
+  bool empty() const override {
+    return parts_[0].empty();
+  }
+  size_t nbytes() const override;
+
+  OptionalQuantized keys() const;
+  OptionalQuantized values() const;
+  const mx::array& offset() const {
+    return parts_[0].offset();
+  }
+  const mx::array& left_padding() const {
+    return parts_[0].left_padding();
+  }
+  int idx() const {
+    return parts_[0].idx();
+  }
+  const QuantSpec& key_spec() const {
+    return key_spec_;
+  }
+  const QuantSpec& value_spec() const {
+    return value_spec_;
+  }
+  /// Part i (0 weights, 1 scales, 2 biases) as a float batch cache.
+  const Batch& part(int i) const {
+    return parts_[i];
+  }
+
+ protected:
+  QuantizedBatchCache(Batch part, QuantSpec keys, QuantSpec values);
+  /// Copies of the parts, changed by `op(part, i)`, then put in place.
+  template <class Op>
+  void staged(Op op);
+  /// Replaces the parts: each part i takes its share of keys and values
+  /// through `assign(part, keys_i, values_i, i)`; all or nothing.
+  template <class Assign>
+  void set_parts(
+      const char* ctx,
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      Assign assign);
+  /// Throws unless other quantizes as this cache does.
+  void check_same_specs(const char* ctx, const QuantizedBatchCache& other) const;
+
+  Batch parts_[3];
+  QuantSpec key_spec_;
+  QuantSpec value_spec_;
+};
+
+class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
+ public:
+  QuantizedBatchKVCache(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values);
+  explicit QuantizedBatchKVCache(
+      const std::vector<int>& left_padding,
+      int group_size = 64,
+      int bits = 8)
+      : QuantizedBatchKVCache(left_padding, {group_size, bits}, {group_size, bits}) {}
+
+  const char* name() const override {
+    return "QuantizedBatchKVCache";
+  }
+  /// As BatchKVCache::prepare.
+  void prepare(
+      const std::optional<std::vector<int>>& left_padding,
+      const std::optional<std::vector<int>>& right_padding);
+  /// Append other's rows; both must quantize alike.
+  void extend(const QuantizedBatchKVCache& other);
+  /// Row idx as a QuantizedKVCache holding only its tokens.
+  QuantizedKVCache extract(int idx) const;
+  /// One batch cache from QuantizedKVCaches that quantize alike,
+  /// left-padded to the longest.
+  static QuantizedBatchKVCache merge(const std::vector<const QuantizedKVCache*>& caches);
+
+  /// (_idx).
+  std::vector<std::string> meta_state() const override;
+  void restore(
+      const std::vector<OptionalArray>& arrays,
+      const std::vector<std::string>& meta) override;
+  /// Typed restore: validates, then replaces everything.
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      mx::array offset,
+      mx::array left_padding,
+      int idx,
+      QuantSpec key_spec,
+      QuantSpec value_spec);
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<QuantizedBatchKVCache>(*this);
+  }
+
+ private:
+  friend QuantizedBatchKVCache to_quantized(const BatchKVCache&, QuantSpec, QuantSpec);
+};
+
+class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKVCache> {
+ public:
+  QuantizedBatchRotatingKVCache(
+      int max_size,
+      const std::vector<int>& left_padding,
+      QuantSpec keys,
+      QuantSpec values);
+  QuantizedBatchRotatingKVCache(
+      int max_size,
+      const std::vector<int>& left_padding,
+      int group_size = 64,
+      int bits = 8)
+      : QuantizedBatchRotatingKVCache(
+            max_size, left_padding, {group_size, bits}, {group_size, bits}) {}
+
+  const char* name() const override {
+    return "QuantizedBatchRotatingKVCache";
+  }
+  /// As BatchRotatingKVCache::prepare.
+  void prepare(
+      const std::optional<std::vector<int>>& left_padding,
+      const std::optional<std::vector<int>>& lengths,
+      const std::optional<std::vector<int>>& right_padding);
+  void extend(const QuantizedBatchRotatingKVCache& other);
+  QuantizedRotatingKVCache extract(int idx) const;
+  static QuantizedBatchRotatingKVCache merge(
+      const std::vector<const QuantizedRotatingKVCache*>& caches);
+
+  /// (max_size, _offset, _idx, rotated).
+  std::vector<std::string> meta_state() const override;
+  void restore(
+      const std::vector<OptionalArray>& arrays,
+      const std::vector<std::string>& meta) override;
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      mx::array offset,
+      mx::array left_padding,
+      int max_size,
+      int offset_in_ring,
+      int idx,
+      bool rotated,
+      QuantSpec key_spec,
+      QuantSpec value_spec);
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<QuantizedBatchRotatingKVCache>(*this);
+  }
+
+  int max_size() const {
+    return parts_[0].max_size();
+  }
+  int offset_in_ring() const {
+    return parts_[0].offset_in_ring();
+  }
+  bool rotated() const {
+    return parts_[0].rotated();
+  }
+
+ private:
+  friend QuantizedBatchRotatingKVCache to_quantized(
+      const BatchRotatingKVCache&,
+      QuantSpec,
+      QuantSpec);
+};
+
+/// BatchKVCache.to_quantized: the same rows, padding and bookkeeping (a
+/// pending right padding included), each slot quantized.
+QuantizedBatchKVCache to_quantized(const BatchKVCache& cache, QuantSpec keys, QuantSpec values);
+/// BatchRotatingKVCache.to_quantized, likewise.
+QuantizedBatchRotatingKVCache to_quantized(
+    const BatchRotatingKVCache& cache,
+    QuantSpec keys,
+    QuantSpec values);
+
+} // namespace kvcore
