@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run mlx-lm 0.32.2's own cache tests with kvcore's caches swapped into
 # mlx_lm.models.cache: tests/test_prompt_cache.py and test_server.py's
-# TestLRUPromptCache (mlx-lm's LRUPromptCache holding kvcore caches).
+# TestLRUPromptCache (on kvcore's LRUPromptCache).
 #
 #   scripts/mlx_lm_tests.sh                  # on kvcore's caches
 #   scripts/mlx_lm_tests.sh --caches=mlx-lm  # the same tests on mlx-lm's own

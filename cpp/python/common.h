@@ -211,6 +211,7 @@ void bind_batch(nb::module_& m);
 void bind_files(nb::module_& m);
 void bind_quantized_rotating(nb::module_& m);
 void bind_quantized_batch(nb::module_& m);
+void bind_prefix(nb::module_& m);
 
 // What every cache holding one keys and one values buffer shows Python.
 template <class T>

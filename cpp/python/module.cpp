@@ -188,5 +188,6 @@ NB_MODULE(_ext, m) {
   kvcore::py::bind_arrays(m);
   kvcore::py::bind_batch(m);
   kvcore::py::bind_quantized_batch(m);
+  kvcore::py::bind_prefix(m);
   kvcore::py::bind_files(m);
 }

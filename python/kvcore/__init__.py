@@ -20,6 +20,9 @@ from ._ext import (  # noqa: E402
     ChunkedKVCache,
     ConcatenateKVCache,
     KVCache,
+    LRUPromptCache,
+    PromptTrie,
+    TokenBuffer,
     QuantizedBatchKVCache,
     QuantizedBatchRotatingKVCache,
     QuantizedKVCache,
@@ -31,6 +34,7 @@ from ._ext import (  # noqa: E402
     quantized_scaled_dot_product_attention,
 )
 from ._cache_list import CacheList  # noqa: E402
+from ._prefix import PromptTrieResult  # noqa: E402
 from ._attention import scaled_dot_product_attention  # noqa: E402
 from ._files import load_prompt_cache, save_prompt_cache  # noqa: E402
 from ._prompt import (  # noqa: E402
@@ -54,6 +58,10 @@ __all__ = [
     "ChunkedKVCache",
     "ConcatenateKVCache",
     "KVCache",
+    "LRUPromptCache",
+    "PromptTrie",
+    "PromptTrieResult",
+    "TokenBuffer",
     "QuantizedBatchKVCache",
     "QuantizedBatchRotatingKVCache",
     "QuantizedKVCache",

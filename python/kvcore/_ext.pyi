@@ -11,6 +11,7 @@ from kvcore import (
     CacheRuntimeError as CacheRuntimeError,
     CacheValueError as CacheValueError
 )
+from kvcore._prefix import _search as search
 
 
 __mlx_version__: str = '0.32.4'
@@ -1289,6 +1290,86 @@ class QuantizedBatchRotatingKVCache:
     @classmethod
     def merge(cls, caches: list[QuantizedRotatingKVCache]) -> QuantizedBatchRotatingKVCache:
         """One batch cache from QuantizedRotatingKVCaches quantized alike."""
+
+class TokenBuffer:
+    """A growing int32 token sequence in one mlx array."""
+
+    def __init__(self, tokens: list[int] | None = None) -> None: ...
+
+    step: int = 256
+
+    def update_and_fetch(self, tokens: list[int]) -> mlx.core.array:
+        """Append tokens; returns every token so far."""
+
+    @property
+    def state(self) -> mlx.core.array:
+        """The whole buffer, unused slots included."""
+
+    @property
+    def tokens(self) -> mlx.core.array:
+        """The tokens so far."""
+
+class PromptTrie:
+    """Token sequences to values, per model (a radix tree)."""
+
+    def __init__(self) -> None: ...
+
+    def add(self, model: object, tokens: object, value: object | None) -> object:
+        """Store value at tokens; returns the value it replaced, or None."""
+
+    def get(self, model: object, tokens: object) -> object:
+        """The value at exactly tokens (KeyError if none)."""
+
+    def pop(self, model: object, tokens: object) -> object:
+        """Remove and return the value at exactly tokens."""
+
+    def pop_prefixes(self, model: object, tokens: object) -> list:
+        """Remove the values at proper prefixes of tokens: [(length, value)]."""
+
+class LRUPromptCache:
+    """
+    Finished prompt caches by model and tokens, least recently inserted evicted first.
+    """
+
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every entry's caches."""
+
+    @property
+    def max_size(self) -> object: ...
+
+    @max_size.setter
+    def max_size(self, arg: object, /) -> None: ...
+
+    @property
+    def max_bytes(self) -> object: ...
+
+    @max_bytes.setter
+    def max_bytes(self, arg: object, /) -> None: ...
+
+    def fetch_nearest_cache(self, model: object, tokens: list[int]) -> tuple[list | None, list[int]]:
+        """
+        A copy of the cache stored for the nearest usable match.
+
+        Returns:
+            tuple: ``(cache, rest)``: a fresh copy of the exact entry, of
+            a longer trimmable one trimmed to the shared prefix, or of the
+            longest shorter one, and the tokens it does not cover; or
+            ``(None, tokens)``.
+        """
+
+    def insert_cache(self, model: object, tokens: object, prompt_cache: object, *, cache_type: str = 'assistant') -> None:
+        """Store a prompt cache for tokens, then evict to the limits."""
+
+    def trim_to(self, *, n_sequences: object | None = None, n_bytes: object | None = None) -> None:
+        """Evict down to n_sequences entries and n_bytes."""
+
+    def stats_by_type(self) -> dict:
+        """{cache_type: {'n_sequences': ..., 'n_bytes': ...}}."""
 
 def cache_class_names() -> list[str]:
     """The cache classes a prompt-cache file may name."""

@@ -19,6 +19,11 @@ FUNCTIONS = (
     "load_prompt_cache",
     "create_attention_mask",
     "dynamic_roll",
+    # The server's prompt-prefix cache (mlx_lm.server imports LRUPromptCache).
+    "TokenBuffer",
+    "PromptTrie",
+    "PromptTrieResult",
+    "LRUPromptCache",
 )
 
 

@@ -6,10 +6,8 @@ that kvcore's own ``pytest tests`` never loads it.
 
 ``--caches=kvcore`` (the default) calls ``kvcore.patch_mlx_lm()`` before
 pytest imports the test modules, so their ``from mlx_lm.models.cache import
-KVCache`` get kvcore's classes; ``--caches=mlx-lm`` runs the same tests on
-mlx-lm's own caches, for comparison. Either way the names kvcore does not
-provide (mlx_lm.server's LRUPromptCache, PromptTrie) stay mlx-lm's and hold
-whichever caches the tests make.
+KVCache`` (and mlx_lm.server's ``LRUPromptCache``) get kvcore's classes;
+``--caches=mlx-lm`` runs the same tests on mlx-lm's own, for comparison.
 
 Offline adaptations, the same in both modes:
 * test_prompt_cache.py loads a Hugging Face model (Qwen1.5-0.5B-Chat-4bit)
@@ -94,7 +92,10 @@ def pytest_configure(config):
         kvcore.patch_mlx_lm()
         import mlx_lm.models.cache as cache
 
+        import mlx_lm.server as server
+
         assert cache.KVCache is kvcore.KVCache
+        assert server.LRUPromptCache is kvcore.LRUPromptCache
     _model_missing = _model_available()
 
 

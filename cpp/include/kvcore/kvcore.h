@@ -10,6 +10,8 @@
 #include "kvcore/quantized.h"
 #include "kvcore/quantized_rotating.h"
 #include "kvcore/quantized_batch.h"
+#include "kvcore/prompt_trie.h"
+#include "kvcore/prefix_cache.h"
 #include "kvcore/attention.h"
 #include "kvcore/chunked.h"
 #include "kvcore/arrays.h"

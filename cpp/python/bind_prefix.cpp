@@ -1,0 +1,300 @@
+// TokenBuffer, PromptTrie and LRUPromptCache for Python: the C++ trie and
+// LRU over Python objects (any model key, any list of caches), so mlx-lm's
+// server and tests use them unchanged.
+#include <nanobind/stl/map.h>
+
+#include <mlx/ops.h>
+
+#include "common.h"
+#include "kvcore/prefix_cache.h"
+
+namespace kvcore::py {
+
+namespace {
+
+// Model keys compare with Python's ==, as dict keys do.
+struct PyEq {
+  bool operator()(const nb::object& a, const nb::object& b) const {
+    return a.is(b) || a.equal(b);
+  }
+};
+
+// A mutex that waits with the GIL released: a thread holding it may run
+// Python (a deepcopy), which lets other threads in; they must not block on
+// it while holding the GIL.
+struct GilMutex {
+  std::mutex m;
+  void lock() {
+    if (!m.try_lock()) {
+      nb::gil_scoped_release unlocked;
+      m.lock();
+    }
+  }
+  void unlock() {
+    m.unlock();
+  }
+};
+
+// What LRUPromptCache does with a Python list of caches: mlx-lm's own
+// calls (nbytes, can_trim_prompt_cache, copy.deepcopy, trim_prompt_cache),
+// so any cache objects work, kvcore's or not.
+struct PyOps {
+  static int64_t nbytes(const nb::object& caches) {
+    int64_t n = 0;
+    for (nb::handle c : caches) {
+      n += nb::cast<int64_t>(c.attr("nbytes"));
+    }
+    return n;
+  }
+  static bool can_trim(const nb::object& caches) {
+    for (nb::handle c : caches) {
+      if (!nb::cast<bool>(c.attr("is_trimmable")())) {
+        return false;
+      }
+    }
+    return true;
+  }
+  static nb::object copy(const nb::object& caches) {
+    return nb::module_::import_("copy").attr("deepcopy")(caches);
+  }
+  static void trim(nb::object& caches, int n) {
+    nb::module_::import_("kvcore").attr("trim_prompt_cache")(caches, n);
+  }
+};
+
+using PyTrie = PromptTrie<nb::object, nb::object, PyEq>;
+using PyLRU = LRUPromptCache<nb::object, nb::object, PyOps, GilMutex, PyEq>;
+
+Tokens tokens_arg(const char* ctx, nb::handle h) {
+  Tokens out;
+  mx::array* a = nullptr;
+  if (nb::try_cast<mx::array*>(h, a, false) && a != nullptr) {
+    // An integer mx.array, of any shape (BatchGenerator passes (1,) slices).
+    if (!mx::issubdtype(a->dtype(), mx::integer)) {
+      throw ValueError(ctx, "tokens of an integer dtype", dtype_str(a->dtype()));
+    }
+    mx::array x = mx::astype(mx::flatten(*a), mx::int64);
+    x.eval();
+    return Tokens(x.data<int64_t>(), x.data<int64_t>() + x.size());
+  }
+  nb::object seq = nb::borrow(h);
+  if (!nb::isinstance<nb::list>(h) && !nb::isinstance<nb::tuple>(h)) {
+    seq = nb::list(seq); // any iterable of ints
+  }
+  out.reserve(nb::len(seq));
+  for (nb::handle t : seq) {
+    if (!PyLong_Check(t.ptr()) || PyBool_Check(t.ptr())) {
+      throw ValueError(ctx, "tokens as ints", nb::cast<std::string>(nb::repr(t)).substr(0, 60));
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(t.ptr(), &overflow);
+    if (overflow != 0) {
+      throw ValueError(ctx, "tokens within 64 bits", nb::cast<std::string>(nb::repr(t)).substr(0, 60));
+    }
+    out.push_back(v);
+  }
+  return out;
+}
+
+nb::list to_list(const Tokens& t) {
+  nb::list out;
+  for (int64_t v : t) {
+    out.append(nb::int_(v));
+  }
+  return out;
+}
+
+nb::object opt_list(const std::optional<Tokens>& t) {
+  return t ? nb::object(to_list(*t)) : nb::none();
+}
+
+// Python's KeyError, as mlx-lm's dict-based trie raises it.
+[[noreturn]] void key_error(nb::handle tokens) {
+  PyErr_SetObject(PyExc_KeyError, tokens.ptr());
+  throw nb::python_error();
+}
+
+std::optional<int64_t> opt_count(const char* ctx, const char* what, nb::handle h) {
+  if (h.is_none()) {
+    return std::nullopt;
+  }
+  if (!PyLong_Check(h.ptr()) || PyBool_Check(h.ptr())) {
+    throw ValueError(ctx, std::string(what) + " as an int or None", nb::cast<std::string>(nb::repr(h)));
+  }
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  return overflow > 0 ? PyLRU::kUnlimited : overflow < 0 ? 0 : v;
+}
+
+// mlx-lm's default max_bytes is 1 << 63, one past int64: held as the
+// largest int64 and shown as 1 << 63 again.
+int64_t limit_arg(const char* ctx, const char* what, nb::handle h) {
+  auto v = opt_count(ctx, what, h);
+  if (!v) {
+    throw ValueError(ctx, std::string(what) + " as an int", "None");
+  }
+  return *v;
+}
+
+nb::object limit_to_py(int64_t v) {
+  if (v == PyLRU::kUnlimited) {
+    return nb::int_(1).attr("__lshift__")(63);
+  }
+  return nb::int_(v);
+}
+
+struct PyTokenBuffer final : TokenBuffer {
+  using TokenBuffer::TokenBuffer;
+  int step() const override {
+    nb::object self = nb::find(static_cast<const TokenBuffer&>(*this));
+    if (!self.is_valid()) {
+      return TokenBuffer::step();
+    }
+    nb::object v = nb::getattr(self, "step");
+    if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
+      throw ValueError("TokenBuffer.step", "a positive integer", nb::cast<std::string>(nb::repr(v)));
+    }
+    return check_size("TokenBuffer.step", "step", nb::cast<long long>(v), 1);
+  }
+};
+
+std::vector<int32_t> int32_tokens(const char* ctx, nb::handle h) {
+  std::vector<int32_t> out;
+  for (int64_t v : tokens_arg(ctx, h)) {
+    if (v < INT32_MIN || v > INT32_MAX) {
+      throw ValueError(ctx, "tokens within int32", std::to_string(v));
+    }
+    out.push_back(static_cast<int32_t>(v));
+  }
+  return out;
+}
+
+} // namespace
+
+void bind_prefix(nb::module_& m) {
+  auto tb = nb::class_<TokenBuffer>(m, "TokenBuffer", nb::dynamic_attr(),
+                                    "A growing int32 token sequence in one mlx array.");
+  tb.attr("step") = TokenBuffer::default_step;
+  tb.def("__init__",
+         [](TokenBuffer* self, nb::handle tokens) {
+           new (self) PyTokenBuffer(tokens.is_none() ? std::vector<int32_t>{}
+                                                     : int32_tokens("TokenBuffer", tokens));
+         },
+         "tokens"_a.none() = nb::none(),
+         nb::sig("def __init__(self, tokens: list[int] | None = None) -> None"))
+      .def("update_and_fetch",
+           [](TokenBuffer& b, nb::handle tokens) {
+             return b.update_and_fetch(int32_tokens("TokenBuffer.update_and_fetch", tokens));
+           },
+           "tokens"_a, nb::sig("def update_and_fetch(self, tokens: list[int]) -> mlx.core.array"),
+           "Append tokens; returns every token so far.")
+      .def_prop_ro("state", &TokenBuffer::state, "The whole buffer, unused slots included.")
+      .def_prop_ro("tokens", &TokenBuffer::tokens, "The tokens so far.")
+      .def_prop_ro("_buffer", &TokenBuffer::state)
+      .def_prop_ro("_size", &TokenBuffer::size);
+
+  auto trie = nb::class_<PyTrie>(m, "PromptTrie",
+                                 "Token sequences to values, per model (a radix tree).");
+  trie.def(nb::init<>())
+      .def("add",
+           [](PyTrie& t, nb::object model, nb::handle tokens, nb::object value) -> nb::object {
+             auto prev = t.add(model, tokens_arg("PromptTrie.add", tokens), std::move(value));
+             return prev ? *prev : nb::none();
+           },
+           "model"_a, "tokens"_a, "value"_a.none(),
+           "Store value at tokens; returns the value it replaced, or None.")
+      .def("get",
+           [](const PyTrie& t, nb::object model, nb::handle tokens) -> nb::object {
+             const nb::object* v = t.get(model, tokens_arg("PromptTrie.get", tokens));
+             if (v == nullptr) key_error(tokens);
+             return *v;
+           },
+           "model"_a, "tokens"_a, "The value at exactly tokens (KeyError if none).")
+      .def("pop",
+           [](PyTrie& t, nb::object model, nb::handle tokens) -> nb::object {
+             auto v = t.pop(model, tokens_arg("PromptTrie.pop", tokens));
+             if (!v) key_error(tokens);
+             return *v;
+           },
+           "model"_a, "tokens"_a, "Remove and return the value at exactly tokens.")
+      .def("pop_prefixes",
+           [](PyTrie& t, nb::object model, nb::handle tokens) {
+             nb::list out;
+             for (auto& [len, v] : t.pop_prefixes(model, tokens_arg("PromptTrie.pop_prefixes", tokens))) {
+               out.append(nb::make_tuple(len, v));
+             }
+             return out;
+           },
+           "model"_a, "tokens"_a,
+           "Remove the values at proper prefixes of tokens: [(length, value)].")
+      .def("_search",
+           [](const PyTrie& t, nb::object model, nb::handle tokens) {
+             auto r = t.search(model, tokens_arg("PromptTrie.search", tokens));
+             return nb::make_tuple(opt_list(r.exact), opt_list(r.shorter), opt_list(r.longer),
+                                   r.common_prefix);
+           },
+           "model"_a, "tokens"_a);
+
+  auto lru = nb::class_<PyLRU>(m, "LRUPromptCache",
+                               "Finished prompt caches by model and tokens, least recently "
+                               "inserted evicted first.");
+  lru.def("__init__",
+          [](PyLRU* self, nb::handle max_size, nb::handle max_bytes) {
+            constexpr const char* ctx = "LRUPromptCache";
+            new (self) PyLRU(limit_arg(ctx, "max_size", max_size), limit_arg(ctx, "max_bytes", max_bytes));
+          },
+          "max_size"_a = 10, "max_bytes"_a = nb::int_(1).attr("__lshift__")(63),
+          nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None"))
+      .def("__len__", &PyLRU::size)
+      .def_prop_ro("nbytes", &PyLRU::nbytes, "Bytes of every entry's caches.")
+      .def_prop_rw("max_size", [](const PyLRU& c) { return limit_to_py(c.max_size()); },
+                   [](PyLRU& c, nb::handle v) { c.set_max_size(limit_arg("LRUPromptCache", "max_size", v)); })
+      .def_prop_rw("max_bytes", [](const PyLRU& c) { return limit_to_py(c.max_bytes()); },
+                   [](PyLRU& c, nb::handle v) { c.set_max_bytes(limit_arg("LRUPromptCache", "max_bytes", v)); })
+      .def("fetch_nearest_cache",
+           [](PyLRU& c, nb::object model, nb::handle tokens) {
+             auto [cache, rest] = c.fetch_nearest_cache(
+                 model, tokens_arg("LRUPromptCache.fetch_nearest_cache", tokens));
+             return nb::make_tuple(cache ? *cache : nb::none(), to_list(rest));
+           },
+           "model"_a, "tokens"_a,
+           nb::sig("def fetch_nearest_cache(self, model: object, tokens: list[int]) -> tuple[list | None, list[int]]"),
+           R"pbdoc(
+             A copy of the cache stored for the nearest usable match.
+
+             Returns:
+                 tuple: ``(cache, rest)``: a fresh copy of the exact entry, of
+                 a longer trimmable one trimmed to the shared prefix, or of the
+                 longest shorter one, and the tokens it does not cover; or
+                 ``(None, tokens)``.
+           )pbdoc")
+      .def("insert_cache",
+           [](PyLRU& c, nb::object model, nb::handle tokens, nb::object prompt_cache,
+              const std::string& cache_type) {
+             c.insert_cache(model, tokens_arg("LRUPromptCache.insert_cache", tokens),
+                            std::move(prompt_cache), cache_type);
+           },
+           "model"_a, "tokens"_a, "prompt_cache"_a, nb::kw_only(), "cache_type"_a = "assistant",
+           "Store a prompt cache for tokens, then evict to the limits.")
+      .def("trim_to",
+           [](PyLRU& c, nb::handle n_sequences, nb::handle n_bytes) {
+             constexpr const char* ctx = "LRUPromptCache.trim_to";
+             c.trim_to(opt_count(ctx, "n_sequences", n_sequences), opt_count(ctx, "n_bytes", n_bytes));
+           },
+           nb::kw_only(), "n_sequences"_a.none() = nb::none(), "n_bytes"_a.none() = nb::none(),
+           "Evict down to n_sequences entries and n_bytes.")
+      .def("stats_by_type",
+           [](const PyLRU& c) {
+             nb::dict out;
+             for (const auto& [type, s] : c.stats_by_type()) {
+               nb::dict d;
+               d["n_sequences"] = s.n_sequences;
+               d["n_bytes"] = s.n_bytes;
+               out[type.c_str()] = d;
+             }
+             return out;
+           },
+           "{cache_type: {'n_sequences': ..., 'n_bytes': ...}}.");
+}
+
+} // namespace kvcore::py

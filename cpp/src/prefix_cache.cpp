@@ -1,0 +1,65 @@
+#include "kvcore/prefix_cache.h"
+
+#include <mlx/ops.h>
+
+#include "kvcore/buffer.h"
+#include "kvcore/errors.h"
+
+namespace kvcore {
+
+TokenBuffer::TokenBuffer(const std::vector<int32_t>& tokens)
+    : buffer_(mx::array(tokens.data(), {static_cast<int>(tokens.size())}, mx::int32)),
+      size_(static_cast<int>(tokens.size())) {}
+
+mx::array TokenBuffer::update_and_fetch(const std::vector<int32_t>& tokens) {
+  constexpr const char* ctx = "TokenBuffer.update_and_fetch";
+  const long long end = 1LL * size_ + static_cast<long long>(tokens.size());
+  check_size(ctx, "tokens held", end);
+  const int start = size_;
+  const long long st = step();
+  const long long want = ((end + st - 1) / st) * st;
+  mx::array buffer = buffer_;
+  if (want > buffer.size()) {
+    check_size(ctx, "buffer size", want);
+    buffer = mx::concatenate(
+        {buffer, mx::zeros({static_cast<int>(want - buffer.size())}, mx::int32)}, 0);
+  }
+  if (!tokens.empty()) {
+    mx::array t(tokens.data(), {static_cast<int>(tokens.size())}, mx::int32);
+    buffer = mx::slice_update(buffer, t, mx::Shape{start}, mx::Shape{static_cast<int>(end)});
+  }
+  buffer_ = std::move(buffer);
+  size_ = static_cast<int>(end);
+  return mx::slice(buffer_, mx::Shape{0}, mx::Shape{size_});
+}
+
+mx::array TokenBuffer::tokens() const {
+  return mx::slice(buffer_, mx::Shape{0}, mx::Shape{size_});
+}
+
+int64_t PromptCacheOps::nbytes(const PromptCache& caches) {
+  int64_t n = 0;
+  for (const auto& c : caches) {
+    n += static_cast<int64_t>(c->nbytes());
+  }
+  return n;
+}
+
+bool PromptCacheOps::can_trim(const PromptCache& caches) {
+  return can_trim_prompt_cache(caches);
+}
+
+PromptCache PromptCacheOps::copy(const PromptCache& caches) {
+  PromptCache out;
+  out.reserve(caches.size());
+  for (const auto& c : caches) {
+    out.push_back(std::shared_ptr<Cache>(c->copy()));
+  }
+  return out;
+}
+
+void PromptCacheOps::trim(PromptCache& caches, int n) {
+  trim_prompt_cache(caches, n);
+}
+
+} // namespace kvcore

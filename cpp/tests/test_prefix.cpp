@@ -1,0 +1,129 @@
+// The prompt-prefix cache from C++: PromptTrie's matching, PromptCacheLRU
+// over kvcore caches (fresh copies, trimming, eviction, threads), and
+// TokenBuffer.
+#include <thread>
+
+#include <mlx/ops.h>
+
+#include "kvcore/kvcore.h"
+#include "samples.h"
+#include "test.h"
+
+namespace mx = mlx::core;
+using namespace kvcore;
+
+namespace {
+
+PromptCache layers(int tokens, int n = 2) {
+  PromptCache out;
+  for (int i = 0; i < n; ++i) {
+    auto c = std::make_shared<KVCache>();
+    kvtest::feed(*c, {tokens}, 1, 1, 4, mx::float32, 7 + i);
+    out.push_back(c);
+  }
+  return out;
+}
+
+int offset_of(const PromptCache& c) {
+  return dynamic_cast<const KVCache&>(*c[0]).offset();
+}
+
+} // namespace
+
+TEST(trie_exact_shorter_longer) {
+  PromptTrie<std::string, int> t;
+  CHECK(!t.add("m", {1, 2, 3, 4}, 1));
+  CHECK(!t.add("m", {1, 2}, 2));
+  CHECK(!t.add("m", {1, 2, 3, 9, 9}, 3));
+  CHECK_EQ(*t.add("m", {1, 2}, 4), 2);
+  auto r = t.search("m", {1, 2, 3, 4});
+  CHECK(r.exact && *r.exact == Tokens({1, 2, 3, 4}));
+  r = t.search("m", {1, 2, 3, 7});
+  CHECK(!r.exact);
+  CHECK(r.shorter && *r.shorter == Tokens({1, 2}));
+  CHECK(r.longer && *r.longer == Tokens({1, 2, 3, 4})); // the shorter of the two extensions
+  CHECK_EQ(r.common_prefix, 3);
+  CHECK(!t.search("other", {1, 2}).exact);
+  CHECK_EQ(*t.pop("m", {1, 2, 3, 4}), 1);
+  CHECK(t.get("m", {1, 2, 3, 4}) == nullptr);
+  CHECK_EQ(*t.get("m", {1, 2, 3, 9, 9}), 3);
+  auto popped = t.pop_prefixes("m", {1, 2, 3, 9, 9});
+  CHECK_EQ(popped.size(), size_t(1));
+  CHECK_EQ(popped[0].first, 2);
+  CHECK(t.get("m", {1, 2}) == nullptr);
+}
+
+TEST(lru_fetch_gives_fresh_trimmed_copies) {
+  PromptCacheLRU lru;
+  Tokens prompt{1, 2, 3, 4, 5, 6};
+  lru.insert_cache("model", prompt, layers(6));
+  CHECK_EQ(lru.size(), 1);
+  CHECK_EQ(lru.nbytes(), PromptCacheOps::nbytes(layers(6)));
+  auto [c, rest] = lru.fetch_nearest_cache("model", {1, 2, 3, 9});
+  CHECK(c.has_value());
+  CHECK_EQ(offset_of(*c), 3);
+  CHECK(rest == Tokens({9}));
+  // The copy is the caller's: changing it leaves the stored entry whole.
+  (*c)[0]->trim(3);
+  auto [again, rest2] = lru.fetch_nearest_cache("model", prompt);
+  CHECK_EQ(offset_of(*again), 6);
+  CHECK(rest2.empty());
+  auto [none, all] = lru.fetch_nearest_cache("other", prompt);
+  CHECK(!none.has_value());
+  CHECK(all == prompt);
+}
+
+TEST(lru_evicts_by_count_and_bytes) {
+  PromptCacheLRU lru(2);
+  lru.insert_cache("m", {1}, layers(1));
+  lru.insert_cache("m", {2}, layers(1));
+  lru.insert_cache("m", {3}, layers(1));
+  CHECK_EQ(lru.size(), 2);
+  CHECK(!lru.fetch_nearest_cache("m", {1}).first.has_value());
+  CHECK_THROWS(ValueError, "cache_type among assistant, user, system",
+               lru.insert_cache("m", {4}, layers(1), "tool"));
+  CHECK_EQ(lru.size(), 2);
+  lru.trim_to(std::nullopt, 0);
+  CHECK_EQ(lru.size(), 0);
+  CHECK_EQ(lru.nbytes(), 0);
+}
+
+TEST(lru_concurrent_calls) {
+  PromptCacheLRU lru(6);
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 4; ++w) {
+    threads.emplace_back([&lru, w] {
+      for (int i = 0; i < 40; ++i) {
+        Tokens t{w, i % 5, i % 3};
+        if (i % 2 == 0) {
+          lru.insert_cache("m", t, layers(3, 1));
+        } else {
+          auto [c, rest] = lru.fetch_nearest_cache("m", t);
+          if (c) {
+            (void)offset_of(*c);
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  int64_t n = 0, bytes = 0;
+  for (const auto& [type, s] : lru.stats_by_type()) {
+    n += s.n_sequences;
+    bytes += s.n_bytes;
+  }
+  CHECK_EQ(n, lru.size());
+  CHECK_EQ(bytes, lru.nbytes());
+  CHECK(lru.size() <= 6);
+}
+
+TEST(token_buffer_grows_by_step) {
+  TokenBuffer b({5, 6});
+  auto t = b.update_and_fetch({7, 8, 9});
+  CHECK_EQ(t.size(), size_t(5));
+  CHECK_EQ(b.state().size(), size_t(256));
+  CHECK_EQ(b.tokens().size(), size_t(5));
+  auto x = mx::astype(t, mx::int32);
+  x.eval();
+  CHECK_EQ(x.data<int32_t>()[4], 9);
+}
