@@ -263,4 +263,11 @@ size_t nbytes_of(const OptionalArray& a) {
   return a ? a->nbytes() : 0;
 }
 
+void await_buffer_release(int capacity, bool has_buffer, int S) {
+  if (capacity > 0 && has_buffer && S > 1 &&
+      mx::default_device().type == mx::Device::DeviceType::gpu) {
+    mx::synchronize();
+  }
+}
+
 } // namespace kvcore

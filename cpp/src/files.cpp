@@ -275,24 +275,6 @@ class PathTree {
 
 // --- scalars ---------------------------------------------------------------
 
-void utf8_append(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
-
 /// The code points of UTF-8 text (kvcore's own strings, so well formed).
 std::vector<int32_t> code_points(const std::string& s) {
   std::vector<int32_t> out;
@@ -364,7 +346,7 @@ StateValue decode_scalar(const mx::array& a, const std::string& kind, const std:
       if (c < 0 || c >= 0x110000 || (c >= 0xD800 && c < 0xE000)) {
         throw ValueError(kLoad, "code points for the string at " + path, "out-of-range values");
       }
-      utf8_append(out, static_cast<uint32_t>(c));
+      json::utf8_append(out, static_cast<uint32_t>(c));
     }
     return StateValue(std::move(out));
   }

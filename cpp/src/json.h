@@ -14,6 +14,9 @@
 
 namespace kvcore::json {
 
+/// Appends code point cp to out as UTF-8.
+void utf8_append(std::string& out, uint32_t cp);
+
 struct Value;
 using Array = std::vector<Value>;
 using Object = std::vector<std::pair<std::string, Value>>;

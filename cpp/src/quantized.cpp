@@ -122,6 +122,7 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
     throw RuntimeError(ctx, "offset 0 in an empty cache", "offset " + std::to_string(prev));
   }
 
+  await_buffer_release(capacity_, keys_.has_value(), S);
   OptionalQuantized kbuf = keys_, vbuf = values_;
   if (!kbuf || prev + S > std::get<0>(*kbuf).shape(2)) {
     const int step = check_size(ctx, "step", this->step(), 1);
@@ -191,6 +192,25 @@ std::vector<OptionalArray> QuantizedKVCache::state() const {
   return out;
 }
 
+std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
+    const char* ctx,
+    const std::vector<OptionalArray>& arrays) {
+  if (arrays.size() < 6) {
+    throw ValueError(ctx, "at least 6 arrays", std::to_string(arrays.size()));
+  }
+  auto triple = [&](size_t i) -> OptionalQuantized {
+    int set = arrays[i].has_value() + arrays[i + 1].has_value() + arrays[i + 2].has_value();
+    if (set == 0) {
+      return std::nullopt;
+    }
+    if (set != 3) {
+      throw ValueError(ctx, "a triple of three arrays or of three None", std::to_string(set) + " arrays");
+    }
+    return QuantizedArrays{*arrays[i], *arrays[i + 1], *arrays[i + 2]};
+  };
+  return {triple(0), triple(3)};
+}
+
 std::vector<std::string> QuantizedKVCache::meta_state() const {
   return {std::to_string(offset_), std::to_string(key_spec_.group_size),
           std::to_string(key_spec_.bits)};
@@ -202,17 +222,8 @@ void QuantizedKVCache::restore(
   constexpr const char* ctx = "QuantizedKVCache.state";
   check_count(ctx, "arrays", arrays.size(), 6);
   check_count(ctx, "scalars", meta.size(), 3);
-  auto triple = [&](size_t i) -> OptionalQuantized {
-    int set = arrays[i].has_value() + arrays[i + 1].has_value() + arrays[i + 2].has_value();
-    if (set == 0) {
-      return std::nullopt;
-    }
-    if (set != 3) {
-      throw ValueError(ctx, "a triple of three arrays or of three None", std::to_string(set) + " arrays");
-    }
-    return QuantizedArrays{*arrays[i], *arrays[i + 1], *arrays[i + 2]};
-  };
-  set(triple(0), triple(3), parse_int(ctx, "offset", meta[0]),
+  auto [keys, values] = triples_from_arrays(ctx, arrays);
+  set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]),
       parse_int(ctx, "group_size", meta[1]), parse_int(ctx, "bits", meta[2]));
 }
 

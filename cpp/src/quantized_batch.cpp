@@ -68,23 +68,6 @@ std::pair<OptionalQuantized, OptionalQuantized> quantize_pair(
           quantize(ctx, *values, vs.group_size, vs.bits)};
 }
 
-// The quantized arrays' six-plus-two state as std::vector<OptionalArray>.
-std::optional<std::pair<OptionalQuantized, OptionalQuantized>> triples_from(
-    const char* ctx,
-    const std::vector<OptionalArray>& arrays) {
-  auto triple = [&](size_t i) -> OptionalQuantized {
-    int set = arrays[i].has_value() + arrays[i + 1].has_value() + arrays[i + 2].has_value();
-    if (set == 0) {
-      return std::nullopt;
-    }
-    if (set != 3) {
-      throw ValueError(ctx, "a triple of three arrays or of three None", std::to_string(set) + " arrays");
-    }
-    return QuantizedArrays{*arrays[i], *arrays[i + 1], *arrays[i + 2]};
-  };
-  return std::make_pair(triple(0), triple(3));
-}
-
 } // namespace
 
 // QuantizedBatchCache -------------------------------------------------------
@@ -288,9 +271,9 @@ void QuantizedBatchKVCache::restore(
   if (!arrays[6] || !arrays[7]) {
     throw ValueError(ctx, "offset and left_padding arrays", "None");
   }
-  auto kv = triples_from(ctx, arrays);
-  set(kv->first, kv->second, *arrays[6], *arrays[7], parse_int(ctx, "_idx", meta[0]), key_spec_,
-      value_spec_);
+  auto [keys, values] = triples_from_arrays(ctx, arrays);
+  set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "_idx", meta[0]),
+      key_spec_, value_spec_);
 }
 
 void QuantizedBatchKVCache::set(
@@ -395,8 +378,8 @@ void QuantizedBatchRotatingKVCache::restore(
   if (!arrays[6] || !arrays[7]) {
     throw ValueError(ctx, "offset and left_padding arrays", "None");
   }
-  auto kv = triples_from(ctx, arrays);
-  set(kv->first, kv->second, *arrays[6], *arrays[7], parse_int(ctx, "max_size", meta[0]),
+  auto [keys, values] = triples_from_arrays(ctx, arrays);
+  set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "max_size", meta[0]),
       parse_int(ctx, "_offset", meta[1]), parse_int(ctx, "_idx", meta[2]),
       parse_int(ctx, "rotated", meta[3]) != 0, key_spec_, value_spec_);
 }

@@ -85,17 +85,8 @@ void QuantizedRotatingKVCache::restore(
   constexpr const char* ctx = "QuantizedRotatingKVCache.state";
   check_count(ctx, "arrays", arrays.size(), 6);
   check_count(ctx, "scalars", meta.size(), 0);
-  auto triple = [&](size_t i) -> OptionalQuantized {
-    int set = arrays[i].has_value() + arrays[i + 1].has_value() + arrays[i + 2].has_value();
-    if (set == 0) {
-      return std::nullopt;
-    }
-    if (set != 3) {
-      throw ValueError(ctx, "a triple of three arrays or of three None", std::to_string(set) + " arrays");
-    }
-    return QuantizedArrays{*arrays[i], *arrays[i + 1], *arrays[i + 2]};
-  };
-  set(triple(0), triple(3), offset(), keep(), max_size(), idx(), key_spec_, value_spec_);
+  auto [keys, values] = triples_from_arrays(ctx, arrays);
+  set(std::move(keys), std::move(values), offset(), keep(), max_size(), idx(), key_spec_, value_spec_);
 }
 
 void QuantizedRotatingKVCache::set(

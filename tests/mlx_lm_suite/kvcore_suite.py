@@ -123,22 +123,10 @@ class _ByteTokenizer:
 def _stand_in_model():
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.models import qwen2
 
-    args = qwen2.ModelArgs(
-        model_type="qwen2",
-        hidden_size=128,
-        num_hidden_layers=4,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        vocab_size=512,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    )
-    mx.random.seed(0)
-    model = qwen2.Model(args)
+    from kvcore._demo import tiny_qwen2
+
+    model = tiny_qwen2(layers=4, seed=0)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     return model

@@ -21,6 +21,12 @@ struct QuantSpec {
 /// A triple's arrays are rank 4 and share (B, H, S); weights are uint32.
 void check_triple(const char* ctx, const char* what, const QuantizedArrays& q);
 
+/// The first six of a state's arrays (keys' weights, scales and biases, then
+/// the values') as two triples, each all set or all None.
+std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
+    const char* ctx,
+    const std::vector<OptionalArray>& arrays);
+
 /// Throws unless mx::quantize's affine mode takes these settings.
 void check_quantization(const char* ctx, int group_size, int bits);
 
