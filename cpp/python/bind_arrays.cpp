@@ -163,7 +163,7 @@ void bind_arrays(nb::module_& m) {
       nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[ArraysCache]) -> ArraysCache"),
       "One cache with a row per input cache.");
-  nb::setattr(cls, "merge", as_classmethod(merge));
+  set_merge(cls, merge);
 }
 
 } // namespace kvcore::py

@@ -42,19 +42,6 @@ mx::array array_arg(const char* ctx, const char* what, nb::handle h) {
 
 namespace {
 
-std::vector<const RotatingKVCache*> rotating_singles(const char* ctx, nb::handle caches) {
-  std::vector<const RotatingKVCache*> out;
-  for (nb::handle h : caches) {
-    const RotatingKVCache* p = nullptr;
-    if (!nb::try_cast<const RotatingKVCache*>(h, p, false) || !p) {
-      throw ValueError(ctx, "a list of kvcore RotatingKVCache",
-                       nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
-    }
-    out.push_back(p);
-  }
-  return out;
-}
-
 // BatchKVCache.merge's rows: KVCaches, or RotatingKVCaches as mlx-lm's
 // merge reads them (checked in C++).
 std::vector<const SequenceCache*> sequence_singles(const char* ctx, nb::handle caches) {
@@ -72,11 +59,6 @@ std::vector<const SequenceCache*> sequence_singles(const char* ctx, nb::handle c
     }
   }
   return out;
-}
-
-template <class T>
-void classmethod(nb::handle cls, const char* name, nb::object fn) {
-  nb::setattr(cls, name, as_classmethod(fn));
 }
 
 // What both batch caches show Python.
@@ -174,7 +156,7 @@ void bind_batch(nb::module_& m) {
     return make_instance<BatchKVCache>(
         type, BatchKVCache::merge(sequence_singles("BatchKVCache.merge", caches)));
   };
-  classmethod<BatchKVCache>(b, "merge",
+  set_merge(b,
       nb::cpp_function(merge_kv, nb::name("merge"), "cls"_a, "caches"_a,
                        nb::sig("def merge(cls, caches: list[KVCache | RotatingKVCache]) -> BatchKVCache"),
                        "One batch cache from single-sequence KVCaches (or unrotated\n"
@@ -249,16 +231,16 @@ void bind_batch(nb::module_& m) {
   auto merge_rot = [](nb::handle type, nb::handle caches) {
     return make_instance<BatchRotatingKVCache>(
         type, BatchRotatingKVCache::merge(
-                  rotating_singles("BatchRotatingKVCache.merge", caches)));
+                  cache_list_arg<RotatingKVCache>("BatchRotatingKVCache.merge", "RotatingKVCache", caches)));
   };
-  classmethod<BatchRotatingKVCache>(r, "merge",
+  set_merge(r,
       nb::cpp_function(merge_rot, nb::name("merge"), "cls"_a, "caches"_a,
                        nb::sig("def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache"),
                        "One batch cache from single-sequence RotatingKVCaches."));
 
   // KVCache.merge / RotatingKVCache.merge build the batch caches.
   nb::object kv_cls = m.attr("KVCache"), rot_cls = m.attr("RotatingKVCache");
-  classmethod<KVCache>(kv_cls, "merge",
+  set_merge(kv_cls,
       nb::cpp_function([b](nb::handle, nb::handle caches) {
         return make_instance<BatchKVCache>(
             b, BatchKVCache::merge(sequence_singles("KVCache.merge", caches)));
@@ -266,10 +248,10 @@ void bind_batch(nb::module_& m) {
       nb::sig("def merge(cls, caches: list[KVCache | RotatingKVCache]) -> BatchKVCache"),
       "A BatchKVCache holding these caches as rows (KVCaches, or\n"
       "RotatingKVCaches whose buffer holds their tokens in order)."));
-  classmethod<RotatingKVCache>(rot_cls, "merge",
+  set_merge(rot_cls,
       nb::cpp_function([r](nb::handle, nb::handle caches) {
         return make_instance<BatchRotatingKVCache>(
-            r, BatchRotatingKVCache::merge(rotating_singles("RotatingKVCache.merge", caches)));
+            r, BatchRotatingKVCache::merge(cache_list_arg<RotatingKVCache>("RotatingKVCache.merge", "RotatingKVCache", caches)));
       }, nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache"),
       "A BatchRotatingKVCache holding these caches as rows."));

@@ -146,15 +146,8 @@ nb::object limit_to_py(int64_t v) {
 struct PyTokenBuffer final : TokenBuffer {
   using TokenBuffer::TokenBuffer;
   int step() const override {
-    nb::object self = nb::find(static_cast<const TokenBuffer&>(*this));
-    if (!self.is_valid()) {
-      return TokenBuffer::step();
-    }
-    nb::object v = nb::getattr(self, "step");
-    if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
-      throw ValueError("TokenBuffer.step", "a positive integer", nb::cast<std::string>(nb::repr(v)));
-    }
-    return check_size("TokenBuffer.step", "step", nb::cast<long long>(v), 1);
+    return python_step("TokenBuffer.step", "TokenBuffer.step", nb::find(static_cast<const TokenBuffer&>(*this)),
+                       TokenBuffer::step());
   }
 };
 

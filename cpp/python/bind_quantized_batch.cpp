@@ -10,20 +10,6 @@ namespace {
 constexpr const char* kTripleSig =
     "tuple[mlx.core.array, mlx.core.array, mlx.core.array]";
 
-template <class Single>
-std::vector<const Single*> quantized_singles(const char* ctx, const char* want, nb::handle caches) {
-  std::vector<const Single*> out;
-  for (nb::handle h : caches) {
-    const Single* p = nullptr;
-    if (!nb::try_cast<const Single*>(h, p, false) || !p) {
-      throw ValueError(ctx, std::string("a list of kvcore ") + want,
-                       nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
-    }
-    out.push_back(p);
-  }
-  return out;
-}
-
 // What both quantized batch caches show Python.
 template <class T>
 void def_quantized_batch_api(nb::class_<T>& cls) {
@@ -81,11 +67,6 @@ void def_quantized_batch_api(nb::class_<T>& cls) {
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {
         return copy_instance<T>(self, memo);
       }, "memo"_a);
-}
-
-template <class T>
-void classmethod(nb::handle cls, nb::object fn) {
-  nb::setattr(cls, "merge", as_classmethod(fn));
 }
 
 } // namespace
@@ -158,10 +139,10 @@ void bind_quantized_batch(nb::module_& m) {
   def_from_state<QB>(qb, "Build a cache from ``state`` without calling __init__.",
                      std::vector<int>{}, QuantSpec{64, 8}, QuantSpec{64, 8});
   auto merge_qb = [](nb::handle type, nb::handle caches) {
-    return make_instance<QB>(type, QB::merge(quantized_singles<QuantizedKVCache>(
+    return make_instance<QB>(type, QB::merge(cache_list_arg<QuantizedKVCache>(
                                        "QuantizedBatchKVCache.merge", "QuantizedKVCache", caches)));
   };
-  classmethod<QB>(qb, nb::cpp_function(
+  set_merge(qb, nb::cpp_function(
       merge_qb, nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[QuantizedKVCache]) -> QuantizedBatchKVCache"),
       "One batch cache from QuantizedKVCaches quantized alike, left-padded."));
@@ -244,11 +225,11 @@ void bind_quantized_batch(nb::module_& m) {
   def_from_state<QR>(qr, "Build a cache from ``state`` without calling __init__.", 1,
                      std::vector<int>{}, QuantSpec{64, 8}, QuantSpec{64, 8});
   auto merge_qr = [](nb::handle type, nb::handle caches) {
-    return make_instance<QR>(type, QR::merge(quantized_singles<QuantizedRotatingKVCache>(
+    return make_instance<QR>(type, QR::merge(cache_list_arg<QuantizedRotatingKVCache>(
                                        "QuantizedBatchRotatingKVCache.merge",
                                        "QuantizedRotatingKVCache", caches)));
   };
-  classmethod<QR>(qr, nb::cpp_function(
+  set_merge(qr, nb::cpp_function(
       merge_qr, nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[QuantizedRotatingKVCache]) -> QuantizedBatchRotatingKVCache"),
       "One batch cache from QuantizedRotatingKVCaches quantized alike."));
@@ -273,17 +254,17 @@ void bind_quantized_batch(nb::module_& m) {
       nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4,
       nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchRotatingKVCache"),
       "The same rows, ring and padding with keys and values quantized."));
-  classmethod<QuantizedKVCache>(q_cls, nb::cpp_function(
+  set_merge(q_cls, nb::cpp_function(
       [qb](nb::handle, nb::handle caches) {
-        return make_instance<QB>(qb, QB::merge(quantized_singles<QuantizedKVCache>(
+        return make_instance<QB>(qb, QB::merge(cache_list_arg<QuantizedKVCache>(
                                          "QuantizedKVCache.merge", "QuantizedKVCache", caches)));
       },
       nb::name("merge"), "cls"_a, "caches"_a,
       nb::sig("def merge(cls, caches: list[QuantizedKVCache]) -> QuantizedBatchKVCache"),
       "A QuantizedBatchKVCache holding these caches as rows."));
-  classmethod<QuantizedRotatingKVCache>(qrot_cls, nb::cpp_function(
+  set_merge(qrot_cls, nb::cpp_function(
       [qr](nb::handle, nb::handle caches) {
-        return make_instance<QR>(qr, QR::merge(quantized_singles<QuantizedRotatingKVCache>(
+        return make_instance<QR>(qr, QR::merge(cache_list_arg<QuantizedRotatingKVCache>(
                                          "QuantizedRotatingKVCache.merge",
                                          "QuantizedRotatingKVCache", caches)));
       },

@@ -44,9 +44,9 @@ std::pair<QuantSpec, QuantSpec> quant_specs_arg(
     nb::handle bits) {
   auto [kg, vg] = int_or_pair(ctx, "group_size", group_size);
   auto [kb, vb] = int_or_pair(ctx, "bits", bits);
-  check_quantization(ctx, kg, kb);
-  check_quantization(ctx, vg, vb);
-  return {{kg, kb}, {vg, vb}};
+  std::pair<QuantSpec, QuantSpec> specs{{kg, kb}, {vg, vb}};
+  check_specs(ctx, specs.first, specs.second);
+  return specs;
 }
 
 nb::object spec_to_py(int keys, int values) {

@@ -29,6 +29,26 @@ namespace kvcore::py {
 /// Python object (instance, then class), so `KVCache.step = 512`, a
 /// subclass's `step = 64` and `cache.step = 16` all work as in mlx-lm. It
 /// is consulted only when a buffer grows, never on the per-token path.
+/// The `step` a Python object holds (instance, then class) for a C++
+/// object with a growth step; `fallback` when it has no Python object yet.
+/// A non-int is a ValueError under `ctx`, a step out of range under
+/// `range_ctx`.
+inline int python_step(
+    const std::string& ctx,
+    const char* range_ctx,
+    nb::object self,
+    int fallback) {
+  if (!self.is_valid()) {
+    return fallback;
+  }
+  nb::object value = nb::getattr(self, "step");
+  long long v = 0;
+  if (!nb::try_cast<long long>(value, v, false) || PyBool_Check(value.ptr())) {
+    throw ValueError(ctx, "a positive integer", nb::cast<std::string>(nb::repr(value)));
+  }
+  return check_size(range_ctx, "step", v, 1);
+}
+
 template <class T, bool HasStep = requires(const T& t) { t.step(); }>
 struct PyCache;
 
@@ -41,19 +61,8 @@ struct PyCache<T, true> final : T {
   explicit PyCache(Args&&... args) : T(std::forward<Args>(args)...) {}
 
   int step() const override {
-    nb::object self = nb::find(static_cast<const T&>(*this));
-    if (!self.is_valid()) {
-      return T::step();
-    }
-    nb::object value = nb::getattr(self, "step");
-    long long v = 0;
-    if (!nb::try_cast<long long>(value, v, false) || PyBool_Check(value.ptr())) {
-      throw ValueError(
-          std::string(this->name()) + ".step",
-          "a positive integer",
-          nb::cast<std::string>(nb::repr(value)));
-    }
-    return check_size(this->name(), "step", v, 1);
+    return python_step(std::string(this->name()) + ".step", this->name(),
+                       nb::find(static_cast<const T&>(*this)), T::step());
   }
 };
 
@@ -152,6 +161,27 @@ inline nb::object to_py(const OptionalArray& a) {
 /// for it is outside the stable ABI).
 inline nb::object as_classmethod(nb::handle fn) {
   return nb::module_::import_("builtins").attr("classmethod")(fn);
+}
+
+/// Installs fn as the classmethod `merge` of cls.
+inline void set_merge(nb::handle cls, nb::object fn) {
+  nb::setattr(cls, "merge", as_classmethod(fn));
+}
+
+/// A merge's argument: every item of the Python list a kvcore `want`
+/// (bound as T), else ValueError naming the type found.
+template <class T>
+std::vector<const T*> cache_list_arg(const char* ctx, const char* want, nb::handle caches) {
+  std::vector<const T*> out;
+  for (nb::handle h : caches) {
+    const T* p = nullptr;
+    if (!nb::try_cast<const T*>(h, p, false) || !p) {
+      throw ValueError(ctx, std::string("a list of kvcore ") + want,
+                       nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+    }
+    out.push_back(p);
+  }
+  return out;
 }
 
 /// Installs `from_state` as a classmethod: builds cls without __init__ and

@@ -17,8 +17,7 @@ mx::array quantized_attention(
     QuantSpec key_spec,
     QuantSpec value_spec) {
   constexpr const char* ctx = "quantized_attention";
-  check_quantization(ctx, key_spec.group_size, key_spec.bits);
-  check_quantization(ctx, value_spec.group_size, value_spec.bits);
+  check_specs(ctx, key_spec, value_spec);
   check_triple(ctx, "keys", keys);
   check_triple(ctx, "values", values);
   if (queries.ndim() != 4) {

@@ -69,6 +69,43 @@ void check_quantization(const char* ctx, int group_size, int bits) {
   }
 }
 
+void check_specs(const char* ctx, QuantSpec keys, QuantSpec values) {
+  check_quantization(ctx, keys.group_size, keys.bits);
+  check_quantization(ctx, values.group_size, values.bits);
+}
+
+void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values) {
+  if (keys.has_value() != values.has_value()) {
+    throw ValueError(ctx, "keys and values both set or both None", "only one set");
+  }
+  if (keys) {
+    check_triple(ctx, "keys", *keys);
+    check_triple(ctx, "values", *values);
+  }
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> quantize_kv(
+    const char* ctx,
+    const mx::array& keys,
+    const mx::array& values,
+    QuantSpec key_spec,
+    QuantSpec value_spec) {
+  return {quantize(ctx, keys, key_spec.group_size, key_spec.bits),
+          quantize(ctx, values, value_spec.group_size, value_spec.bits)};
+}
+
+std::pair<OptionalQuantized, OptionalQuantized> quantize_buffers(
+    const char* ctx,
+    const OptionalArray& keys,
+    const OptionalArray& values,
+    QuantSpec key_spec,
+    QuantSpec value_spec) {
+  if (!keys || !values) {
+    return {std::nullopt, std::nullopt};
+  }
+  return quantize_kv(ctx, *keys, *values, key_spec, value_spec);
+}
+
 QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, int bits) {
   // mx::quantize refuses integers itself, but takes float64 and fails only
   // when the result is evaluated.
@@ -91,8 +128,7 @@ QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, in
 
 QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values)
     : key_spec_(keys), value_spec_(values) {
-  check_quantization("QuantizedKVCache", keys.group_size, keys.bits);
-  check_quantization("QuantizedKVCache", values.group_size, values.bits);
+  check_specs("QuantizedKVCache", keys, values);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
@@ -110,8 +146,7 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
     throw ValueError(ctx, "values of the keys' dtype " + dtype_str(keys.dtype()),
                      dtype_str(values.dtype()));
   }
-  auto qk = quantize(ctx, keys, key_spec_.group_size, key_spec_.bits);
-  auto qv = quantize(ctx, values, value_spec_.group_size, value_spec_.bits);
+  auto [qk, qv] = quantize_kv(ctx, keys, values, key_spec_, value_spec_);
   if (keys_) {
     check_triple(ctx, "keys", *keys_);
     check_triple(ctx, "values", *values_);
@@ -234,15 +269,10 @@ void QuantizedKVCache::set(
     QuantSpec key_spec,
     QuantSpec value_spec) {
   constexpr const char* ctx = "QuantizedKVCache.state";
-  check_quantization(ctx, key_spec.group_size, key_spec.bits);
-  check_quantization(ctx, value_spec.group_size, value_spec.bits);
-  if (keys.has_value() != values.has_value()) {
-    throw ValueError(ctx, "keys and values both set or both None", "only one set");
-  }
+  check_specs(ctx, key_spec, value_spec);
+  check_triples(ctx, keys, values);
   int len = 0;
   if (keys) {
-    check_triple(ctx, "keys", *keys);
-    check_triple(ctx, "values", *values);
     len = std::get<0>(*keys).shape(2);
     if (std::get<0>(*values).shape(2) != len ||
         std::get<0>(*values).shape(0) != std::get<0>(*keys).shape(0) ||
@@ -286,10 +316,9 @@ QuantizedKVCache to_quantized(const KVCache& cache, QuantSpec keys, QuantSpec va
   constexpr const char* ctx = "KVCache.to_quantized";
   QuantizedKVCache out(keys, values);
   out.set_offset(cache.offset());
-  if (cache.keys() && cache.values()) {
-    out.set_keys(quantize(ctx, *cache.keys(), keys.group_size, keys.bits));
-    out.set_values(quantize(ctx, *cache.values(), values.group_size, values.bits));
-  }
+  auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);
+  out.set_keys(std::move(qk));
+  out.set_values(std::move(qv));
   return out;
 }
 

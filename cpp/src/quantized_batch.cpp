@@ -2,37 +2,13 @@
 
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
+#include "lockstep.h"
 
 namespace kvcore {
 
 namespace {
 
-// Part i of a triple: 0 weights, 1 scales, 2 biases.
-const mx::array& nth(const QuantizedArrays& q, int i) {
-  return i == 0 ? std::get<0>(q) : i == 1 ? std::get<1>(q) : std::get<2>(q);
-}
-
-OptionalArray nth(const OptionalQuantized& q, int i) {
-  if (!q) {
-    return std::nullopt;
-  }
-  return nth(*q, i);
-}
-
-template <class Part>
-OptionalQuantized gather(const Part (&parts)[3], bool values) {
-  const auto& w = values ? parts[0].values() : parts[0].keys();
-  if (!w) {
-    return std::nullopt;
-  }
-  auto part = [&](int i) { return values ? *parts[i].values() : *parts[i].keys(); };
-  return QuantizedArrays{part(0), part(1), part(2)};
-}
-
-void check_specs(const char* ctx, QuantSpec keys, QuantSpec values) {
-  check_quantization(ctx, keys.group_size, keys.bits);
-  check_quantization(ctx, values.group_size, values.bits);
-}
+using lockstep::nth;
 
 bool same(QuantSpec a, QuantSpec b) {
   return a.group_size == b.group_size && a.bits == b.bits;
@@ -43,29 +19,14 @@ std::string spec_str(QuantSpec k, QuantSpec v) {
       "), bits (" + std::to_string(k.bits) + ", " + std::to_string(v.bits) + ")";
 }
 
-// Both triples set or both None, each consistent.
-void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values) {
-  if (keys.has_value() != values.has_value()) {
-    throw ValueError(ctx, "keys and values both set or both None", "only one set");
+// The error context of update_and_fetch, a literal (no string built per call).
+template <class Batch>
+constexpr const char* update_ctx() {
+  if constexpr (std::is_same_v<Batch, BatchKVCache>) {
+    return "QuantizedBatchKVCache.update_and_fetch";
+  } else {
+    return "QuantizedBatchRotatingKVCache.update_and_fetch";
   }
-  if (keys) {
-    check_triple(ctx, "keys", *keys);
-    check_triple(ctx, "values", *values);
-  }
-}
-
-// Quantize a float buffer pair (both set or both None).
-std::pair<OptionalQuantized, OptionalQuantized> quantize_pair(
-    const char* ctx,
-    const OptionalArray& keys,
-    const OptionalArray& values,
-    QuantSpec ks,
-    QuantSpec vs) {
-  if (!keys || !values) {
-    return {std::nullopt, std::nullopt};
-  }
-  return {quantize(ctx, *keys, ks.group_size, ks.bits),
-          quantize(ctx, *values, vs.group_size, vs.bits)};
 }
 
 } // namespace
@@ -79,13 +40,7 @@ QuantizedBatchCache<Batch>::QuantizedBatchCache(Batch part, QuantSpec keys, Quan
 template <class Batch>
 template <class Op>
 void QuantizedBatchCache<Batch>::staged(Op op) {
-  Batch copies[3] = {parts_[0], parts_[1], parts_[2]};
-  for (int i = 0; i < 3; ++i) {
-    op(copies[i], i);
-  }
-  for (int i = 0; i < 3; ++i) {
-    parts_[i] = std::move(copies[i]);
-  }
+  lockstep::staged(parts_, op);
 }
 
 template <class Batch>
@@ -118,25 +73,15 @@ template <class Batch>
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchCache<Batch>::update_and_fetch(
     const mx::array& keys,
     const mx::array& values) {
-  std::string ctx = std::string(name()) + ".update_and_fetch";
-  check_kv(ctx.c_str(), keys, values);
-  auto qk = quantize(ctx.c_str(), keys, key_spec_.group_size, key_spec_.bits);
-  auto qv = quantize(ctx.c_str(), values, value_spec_.group_size, value_spec_.bits);
-  // The weights' part checks the update against its buffers and the batch;
-  // the scales' and biases' hold the same (B, H, S) and position, so once
-  // it has passed they cannot fail.
-  auto [kw, vw] = parts_[0].update_and_fetch(std::get<0>(qk), std::get<0>(qv));
-  auto [ks, vs] = parts_[1].update_and_fetch(std::get<1>(qk), std::get<1>(qv));
-  auto [kb, vb] = parts_[2].update_and_fetch(std::get<2>(qk), std::get<2>(qv));
-  return {{kw, ks, kb}, {vw, vs, vb}};
+  constexpr const char* ctx = update_ctx<Batch>();
+  check_kv(ctx, keys, values);
+  auto [qk, qv] = quantize_kv(ctx, keys, values, key_spec_, value_spec_);
+  return lockstep::update(parts_, qk, qv);
 }
 
 template <class Batch>
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchCache<Batch>::keys_and_values() const {
-  auto [kw, vw] = parts_[0].keys_and_values();
-  auto [ks, vs] = parts_[1].keys_and_values();
-  auto [kb, vb] = parts_[2].keys_and_values();
-  return {{kw, ks, kb}, {vw, vs, vb}};
+  return lockstep::keys_and_values(parts_);
 }
 
 template <class Batch>
@@ -163,12 +108,7 @@ int QuantizedBatchCache<Batch>::trim(int n) {
 
 template <class Batch>
 std::vector<OptionalArray> QuantizedBatchCache<Batch>::state() const {
-  std::vector<OptionalArray> out;
-  for (bool v : {false, true}) {
-    for (const auto& p : parts_) {
-      out.push_back(v ? p.values() : p.keys());
-    }
-  }
+  std::vector<OptionalArray> out = lockstep::state_arrays(parts_);
   out.push_back(offset());
   out.push_back(left_padding());
   return out;
@@ -176,21 +116,17 @@ std::vector<OptionalArray> QuantizedBatchCache<Batch>::state() const {
 
 template <class Batch>
 size_t QuantizedBatchCache<Batch>::nbytes() const {
-  size_t n = 0;
-  for (const auto& p : parts_) {
-    n += p.nbytes();
-  }
-  return n;
+  return lockstep::nbytes(parts_);
 }
 
 template <class Batch>
 OptionalQuantized QuantizedBatchCache<Batch>::keys() const {
-  return gather(parts_, false);
+  return lockstep::gather(parts_, false);
 }
 
 template <class Batch>
 OptionalQuantized QuantizedBatchCache<Batch>::values() const {
-  return gather(parts_, true);
+  return lockstep::gather(parts_, true);
 }
 
 template class QuantizedBatchCache<BatchKVCache>;
@@ -293,7 +229,7 @@ void QuantizedBatchKVCache::set(
 QuantizedBatchKVCache to_quantized(const BatchKVCache& cache, QuantSpec keys, QuantSpec values) {
   constexpr const char* ctx = "BatchKVCache.to_quantized";
   check_specs(ctx, keys, values);
-  auto [qk, qv] = quantize_pair(ctx, cache.keys(), cache.values(), keys, values);
+  auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);
   QuantizedBatchKVCache out(std::vector<int>{}, keys, values);
   for (int i = 0; i < 3; ++i) {
     // The float cache's bookkeeping (offsets, padding, pending right
@@ -408,7 +344,7 @@ QuantizedBatchRotatingKVCache to_quantized(
     QuantSpec values) {
   constexpr const char* ctx = "BatchRotatingKVCache.to_quantized";
   check_specs(ctx, keys, values);
-  auto [qk, qv] = quantize_pair(ctx, cache.keys(), cache.values(), keys, values);
+  auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);
   QuantizedBatchRotatingKVCache out(cache.max_size(), std::vector<int>{}, keys, values);
   for (int i = 0; i < 3; ++i) {
     BatchRotatingKVCache p = cache;

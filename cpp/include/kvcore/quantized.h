@@ -29,11 +29,29 @@ std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
 
 /// Throws unless mx::quantize's affine mode takes these settings.
 void check_quantization(const char* ctx, int group_size, int bits);
+/// check_quantization for the keys' and the values' settings.
+void check_specs(const char* ctx, QuantSpec keys, QuantSpec values);
+/// Both triples set or both None, each consistent (check_triple).
+void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values);
 
 /// Quantize (..., D) along the last axis, validating D, the settings and
 /// the dtype: float16, bfloat16 or float32 (the caches store any dtype;
 /// mx::quantize takes only these).
 QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, int bits);
+/// keys and values quantized, each as its spec says.
+std::pair<QuantizedArrays, QuantizedArrays> quantize_kv(
+    const char* ctx,
+    const mx::array& keys,
+    const mx::array& values,
+    QuantSpec key_spec,
+    QuantSpec value_spec);
+/// A float cache's buffers (both set, else both None) quantized likewise.
+std::pair<OptionalQuantized, OptionalQuantized> quantize_buffers(
+    const char* ctx,
+    const OptionalArray& keys,
+    const OptionalArray& values,
+    QuantSpec key_spec,
+    QuantSpec value_spec);
 
 class QuantizedKVCache : public Cache {
  public:
