@@ -60,6 +60,37 @@ struct PyOps {
   static void trim(nb::object& caches, int n) {
     nb::module_::import_("kvcore").attr("trim_prompt_cache")(caches, n);
   }
+  // A list of kvcore.KVCache (the class itself, not a subclass: those may
+  // hold more than keys and values) with arrays, at one offset.
+  static bool share(const nb::object& caches, std::vector<LayerKV>* layers, int* offset) {
+    if (!nb::isinstance<nb::list>(caches)) {
+      return false;
+    }
+    nb::handle kv_type = nb::type<KVCache>();
+    layers->clear();
+    for (nb::handle c : caches) {
+      if (!c.type().is(kv_type)) {
+        return false;
+      }
+      const KVCache& kv = nb::cast<const KVCache&>(c);
+      if (!kv.keys() || !kv.values() || (!layers->empty() && kv.offset() != *offset)) {
+        return false;
+      }
+      *offset = kv.offset();
+      layers->push_back({*kv.keys(), *kv.values()});
+    }
+    return !layers->empty();
+  }
+  static nb::object build(std::vector<LayerKV> layers, int offset) {
+    nb::handle kv_type = nb::type<KVCache>();
+    nb::list out;
+    for (auto& l : layers) {
+      nb::object c = kv_type();
+      nb::inst_ptr<KVCache>(c)->set(std::move(l.keys), std::move(l.values), offset);
+      out.append(c);
+    }
+    return out;
+  }
 };
 
 using PyTrie = PromptTrie<nb::object, nb::object, PyEq>;
@@ -232,14 +263,27 @@ void bind_prefix(nb::module_& m) {
                                "Finished prompt caches by model and tokens, least recently "
                                "inserted evicted first.");
   lru.def("__init__",
-          [](PyLRU* self, nb::handle max_size, nb::handle max_bytes) {
+          [](PyLRU* self, nb::handle max_size, nb::handle max_bytes, bool share) {
             constexpr const char* ctx = "LRUPromptCache";
-            new (self) PyLRU(limit_arg(ctx, "max_size", max_size), limit_arg(ctx, "max_bytes", max_bytes));
+            new (self) PyLRU(limit_arg(ctx, "max_size", max_size), limit_arg(ctx, "max_bytes", max_bytes),
+                             share);
           },
-          "max_size"_a = 10, "max_bytes"_a = nb::int_(1).attr("__lshift__")(63),
-          nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None"))
+          "max_size"_a = 10, "max_bytes"_a = nb::int_(1).attr("__lshift__")(63), nb::kw_only(),
+          "share"_a = true,
+          nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True) -> None"),
+          R"pbdoc(
+            Args:
+                max_size (int): Entries kept.
+                max_bytes (int): Bytes kept (``nbytes``).
+                share (bool): Keep the keys and values of entries made of
+                    plain ``KVCache`` layers in one store, each token shared
+                    by several entries stored once (default). ``False``
+                    holds every entry's caches as given, as mlx-lm does.
+          )pbdoc")
+      .def_prop_ro("share", &PyLRU::share)
       .def("__len__", &PyLRU::size)
-      .def_prop_ro("nbytes", &PyLRU::nbytes, "Bytes of every entry's caches.")
+      .def_prop_ro("nbytes", &PyLRU::nbytes,
+                   "Bytes held: entries' caches, with shared keys and values counted once.")
       .def_prop_rw("max_size", [](const PyLRU& c) { return limit_to_py(c.max_size()); },
                    [](PyLRU& c, nb::handle v) { c.set_max_size(limit_arg("LRUPromptCache", "max_size", v)); })
       .def_prop_rw("max_bytes", [](const PyLRU& c) { return limit_to_py(c.max_bytes()); },

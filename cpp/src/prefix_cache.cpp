@@ -1,9 +1,12 @@
 #include "kvcore/prefix_cache.h"
 
+#include <typeinfo>
+
 #include <mlx/ops.h>
 
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
+#include "kvcore/kv.h"
 
 namespace kvcore {
 
@@ -60,6 +63,31 @@ PromptCache PromptCacheOps::copy(const PromptCache& caches) {
 
 void PromptCacheOps::trim(PromptCache& caches, int n) {
   trim_prompt_cache(caches, n);
+}
+
+bool PromptCacheOps::share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset) {
+  layers->clear();
+  for (const auto& c : caches) {
+    const auto* kv = dynamic_cast<const KVCache*>(c.get());
+    if (kv == nullptr || typeid(*c) != typeid(KVCache) || !kv->keys() || !kv->values() ||
+        (!layers->empty() && kv->offset() != *offset)) {
+      return false;
+    }
+    *offset = kv->offset();
+    layers->push_back({*kv->keys(), *kv->values()});
+  }
+  return !layers->empty();
+}
+
+PromptCache PromptCacheOps::build(std::vector<LayerKV> layers, int offset) {
+  PromptCache out;
+  out.reserve(layers.size());
+  for (auto& l : layers) {
+    auto c = std::make_shared<KVCache>();
+    c->set(std::move(l.keys), std::move(l.values), offset);
+    out.push_back(std::move(c));
+  }
+  return out;
 }
 
 } // namespace kvcore

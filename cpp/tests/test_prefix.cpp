@@ -73,6 +73,43 @@ TEST(lru_fetch_gives_fresh_trimmed_copies) {
   CHECK(all == prompt);
 }
 
+// Caches whose keys at position p are tokens[p], values -tokens[p].
+PromptCache token_layers(const Tokens& tokens, int n = 2) {
+  std::vector<float> v(tokens.begin(), tokens.end());
+  mx::array k = mx::broadcast_to(
+      mx::reshape(mx::array(v.data(), {static_cast<int>(v.size())}), {1, 1, -1, 1}),
+      {1, 2, static_cast<int>(v.size()), 4});
+  PromptCache out;
+  for (int i = 0; i < n; ++i) {
+    auto c = std::make_shared<KVCache>();
+    c->update_and_fetch(k, mx::negative(k));
+    out.push_back(c);
+  }
+  return out;
+}
+
+TEST(lru_shares_prefix_tokens) {
+  PromptCacheLRU lru(8);
+  Tokens a(600), b;
+  for (int i = 0; i < 600; ++i) a[i] = i;
+  b.assign(a.begin(), a.begin() + 590);
+  for (int i = 0; i < 10; ++i) b.push_back(1000 + i);
+  lru.insert_cache("m", a, token_layers(a));
+  const int64_t one = lru.nbytes();
+  lru.insert_cache("m", b, token_layers(b));
+  CHECK(lru.nbytes() < one * 11 / 10); // b adds a 10-token tail
+  auto [c, rest] = lru.fetch_nearest_cache("m", b);
+  CHECK(rest.empty());
+  const auto& kv = dynamic_cast<const KVCache&>(*(*c)[1]);
+  CHECK_EQ(kv.offset(), 600);
+  auto [keys, values] = kv.keys_and_values();
+  mx::array want = mx::reshape(mx::array(std::vector<float>(b.begin(), b.end()).data(), {600}), {1, 1, 600, 1});
+  CHECK(mx::array_equal(mx::slice(keys, {0, 1, 0, 3}, {1, 2, 600, 4}), want).item<bool>());
+  CHECK(mx::array_equal(values, mx::negative(keys)).item<bool>());
+  lru.trim_to(0, std::nullopt);
+  CHECK_EQ(lru.nbytes(), 0);
+}
+
 TEST(lru_evicts_by_count_and_bytes) {
   PromptCacheLRU lru(2);
   lru.insert_cache("m", {1}, layers(1));

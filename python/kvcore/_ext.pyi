@@ -1331,13 +1331,25 @@ class LRUPromptCache:
     Finished prompt caches by model and tokens, least recently inserted evicted first.
     """
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None: ...
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True) -> None:
+        """
+        Args:
+            max_size (int): Entries kept.
+            max_bytes (int): Bytes kept (``nbytes``).
+            share (bool): Keep the keys and values of entries made of
+                plain ``KVCache`` layers in one store, each token shared
+                by several entries stored once (default). ``False``
+                holds every entry's caches as given, as mlx-lm does.
+        """
+
+    @property
+    def share(self) -> bool: ...
 
     def __len__(self) -> int: ...
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every entry's caches."""
+        """Bytes held: entries' caches, with shared keys and values counted once."""
 
     @property
     def max_size(self) -> object: ...

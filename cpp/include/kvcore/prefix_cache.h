@@ -51,6 +51,9 @@ struct PromptCacheOps {
   static bool can_trim(const PromptCache& caches);
   static PromptCache copy(const PromptCache& caches);
   static void trim(PromptCache& caches, int n);
+  /// Every layer a KVCache (not a subclass) with keys, at one offset.
+  static bool share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset);
+  static PromptCache build(std::vector<LayerKV> layers, int offset);
 };
 
 /// The server's prompt cache for C++: finished per-layer caches by model

@@ -4,6 +4,7 @@
 // eviction rules.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -17,10 +18,9 @@
 #include <vector>
 
 #include "kvcore/errors.h"
+#include "kvcore/kv_store.h"
 
 namespace kvcore {
-
-using Tokens = std::vector<int64_t>;
 
 /// What PromptTrie::search found for a token sequence.
 struct PromptTrieResult {
@@ -342,6 +342,11 @@ class PromptTrie {
 ///   static bool can_trim(const Caches&);
 ///   static Caches copy(const Caches&);        // a fresh, independent copy
 ///   static void trim(Caches&, int n);
+///   // When every layer is a plain KVCache holding tokens: their arrays
+///   // and the common offset (else false) ...
+///   static bool share(const Caches&, std::vector<LayerKV>*, int* offset);
+///   // ... and fresh such caches from arrays.
+///   static Caches build(std::vector<LayerKV> layers, int offset);
 /// and `Mutex` serializes every call (lock()/unlock()), so any calls may
 /// run concurrently from several threads.
 ///
@@ -349,14 +354,25 @@ class PromptTrie {
 /// "assistant" queue while it is at least as long as "user", then "user"
 /// against "system" (mlx-lm's order). Inserting a trimmable cache drops the
 /// entries stored at its prefixes (the new one serves them by trimming).
+///
+/// With `share` (the default), entries of plain KVCaches keep their keys
+/// and values in a SharedKVStore, so tokens several entries share are
+/// stored once; nbytes() counts the store's buffers once, and an evicted
+/// entry frees only what no other entry uses. Fetching such an entry builds
+/// fresh KVCaches from the store (views where one stored run covers a layer,
+/// else one copy). Without `share`, every entry holds its caches as given,
+/// as mlx-lm's does.
 template <class Model, class Caches, class Ops, class Mutex = std::mutex,
           class ModelEq = std::equal_to<Model>>
 class LRUPromptCache {
  public:
   static constexpr int64_t kUnlimited = std::numeric_limits<int64_t>::max();
 
-  explicit LRUPromptCache(int64_t max_size = 10, int64_t max_bytes = kUnlimited)
-      : max_size_(max_size), max_bytes_(max_bytes) {
+  explicit LRUPromptCache(
+      int64_t max_size = 10,
+      int64_t max_bytes = kUnlimited,
+      bool share = true)
+      : max_size_(max_size), max_bytes_(max_bytes), share_(share) {
     for (const auto& t : ordering()) {
       lrus_[t];
       bytes_by_type_[t] = 0;
@@ -376,20 +392,19 @@ class LRUPromptCache {
     std::lock_guard<Mutex> lock(mutex_);
     PromptTrieResult r = trie_.search(model, tokens);
     if (r.exact) {
-      return {Ops::copy(trie_.get(model, *r.exact)->caches), Tokens{}};
+      return {caches_of(*trie_.get(model, *r.exact), 0), Tokens{}};
     }
     const size_t short_length = r.shorter ? r.shorter->size() : 0;
     if (r.longer && static_cast<size_t>(r.common_prefix) > short_length) {
       const Entry* e = trie_.get(model, *r.longer);
-      if (Ops::can_trim(e->caches)) {
-        Caches c = Ops::copy(e->caches);
+      if (!e->caches || Ops::can_trim(*e->caches)) {
         size_t prefix = std::min(tokens.size() - 1, static_cast<size_t>(r.common_prefix));
-        Ops::trim(c, static_cast<int>(r.longer->size() - prefix));
-        return {std::move(c), Tokens(tokens.begin() + static_cast<long>(prefix), tokens.end())};
+        return {caches_of(*e, static_cast<int>(r.longer->size() - prefix)),
+                Tokens(tokens.begin() + static_cast<long>(prefix), tokens.end())};
       }
     }
     if (short_length > 0) {
-      return {Ops::copy(trie_.get(model, *r.shorter)->caches),
+      return {caches_of(*trie_.get(model, *r.shorter), 0),
               Tokens(tokens.begin() + static_cast<long>(short_length), tokens.end())};
     }
     return {std::nullopt, tokens};
@@ -405,11 +420,22 @@ class LRUPromptCache {
     std::lock_guard<Mutex> lock(mutex_);
     check_type(cache_type);
     // Read everything that may throw before changing anything.
-    const int64_t nbytes = Ops::nbytes(caches);
-    const bool trimmable = Ops::can_trim(caches);
-    n_bytes_ += nbytes;
-    bytes_by_type_[cache_type] += nbytes;
-    std::optional<Entry> prev = trie_.add(model, tokens, Entry{std::move(caches), nbytes, cache_type});
+    Entry entry{std::nullopt, {}, 0, cache_type};
+    std::vector<LayerKV> layers;
+    int offset = 0;
+    if (share_ && Ops::share(caches, &layers, &offset) && offset > 0 &&
+        static_cast<size_t>(offset) <= tokens.size()) {
+      const std::string group = SharedKVStore::group_of(model_id(model), layers, offset);
+      entry.span = store_.hold(group, tokens, offset, layers, type_index(cache_type));
+    } else {
+      entry.nbytes = Ops::nbytes(caches);
+      entry.trimmable = Ops::can_trim(caches);
+      entry.caches = std::move(caches);
+    }
+    const bool trimmable = entry.trimmable;
+    n_bytes_ += entry.nbytes;
+    bytes_by_type_[cache_type] += entry.nbytes;
+    std::optional<Entry> prev = trie_.add(model, tokens, std::move(entry));
     if (prev) {
       forget(*prev);
       remove_from_lru(model, tokens);
@@ -424,7 +450,7 @@ class LRUPromptCache {
     if (size() > max_size_) {
       evict_one();
     }
-    while (n_bytes_ > max_bytes_ && size() > 0) {
+    while (nbytes_locked() > max_bytes_ && size() > 0) {
       evict_one();
     }
   }
@@ -437,7 +463,7 @@ class LRUPromptCache {
     while (size() > seqs) {
       evict_one();
     }
-    while (n_bytes_ > bytes && size() > 0) {
+    while (nbytes_locked() > bytes && size() > 0) {
       evict_one();
     }
   }
@@ -451,7 +477,8 @@ class LRUPromptCache {
     std::lock_guard<Mutex> lock(mutex_);
     std::vector<std::pair<std::string, TypeStats>> out;
     for (const auto& t : ordering()) {
-      out.push_back({t, {static_cast<int64_t>(lrus_.at(t).size()), bytes_by_type_.at(t)}});
+      out.push_back({t, {static_cast<int64_t>(lrus_.at(t).size()),
+                         bytes_by_type_.at(t) + store_.nbytes(type_index(t))}});
     }
     return out;
   }
@@ -463,8 +490,13 @@ class LRUPromptCache {
     }
     return n;
   }
+  /// Bytes held: entries' caches as given plus the shared store's buffers.
   int64_t nbytes() const {
-    return n_bytes_;
+    std::lock_guard<Mutex> lock(mutex_);
+    return nbytes_locked();
+  }
+  bool share() const {
+    return share_;
   }
   int64_t max_size() const {
     return max_size_;
@@ -481,9 +513,11 @@ class LRUPromptCache {
 
  private:
   struct Entry {
-    Caches caches;
-    int64_t nbytes;
+    std::optional<Caches> caches; // held as given, or
+    SharedKVStore::Span span; // keys and values in the store
+    int64_t nbytes; // of caches
     std::string type;
+    bool trimmable = true;
   };
   using Key = std::pair<Model, Tokens>;
 
@@ -500,6 +534,42 @@ class LRUPromptCache {
   void forget(const Entry& e) {
     n_bytes_ -= e.nbytes;
     bytes_by_type_[e.type] -= e.nbytes;
+    if (!e.caches) {
+      store_.release(e.span);
+    }
+  }
+
+  int64_t nbytes_locked() const {
+    return n_bytes_ + store_.nbytes();
+  }
+
+  static int type_index(const std::string& t) {
+    const auto& o = ordering();
+    return static_cast<int>(std::find(o.begin(), o.end(), t) - o.begin());
+  }
+
+  /// The store's id for a model (models compare with ModelEq).
+  int64_t model_id(const Model& model) {
+    for (size_t i = 0; i < models_.size(); ++i) {
+      if (eq_(models_[i], model)) {
+        return static_cast<int64_t>(i);
+      }
+    }
+    models_.push_back(model);
+    return static_cast<int64_t>(models_.size() - 1);
+  }
+
+  /// A fresh cache list for entry e, less its last `trim` tokens.
+  Caches caches_of(const Entry& e, int trim) const {
+    if (e.caches) {
+      Caches c = Ops::copy(*e.caches);
+      if (trim > 0) {
+        Ops::trim(c, trim);
+      }
+      return c;
+    }
+    const int keep = std::max(0, e.span.length - trim);
+    return Ops::build(store_.fetch(e.span, keep), keep);
   }
 
   bool same_key(const Key& k, const Model& model, const Tokens& tokens) const {
@@ -544,11 +614,14 @@ class LRUPromptCache {
   }
 
   PromptTrie<Model, Entry, ModelEq> trie_;
+  SharedKVStore store_;
+  std::vector<Model> models_;
   std::map<std::string, std::deque<Key>> lrus_;
   std::map<std::string, int64_t> bytes_by_type_;
   int64_t n_bytes_ = 0;
   int64_t max_size_;
   int64_t max_bytes_;
+  bool share_;
   mutable Mutex mutex_;
   ModelEq eq_;
 };
