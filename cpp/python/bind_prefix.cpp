@@ -81,6 +81,21 @@ struct PyOps {
     }
     return !layers->empty();
   }
+  static std::string model_name(const nb::object& model) {
+    return nb::cast<std::string>(nb::repr(model));
+  }
+  static void save(const std::string& path, const nb::object& caches, const Metadata& metadata) {
+    nb::dict meta;
+    for (const auto& [k, v] : metadata) {
+      meta[k.c_str()] = v;
+    }
+    nb::module_::import_("kvcore").attr("save_prompt_cache")(path, caches, meta);
+  }
+  static nb::object load(const std::string& path, const std::string& model, const Tokens& tokens) {
+    nb::object got = nb::module_::import_("kvcore").attr("load_prompt_cache")(path, true);
+    DiskTier::check_entry(nb::cast<Metadata>(got[1]), model, tokens);
+    return got[0];
+  }
   static nb::object build(std::vector<LayerKV> layers, int offset) {
     nb::handle kv_type = nb::type<KVCache>();
     nb::list out;
@@ -263,14 +278,24 @@ void bind_prefix(nb::module_& m) {
                                "Finished prompt caches by model and tokens, least recently "
                                "inserted evicted first.");
   lru.def("__init__",
-          [](PyLRU* self, nb::handle max_size, nb::handle max_bytes, bool share) {
+          [](PyLRU* self, nb::handle max_size, nb::handle max_bytes, bool share, nb::handle disk_dir,
+             nb::handle disk_bytes) {
             constexpr const char* ctx = "LRUPromptCache";
+            std::string dir;
+            if (!disk_dir.is_none()) {
+              dir = nb::cast<std::string>(nb::str(nb::module_::import_("os").attr("fspath")(disk_dir)));
+              if (dir.empty()) {
+                throw ValueError(ctx, "disk_dir as a directory path or None", "''");
+              }
+            }
             new (self) PyLRU(limit_arg(ctx, "max_size", max_size), limit_arg(ctx, "max_bytes", max_bytes),
-                             share);
+                             share, dir, limit_arg(ctx, "disk_bytes", disk_bytes));
           },
           "max_size"_a = 10, "max_bytes"_a = nb::int_(1).attr("__lshift__")(63), nb::kw_only(),
-          "share"_a = true,
-          nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True) -> None"),
+          "share"_a = true, "disk_dir"_a.none() = nb::none(),
+          "disk_bytes"_a = nb::int_(1).attr("__lshift__")(63),
+          nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, "
+                  "disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63) -> None"),
           R"pbdoc(
             Args:
                 max_size (int): Entries kept.
@@ -279,7 +304,21 @@ void bind_prefix(nb::module_& m) {
                     plain ``KVCache`` layers in one store, each token shared
                     by several entries stored once (default). ``False``
                     holds every entry's caches as given, as mlx-lm does.
+                disk_dir (str | os.PathLike | None): A directory for the disk
+                    tier: every inserted entry is also written there as a
+                    checked prompt-cache file, and a fetch that a file covers
+                    better than memory loads it (after a restart too).
+                    Entries are keyed by ``repr(model)``; files that fail
+                    their checks are skipped (``disk_errors``).
+                disk_bytes (int): Bytes of files kept; the oldest go first.
           )pbdoc")
+      .def_prop_ro("disk_dir", [](const PyLRU& c) -> nb::object {
+        return c.disk_dir().empty() ? nb::none() : nb::object(nb::str(c.disk_dir().c_str()));
+      })
+      .def_prop_ro("disk_size", &PyLRU::disk_size, "Entries on disk.")
+      .def_prop_ro("disk_nbytes", &PyLRU::disk_nbytes, "Bytes of the disk tier's files.")
+      .def_prop_ro("disk_errors", &PyLRU::disk_errors,
+                   "Why files were skipped, refused or not written, latest last.")
       .def_prop_ro("share", &PyLRU::share)
       .def("__len__", &PyLRU::size)
       .def_prop_ro("nbytes", &PyLRU::nbytes,

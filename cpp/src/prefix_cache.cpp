@@ -91,3 +91,17 @@ PromptCache PromptCacheOps::build(std::vector<LayerKV> layers, int offset) {
 }
 
 } // namespace kvcore
+
+namespace kvcore {
+
+void PromptCacheOps::save(const std::string& path, const PromptCache& caches, const Metadata& metadata) {
+  save_prompt_cache(path, caches, metadata);
+}
+
+PromptCache PromptCacheOps::load(const std::string& path, const std::string& model, const Tokens& tokens) {
+  LoadedPromptCache loaded = load_prompt_cache(path);
+  DiskTier::check_entry(loaded.metadata, model, tokens);
+  return std::move(loaded.caches);
+}
+
+} // namespace kvcore

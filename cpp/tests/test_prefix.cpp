@@ -1,6 +1,7 @@
 // The prompt-prefix cache from C++: PromptTrie's matching, PromptCacheLRU
 // over kvcore caches (fresh copies, trimming, eviction, threads), and
 // TokenBuffer.
+#include <filesystem>
 #include <thread>
 
 #include <mlx/ops.h>
@@ -108,6 +109,27 @@ TEST(lru_shares_prefix_tokens) {
   CHECK(mx::array_equal(values, mx::negative(keys)).item<bool>());
   lru.trim_to(0, std::nullopt);
   CHECK_EQ(lru.nbytes(), 0);
+}
+
+TEST(lru_disk_tier_survives_a_restart) {
+  const std::string dir = "kvcore_test_disk_tier";
+  std::filesystem::remove_all(dir);
+  Tokens a{1, 2, 3, 4, 5}, b{1, 2, 3, 9};
+  {
+    PromptCacheLRU lru(1, PromptCacheLRU::kUnlimited, true, dir);
+    lru.insert_cache("m", a, token_layers(a));
+    lru.insert_cache("m", b, token_layers(b));
+    CHECK_EQ(lru.size(), 1);
+    CHECK_EQ(lru.disk_size(), 2);
+  }
+  PromptCacheLRU lru(4, PromptCacheLRU::kUnlimited, true, dir);
+  CHECK_EQ(lru.disk_size(), 2);
+  auto [c, rest] = lru.fetch_nearest_cache("m", a);
+  CHECK(c.has_value() && rest.empty());
+  CHECK_EQ(offset_of(*c), 5);
+  auto [none, all] = lru.fetch_nearest_cache("other", a);
+  CHECK(!none.has_value());
+  std::filesystem::remove_all(dir);
 }
 
 TEST(lru_evicts_by_count_and_bytes) {

@@ -1,5 +1,6 @@
 """kvcore's native caches (mlx::core C++), shared with mlx.core."""
 
+import os
 from typing import Self
 
 import mlx.core
@@ -1331,7 +1332,7 @@ class LRUPromptCache:
     Finished prompt caches by model and tokens, least recently inserted evicted first.
     """
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True) -> None:
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63) -> None:
         """
         Args:
             max_size (int): Entries kept.
@@ -1340,7 +1341,29 @@ class LRUPromptCache:
                 plain ``KVCache`` layers in one store, each token shared
                 by several entries stored once (default). ``False``
                 holds every entry's caches as given, as mlx-lm does.
+            disk_dir (str | os.PathLike | None): A directory for the disk
+                tier: every inserted entry is also written there as a
+                checked prompt-cache file, and a fetch that a file covers
+                better than memory loads it (after a restart too).
+                Entries are keyed by ``repr(model)``; files that fail
+                their checks are skipped (``disk_errors``).
+            disk_bytes (int): Bytes of files kept; the oldest go first.
         """
+
+    @property
+    def disk_dir(self) -> object: ...
+
+    @property
+    def disk_size(self) -> int:
+        """Entries on disk."""
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes of the disk tier's files."""
+
+    @property
+    def disk_errors(self) -> list[str]:
+        """Why files were skipped, refused or not written, latest last."""
 
     @property
     def share(self) -> bool: ...

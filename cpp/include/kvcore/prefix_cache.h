@@ -6,8 +6,9 @@
 
 #include <mlx/array.h>
 
+#include "kvcore/files.h"
 #include "kvcore/prompt.h"
-#include "kvcore/prompt_trie.h"
+#include "kvcore/lru_prompt_cache.h"
 
 namespace kvcore {
 
@@ -54,6 +55,11 @@ struct PromptCacheOps {
   /// Every layer a KVCache (not a subclass) with keys, at one offset.
   static bool share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset);
   static PromptCache build(std::vector<LayerKV> layers, int offset);
+  static std::string model_name(const std::string& model) {
+    return model;
+  }
+  static void save(const std::string& path, const PromptCache& caches, const Metadata& metadata);
+  static PromptCache load(const std::string& path, const std::string& model, const Tokens& tokens);
 };
 
 /// The server's prompt cache for C++: finished per-layer caches by model

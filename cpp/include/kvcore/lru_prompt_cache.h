@@ -1,0 +1,441 @@
+// LRUPromptCache: the finished prompt caches a server keeps across
+// requests, under a count and a byte budget, with mlx-lm 0.32.2's matching
+// and eviction rules; keys and values shared between entries stored once,
+// and a disk tier.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kvcore/disk_tier.h"
+#include "kvcore/errors.h"
+#include "kvcore/kv_store.h"
+#include "kvcore/prompt_trie.h"
+
+namespace kvcore {
+
+/// mlx-lm's LRUPromptCache over any cache-list type. `Ops` provides
+///   static int64_t nbytes(const Caches&);
+///   static bool can_trim(const Caches&);
+///   static Caches copy(const Caches&);        // a fresh, independent copy
+///   static void trim(Caches&, int n);
+///   // When every layer is a plain KVCache holding tokens: their arrays
+///   // and the common offset (else false) ...
+///   static bool share(const Caches&, std::vector<LayerKV>*, int* offset);
+///   // ... and fresh such caches from arrays.
+///   static Caches build(std::vector<LayerKV> layers, int offset);
+///   // For the disk tier: a stable name of the model, and the caches to
+///   // and from a prompt-cache file (load checks that the file's metadata
+///   // names `model` and `tokens`, throwing otherwise).
+///   static std::string model_name(const Model&);
+///   static void save(const std::string& path, const Caches&, const Metadata&);
+///   static Caches load(const std::string& path, const std::string& model, const Tokens& tokens);
+/// and `Mutex` serializes every call (lock()/unlock()), so any calls may
+/// run concurrently from several threads.
+///
+/// Entries are evicted least recently inserted first, taking from the
+/// "assistant" queue while it is at least as long as "user", then "user"
+/// against "system" (mlx-lm's order). Inserting a trimmable cache drops the
+/// entries stored at its prefixes (the new one serves them by trimming).
+///
+/// With `share` (the default), entries of plain KVCaches keep their keys
+/// and values in a SharedKVStore, so tokens several entries share are
+/// stored once; nbytes() counts the store's buffers once, and an evicted
+/// entry frees only what no other entry uses. Fetching such an entry builds
+/// fresh KVCaches from the store (views where one stored run covers a layer,
+/// else one copy). Without `share`, every entry holds its caches as given,
+/// as mlx-lm's does.
+///
+/// With a disk tier (`disk_dir`), every inserted entry is also written to a
+/// file there (DiskTier), so entries outlive eviction and the process; a
+/// fetch that disk covers better than memory loads from it.
+template <class Model, class Caches, class Ops, class Mutex = std::mutex,
+          class ModelEq = std::equal_to<Model>>
+class LRUPromptCache {
+ public:
+  static constexpr int64_t kUnlimited = std::numeric_limits<int64_t>::max();
+
+  explicit LRUPromptCache(
+      int64_t max_size = 10,
+      int64_t max_bytes = kUnlimited,
+      bool share = true,
+      const std::string& disk_dir = "",
+      int64_t disk_bytes = kUnlimited)
+      : max_size_(max_size), max_bytes_(max_bytes), share_(share) {
+    if (!disk_dir.empty()) {
+      disk_ = std::make_unique<DiskTier>(disk_dir, disk_bytes);
+    }
+    for (const auto& t : ordering()) {
+      lrus_[t];
+      bytes_by_type_[t] = 0;
+    }
+  }
+
+  static const std::vector<std::string>& ordering() {
+    return cache_type_order();
+  }
+
+  /// A copy of the cache stored for the longest usable match and the
+  /// tokens it does not cover; (nullopt, tokens) when nothing matches.
+  /// With a disk tier, an entry on disk that covers more is loaded (its
+  /// file checked), kept in memory again and served; a file that fails
+  /// its checks is skipped for good (see disk_errors()).
+  std::pair<std::optional<Caches>, Tokens> fetch_nearest_cache(
+      const Model& model,
+      const Tokens& tokens) {
+    std::lock_guard<Mutex> lock(mutex_);
+    auto m = nearest(trie_, model, tokens, [](const Entry& e) {
+      return !e.caches || Ops::can_trim(*e.caches);
+    });
+    if (disk_) {
+      const std::string name = Ops::model_name(model);
+      auto d = nearest(disk_->index(), name, tokens,
+                       [](const DiskTier::Entry& e) { return e.trimmable; });
+      if (d && (!m || d->covered > m->covered)) {
+        if (auto c = load_from_disk(model, name, *d)) {
+          return {std::move(*c), Tokens(tokens.begin() + static_cast<long>(d->covered), tokens.end())};
+        }
+      }
+    }
+    if (!m) {
+      return {std::nullopt, tokens};
+    }
+    return {caches_of(*trie_.get(model, m->key), m->trim),
+            Tokens(tokens.begin() + static_cast<long>(m->covered), tokens.end())};
+  }
+
+  /// Store caches for tokens (replacing an entry at the same tokens), then
+  /// evict down to max_size entries and max_bytes.
+  void insert_cache(
+      const Model& model,
+      const Tokens& tokens,
+      Caches caches,
+      const std::string& cache_type = "assistant") {
+    std::lock_guard<Mutex> lock(mutex_);
+    insert_locked(model, tokens, std::move(caches), cache_type, true);
+  }
+
+  /// Evict down to n_sequences entries and n_bytes (nullopt: no limit).
+  void trim_to(std::optional<int64_t> n_sequences, std::optional<int64_t> n_bytes) {
+    std::lock_guard<Mutex> lock(mutex_);
+    const int64_t seqs = n_sequences ? std::max<int64_t>(0, *n_sequences) : kUnlimited;
+    const int64_t bytes = n_bytes ? std::max<int64_t>(0, *n_bytes) : kUnlimited;
+    while (size() > seqs) {
+      evict_one();
+    }
+    while (nbytes_locked() > bytes && size() > 0) {
+      evict_one();
+    }
+  }
+  struct TypeStats {
+    int64_t n_sequences;
+    int64_t n_bytes;
+  };
+  /// Per cache type, in eviction order: entries and bytes.
+  std::vector<std::pair<std::string, TypeStats>> stats_by_type() const {
+    std::lock_guard<Mutex> lock(mutex_);
+    std::vector<std::pair<std::string, TypeStats>> out;
+    for (const auto& t : ordering()) {
+      out.push_back({t, {static_cast<int64_t>(lrus_.at(t).size()),
+                         bytes_by_type_.at(t) + store_.nbytes(type_index(t))}});
+    }
+    return out;
+  }
+
+  int64_t size() const {
+    int64_t n = 0;
+    for (const auto& [_, q] : lrus_) {
+      n += static_cast<int64_t>(q.size());
+    }
+    return n;
+  }
+  /// Bytes held: entries' caches as given plus the shared store's buffers.
+  int64_t nbytes() const {
+    std::lock_guard<Mutex> lock(mutex_);
+    return nbytes_locked();
+  }
+  bool share() const {
+    return share_;
+  }
+  /// The disk tier's directory ("" without one), files and their bytes.
+  std::string disk_dir() const {
+    return disk_ ? disk_->dir() : std::string();
+  }
+  int64_t disk_size() const {
+    std::lock_guard<Mutex> lock(mutex_);
+    return disk_ ? disk_->size() : 0;
+  }
+  int64_t disk_nbytes() const {
+    std::lock_guard<Mutex> lock(mutex_);
+    return disk_ ? disk_->nbytes() : 0;
+  }
+  /// Why disk files were skipped, refused or not written, latest last.
+  std::vector<std::string> disk_errors() const {
+    std::lock_guard<Mutex> lock(mutex_);
+    return disk_ ? std::vector<std::string>(disk_->errors().begin(), disk_->errors().end())
+                 : std::vector<std::string>{};
+  }
+  int64_t max_size() const {
+    return max_size_;
+  }
+  void set_max_size(int64_t v) {
+    max_size_ = v;
+  }
+  int64_t max_bytes() const {
+    return max_bytes_;
+  }
+  void set_max_bytes(int64_t v) {
+    max_bytes_ = v;
+  }
+
+ private:
+  struct Entry {
+    std::optional<Caches> caches; // held as given, or
+    SharedKVStore::Span span; // keys and values in the store
+    int64_t nbytes; // of caches
+    std::string type;
+    bool trimmable = true;
+  };
+  using Key = std::pair<Model, Tokens>;
+
+  static void check_type(const std::string& t) {
+    for (const auto& o : ordering()) {
+      if (o == t) {
+        return;
+      }
+    }
+    throw ValueError("LRUPromptCache.insert_cache", "cache_type among assistant, user, system",
+                     "'" + t.substr(0, 40) + "'");
+  }
+
+  void forget(const Entry& e) {
+    n_bytes_ -= e.nbytes;
+    bytes_by_type_[e.type] -= e.nbytes;
+    if (!e.caches) {
+      store_.release(e.span);
+    }
+  }
+
+
+  // insert_cache under the lock; `to_disk` writes the entry through to the
+  // disk tier (not when it came from there).
+  void insert_locked(
+      const Model& model,
+      const Tokens& tokens,
+      Caches caches,
+      const std::string& cache_type,
+      bool to_disk) {
+    check_type(cache_type);
+    // Read everything that may throw before changing anything.
+    Entry entry{std::nullopt, {}, 0, cache_type};
+    std::vector<LayerKV> layers;
+    int offset = 0;
+    if (share_ && Ops::share(caches, &layers, &offset) && offset > 0 &&
+        static_cast<size_t>(offset) <= tokens.size()) {
+      const std::string group = SharedKVStore::group_of(model_id(model), layers, offset);
+      entry.span = store_.hold(group, tokens, offset, layers, type_index(cache_type));
+    } else {
+      entry.nbytes = Ops::nbytes(caches);
+      entry.trimmable = Ops::can_trim(caches);
+    }
+    const bool trimmable = entry.trimmable;
+    if (to_disk && disk_) {
+      write_through(model, tokens, caches, cache_type, trimmable);
+    }
+    if (!entry.span.leaf) {
+      entry.caches = std::move(caches);
+    }
+    n_bytes_ += entry.nbytes;
+    bytes_by_type_[cache_type] += entry.nbytes;
+    std::optional<Entry> prev = trie_.add(model, tokens, std::move(entry));
+    if (prev) {
+      forget(*prev);
+      remove_from_lru(model, tokens);
+    }
+    lrus_[cache_type].emplace_back(model, tokens);
+    if (trimmable) {
+      for (auto& [len, e] : trie_.pop_prefixes(model, tokens)) {
+        forget(e);
+        remove_from_lru(model, Tokens(tokens.begin(), tokens.begin() + len));
+      }
+    }
+    if (size() > max_size_) {
+      evict_one();
+    }
+    while (nbytes_locked() > max_bytes_ && size() > 0) {
+      evict_one();
+    }
+  }
+
+  int64_t nbytes_locked() const {
+    return n_bytes_ + store_.nbytes();
+  }
+
+  /// mlx-lm's choice among the exact, longer and shorter entries: which
+  /// entry, how many of its tokens to trim, and how many of the query's
+  /// tokens it covers.
+  struct Match {
+    Tokens key;
+    int trim = 0;
+    size_t covered = 0;
+  };
+  template <class M, class V, class Eq, class CanTrim>
+  static std::optional<Match> nearest(
+      const PromptTrie<M, V, Eq>& trie,
+      const M& model,
+      const Tokens& tokens,
+      CanTrim can_trim) {
+    PromptTrieResult r = trie.search(model, tokens);
+    if (r.exact) {
+      return Match{*r.exact, 0, tokens.size()};
+    }
+    const size_t short_length = r.shorter ? r.shorter->size() : 0;
+    if (r.longer && static_cast<size_t>(r.common_prefix) > short_length &&
+        can_trim(*trie.get(model, *r.longer))) {
+      size_t prefix = std::min(tokens.size() - 1, static_cast<size_t>(r.common_prefix));
+      return Match{*r.longer, static_cast<int>(r.longer->size() - prefix), prefix};
+    }
+    if (short_length > 0) {
+      return Match{*r.shorter, 0, short_length};
+    }
+    return std::nullopt;
+  }
+
+  /// Save caches through to the disk tier unless it holds the entry. A
+  /// failure (disk full, a cache that cannot be saved) is noted, not
+  /// raised: the entry stays in memory.
+  void write_through(
+      const Model& model,
+      const Tokens& tokens,
+      const Caches& caches,
+      const std::string& type,
+      bool trimmable) {
+    const std::string name = Ops::model_name(model);
+    if (disk_->contains(name, tokens)) {
+      return;
+    }
+    const std::string tmp = disk_->temp_path();
+    try {
+      Ops::save(tmp, caches, DiskTier::metadata(name, tokens, type, trimmable));
+      disk_->commit(name, tokens, type, trimmable, tmp);
+    } catch (const std::exception& e) {
+      disk_->refuse(name, tokens, std::string("not written: ") + e.what());
+      std::remove(tmp.c_str());
+    }
+  }
+
+  /// The caches of disk match d, kept in memory again, less d.trim tokens;
+  /// nullopt (the file refused and skipped) if its checks fail.
+  std::optional<Caches> load_from_disk(const Model& model, const std::string& name, const Match& d) {
+    const DiskTier::Entry info = *disk_->index().get(name, d.key);
+    Caches loaded;
+    try {
+      loaded = Ops::load(disk_->checked_path(name, d.key), name, d.key);
+    } catch (const std::exception& e) {
+      disk_->refuse(name, d.key, e.what());
+      return std::nullopt;
+    }
+    Caches out = Ops::copy(loaded);
+    if (d.trim > 0) {
+      Ops::trim(out, d.trim);
+    }
+    insert_locked(model, d.key, std::move(loaded), info.type, false);
+    return out;
+  }
+
+  static int type_index(const std::string& t) {
+    const auto& o = ordering();
+    return static_cast<int>(std::find(o.begin(), o.end(), t) - o.begin());
+  }
+
+  /// The store's id for a model (models compare with ModelEq).
+  int64_t model_id(const Model& model) {
+    for (size_t i = 0; i < models_.size(); ++i) {
+      if (eq_(models_[i], model)) {
+        return static_cast<int64_t>(i);
+      }
+    }
+    models_.push_back(model);
+    return static_cast<int64_t>(models_.size() - 1);
+  }
+
+  /// A fresh cache list for entry e, less its last `trim` tokens.
+  Caches caches_of(const Entry& e, int trim) const {
+    if (e.caches) {
+      Caches c = Ops::copy(*e.caches);
+      if (trim > 0) {
+        Ops::trim(c, trim);
+      }
+      return c;
+    }
+    const int keep = std::max(0, e.span.length - trim);
+    return Ops::build(store_.fetch(e.span, keep), keep);
+  }
+
+  bool same_key(const Key& k, const Model& model, const Tokens& tokens) const {
+    return k.second == tokens && eq_(k.first, model);
+  }
+
+  void remove_from_lru(const Model& model, const Tokens& tokens) {
+    for (const auto& t : ordering()) {
+      auto& q = lrus_[t];
+      for (auto it = q.begin(); it != q.end(); ++it) {
+        if (same_key(*it, model, tokens)) {
+          q.erase(it);
+          return;
+        }
+      }
+    }
+  }
+
+  /// mlx-lm's CacheOrder.pop, then the entry out of the trie.
+  void evict_one() {
+    const auto& o = ordering();
+    std::deque<Key>* from = nullptr;
+    for (size_t i = 0; i + 1 < o.size(); ++i) {
+      auto& a = lrus_[o[i]];
+      auto& b = lrus_[o[i + 1]];
+      if (!a.empty() && a.size() >= b.size()) {
+        from = &a;
+        break;
+      }
+    }
+    if (from == nullptr) {
+      from = &lrus_[o.back()];
+    }
+    if (from->empty()) {
+      return;
+    }
+    Key k = std::move(from->front());
+    from->pop_front();
+    if (auto e = trie_.pop(k.first, k.second)) {
+      forget(*e);
+    }
+  }
+
+  PromptTrie<Model, Entry, ModelEq> trie_;
+  SharedKVStore store_;
+  std::unique_ptr<DiskTier> disk_;
+  std::vector<Model> models_;
+  std::map<std::string, std::deque<Key>> lrus_;
+  std::map<std::string, int64_t> bytes_by_type_;
+  int64_t n_bytes_ = 0;
+  int64_t max_size_;
+  int64_t max_bytes_;
+  bool share_;
+  mutable Mutex mutex_;
+  ModelEq eq_;
+};
+
+} // namespace kvcore
