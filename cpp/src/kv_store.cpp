@@ -5,6 +5,7 @@
 #include <mlx/ops.h>
 #include <mlx/transforms.h>
 
+#include "kvcore/buffer.h"
 #include "kvcore/errors.h"
 
 namespace kvcore {
@@ -22,20 +23,6 @@ namespace {
 
 constexpr const char* kHold = "LRUPromptCache.insert_cache";
 
-mx::array seq_slice(const mx::array& a, int start, int stop) {
-  mx::Shape lo{0, 0, start, 0};
-  mx::Shape hi{a.shape(0), a.shape(1), stop, a.shape(3)};
-  return mx::slice(a, lo, hi);
-}
-
-std::string shape_str(const mx::array& a) {
-  std::string s = "(";
-  for (int i = 0; i < a.ndim(); ++i) {
-    s += (i ? ", " : "") + std::to_string(a.shape(i));
-  }
-  return s + ")";
-}
-
 } // namespace
 
 SharedKVStore::SharedKVStore() = default;
@@ -47,7 +34,7 @@ std::string SharedKVStore::group_of(int64_t model, const std::vector<LayerKV>& l
     for (const mx::array* a : {&l.keys, &l.values}) {
       if (a->ndim() != 4 || a->shape(2) < n || a->shape(0) != l.keys.shape(0)) {
         throw ValueError(kHold, "keys and values (B, H, S >= " + std::to_string(n) + ", D) of one batch",
-                         shape_str(*a));
+                         shape_str(a->shape()));
       }
       g += "|" + std::to_string(a->shape(0)) + "," + std::to_string(a->shape(1)) + "," +
            std::to_string(a->shape(3)) + "," + std::to_string(static_cast<int>(a->dtype().val()));
@@ -173,10 +160,7 @@ SharedKVStore::Span SharedKVStore::hold(
     if (child == nullptr) {
       break;
     }
-    size_t m = 0;
-    while (m < child->edge.size() && i + m < un && child->edge[m] == tokens[i + m]) {
-      ++m;
-    }
+    const size_t m = shared_run(child->edge, tokens, i, un);
     if (m < child->edge.size()) {
       split(*cur, idx, m);
       child = cur->children[idx].get();
@@ -242,10 +226,8 @@ std::vector<LayerKV> SharedKVStore::fetch(const Span& span, int n) const {
   for (size_t l = 0; l < layers; ++l) {
     std::vector<mx::array> ks, vs;
     for (const auto& [p, take] : parts) {
-      const LayerKV& kv = p->kv[l];
-      const bool whole = take == kv.keys.shape(2);
-      ks.push_back(whole ? kv.keys : seq_slice(kv.keys, 0, take));
-      vs.push_back(whole ? kv.values : seq_slice(kv.values, 0, take));
+      ks.push_back(seq_slice(p->kv[l].keys, 0, take));
+      vs.push_back(seq_slice(p->kv[l].values, 0, take));
     }
     if (ks.empty()) {
       const mx::array& k0 = path.front()->kv[l].keys;
@@ -253,8 +235,7 @@ std::vector<LayerKV> SharedKVStore::fetch(const Span& span, int n) const {
       ks.push_back(seq_slice(k0, 0, 0));
       vs.push_back(seq_slice(v0, 0, 0));
     }
-    out.push_back({ks.size() == 1 ? ks[0] : mx::concatenate(ks, 2),
-                   vs.size() == 1 ? vs[0] : mx::concatenate(vs, 2)});
+    out.push_back({ks.size() == 1 ? ks[0] : seq_concat(ks), vs.size() == 1 ? vs[0] : seq_concat(vs)});
     all.push_back(out.back().keys);
     all.push_back(out.back().values);
   }

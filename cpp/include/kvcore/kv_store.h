@@ -10,11 +10,11 @@
 
 #include <mlx/array.h>
 
+#include "kvcore/prompt_trie.h"
+
 namespace kvcore {
 
 namespace mx = mlx::core;
-
-using Tokens = std::vector<int64_t>;
 
 /// One layer's keys and values, (B, H, S, D) each.
 struct LayerKV {

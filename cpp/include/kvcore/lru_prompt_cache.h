@@ -210,10 +210,8 @@ class LRUPromptCache {
   using Key = std::pair<Model, Tokens>;
 
   static void check_type(const std::string& t) {
-    for (const auto& o : ordering()) {
-      if (o == t) {
-        return;
-      }
+    if (static_cast<size_t>(type_index(t)) < ordering().size()) {
+      return;
     }
     throw ValueError("LRUPromptCache.insert_cache", "cache_type among assistant, user, system",
                      "'" + t.substr(0, 40) + "'");

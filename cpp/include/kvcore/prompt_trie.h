@@ -21,6 +21,15 @@ namespace kvcore {
 
 using Tokens = std::vector<int64_t>;
 
+/// How many of edge's tokens tokens[from, end) repeats, from the start.
+inline size_t shared_run(const Tokens& edge, const Tokens& tokens, size_t from, size_t end) {
+  size_t m = 0;
+  while (m < edge.size() && from + m < end && edge[m] == tokens[from + m]) {
+    ++m;
+  }
+  return m;
+}
+
 /// What PromptTrie::search found for a token sequence.
 struct PromptTrieResult {
   /// The sequence itself holds a value.
@@ -219,11 +228,7 @@ class PromptTrie {
 
   /// How many of edge's tokens tokens[from...] repeats.
   static size_t match(const Tokens& edge, const Tokens& tokens, size_t from) {
-    size_t m = 0;
-    while (m < edge.size() && from + m < tokens.size() && edge[m] == tokens[from + m]) {
-      ++m;
-    }
-    return m;
+    return shared_run(edge, tokens, from, tokens.size());
   }
 
   /// Child idx of parent becomes a node of its first m tokens, holding the
