@@ -279,7 +279,7 @@ void bind_prefix(nb::module_& m) {
                                "inserted evicted first.");
   lru.def("__init__",
           [](PyLRU* self, nb::handle max_size, nb::handle max_bytes, bool share, nb::handle disk_dir,
-             nb::handle disk_bytes) {
+             nb::handle disk_bytes, nb::handle max_checkpoints, nb::handle checkpoint_every) {
             constexpr const char* ctx = "LRUPromptCache";
             std::string dir;
             if (!disk_dir.is_none()) {
@@ -289,13 +289,17 @@ void bind_prefix(nb::module_& m) {
               }
             }
             new (self) PyLRU(limit_arg(ctx, "max_size", max_size), limit_arg(ctx, "max_bytes", max_bytes),
-                             share, dir, limit_arg(ctx, "disk_bytes", disk_bytes));
+                             share, dir, limit_arg(ctx, "disk_bytes", disk_bytes),
+                             limit_arg(ctx, "max_checkpoints", max_checkpoints),
+                             limit_arg(ctx, "checkpoint_every", checkpoint_every));
           },
           "max_size"_a = 10, "max_bytes"_a = nb::int_(1).attr("__lshift__")(63), nb::kw_only(),
           "share"_a = true, "disk_dir"_a.none() = nb::none(),
-          "disk_bytes"_a = nb::int_(1).attr("__lshift__")(63),
+          "disk_bytes"_a = nb::int_(1).attr("__lshift__")(63), "max_checkpoints"_a = 8,
+          "checkpoint_every"_a = 0,
           nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, "
-                  "disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63) -> None"),
+                  "disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63, "
+                  "max_checkpoints: int = 8, checkpoint_every: int = 0) -> None"),
           R"pbdoc(
             Args:
                 max_size (int): Entries kept.
@@ -311,6 +315,11 @@ void bind_prefix(nb::module_& m) {
                     Entries are keyed by ``repr(model)``; files that fail
                     their checks are skipped (``disk_errors``).
                 disk_bytes (int): Bytes of files kept; the oldest go first.
+                max_checkpoints (int): Prefill checkpoints kept (see
+                    ``insert_checkpoint``); 0 keeps none.
+                checkpoint_every (int): The fewest tokens between a
+                    checkpoint and the stored prefix before it (0: every
+                    prefill chunk boundary offered).
           )pbdoc")
       .def_prop_ro("disk_dir", [](const PyLRU& c) -> nb::object {
         return c.disk_dir().empty() ? nb::none() : nb::object(nb::str(c.disk_dir().c_str()));
@@ -320,7 +329,16 @@ void bind_prefix(nb::module_& m) {
       .def_prop_ro("disk_errors", &PyLRU::disk_errors,
                    "Why files were skipped, refused or not written, latest last.")
       .def_prop_ro("share", &PyLRU::share)
-      .def("__len__", &PyLRU::size)
+      .def("__len__", &PyLRU::size, "Entries, checkpoints not counted.")
+      .def_prop_ro("n_checkpoints", &PyLRU::checkpoint_count, "Prefill checkpoints held.")
+      .def_prop_rw("max_checkpoints", &PyLRU::max_checkpoints,
+                   [](PyLRU& c, nb::handle v) {
+                     c.set_max_checkpoints(limit_arg("LRUPromptCache", "max_checkpoints", v));
+                   })
+      .def_prop_rw("checkpoint_every", &PyLRU::checkpoint_every,
+                   [](PyLRU& c, nb::handle v) {
+                     c.set_checkpoint_every(limit_arg("LRUPromptCache", "checkpoint_every", v));
+                   })
       .def_prop_ro("nbytes", &PyLRU::nbytes,
                    "Bytes held: entries' caches, with shared keys and values counted once.")
       .def_prop_rw("max_size", [](const PyLRU& c) { return limit_to_py(c.max_size()); },
@@ -352,6 +370,33 @@ void bind_prefix(nb::module_& m) {
            },
            "model"_a, "tokens"_a, "prompt_cache"_a, nb::kw_only(), "cache_type"_a = "assistant",
            "Store a prompt cache for tokens, then evict to the limits.")
+      .def("insert_checkpoint",
+           [](PyLRU& c, nb::object model, nb::handle tokens, nb::object prompt_cache) {
+             return c.insert_checkpoint(model, tokens_arg("LRUPromptCache.insert_checkpoint", tokens),
+                                        prompt_cache);
+           },
+           "model"_a, "tokens"_a, "prompt_cache"_a,
+           nb::sig("def insert_checkpoint(self, model: object, tokens: list[int], prompt_cache: list) -> bool"),
+           R"pbdoc(
+             Keep a copy of a cache part way through its prompt's prefill.
+
+             For caches that cannot be trimmed (a rotating window after it
+             wraps, state-space slots), which only exact or shorter entries
+             can serve: a later prompt sharing the first ``len(tokens)``
+             tokens resumes from the checkpoint. The caller goes on updating
+             ``prompt_cache``; the checkpoint is a deep copy.
+             ``prefill_checkpoints`` makes the prefill call this.
+
+             Args:
+                 model: The model key.
+                 tokens (list[int]): The tokens the cache holds.
+                 prompt_cache (list): The per-layer caches.
+
+             Returns:
+                 bool: Whether it was kept (not when ``max_checkpoints`` is
+                 0, an entry holds these tokens, or a stored prefix is fewer
+                 than ``checkpoint_every`` tokens back).
+           )pbdoc")
       .def("trim_to",
            [](PyLRU& c, nb::handle n_sequences, nb::handle n_bytes) {
              constexpr const char* ctx = "LRUPromptCache.trim_to";

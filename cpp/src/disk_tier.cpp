@@ -159,7 +159,7 @@ void DiskTier::index_file(const std::string& path) {
   Tokens tokens = parse_tokens(m);
   const std::string type = get(m, "kvcore.type");
   const auto& o = cache_type_order();
-  if (std::find(o.begin(), o.end(), type) == o.end()) {
+  if (std::find(o.begin(), o.end(), type) == o.end() && type != checkpoint_type()) {
     throw ValueError(kDisk, "a cache type", "'" + type.substr(0, 40) + "'");
   }
   const std::string name = fs::path(path).filename().string();

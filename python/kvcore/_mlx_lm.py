@@ -4,7 +4,9 @@
 ``mlx_lm.models.cache`` and into every loaded ``mlx_lm`` module that imported
 them by name (model modules do ``from .cache import KVCache``), so models,
 ``generate_step``, the prompt-cache helpers and model modules imported later
-all use kvcore. ``unpatch_mlx_lm()`` puts mlx-lm's own back.
+all use kvcore. It also wraps ``stream_generate`` and ``BatchGenerator`` so
+that ``mlx_lm.server`` keeps prefill checkpoints (see _checkpoints).
+``unpatch_mlx_lm()`` puts mlx-lm's own back.
 """
 
 import sys
@@ -38,6 +40,10 @@ def swapped_names():
     return tuple(classes()) + FUNCTIONS
 
 
+# mlx_lm.generate's names wrapped to take prefill checkpoints.
+GENERATE_NAMES = ("stream_generate", "BatchGenerator")
+
+
 def _originals():
     """{name: mlx-lm's object} for every name kvcore replaces (classes mlx-lm
     lacks, such as QuantizedRotatingKVCache, have nothing to replace)."""
@@ -49,6 +55,27 @@ def _originals():
     return out
 
 
+def _replacements(originals):
+    """{name: (mlx-lm's object, kvcore's)}."""
+    import importlib
+
+    import kvcore
+
+    from . import _checkpoints
+
+    out = {n: (o, getattr(kvcore, n)) for n, o in originals.items()}
+    generate = importlib.import_module("mlx_lm.generate")
+    out["stream_generate"] = (
+        generate.stream_generate,
+        _checkpoints.checkpointing_stream_generate(generate.stream_generate),
+    )
+    out["BatchGenerator"] = (
+        generate.BatchGenerator,
+        _checkpoints.checkpointing_batch_generator(generate.BatchGenerator),
+    )
+    return out
+
+
 _replaced = None  # [(module, name, original)] while patched
 
 
@@ -57,18 +84,16 @@ def patch_mlx_lm():
     global _replaced
     if _replaced is not None:
         return
-    import kvcore
-
-    originals = _originals()
+    replacements = _replacements(_originals())
     replaced = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):
             continue
         namespace = vars(mod)
-        for name, original in originals.items():
+        for name, (original, ours) in replacements.items():
             if namespace.get(name) is original:
-                replaced.append((mod, name, original))
-                setattr(mod, name, getattr(kvcore, name))
+                replaced.append((mod, name, original, ours))
+                setattr(mod, name, ours)
     _replaced = replaced
 
 
@@ -77,19 +102,17 @@ def unpatch_mlx_lm():
     global _replaced
     if _replaced is None:
         return
-    import kvcore
-
-    originals = {}
-    for mod, name, original in _replaced:
+    swapped = {}
+    for mod, name, original, ours in _replaced:
         setattr(mod, name, original)
-        originals[name] = original
+        swapped[name] = (original, ours)
     # Model modules first imported while patched took kvcore's names too.
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):
             continue
         namespace = vars(mod)
-        for name, original in originals.items():
-            if namespace.get(name) is getattr(kvcore, name):
+        for name, (original, ours) in swapped.items():
+            if namespace.get(name) is ours:
                 setattr(mod, name, original)
     _replaced = None
 

@@ -1,10 +1,10 @@
 """PromptTrie.search's result, as mlx-lm's dataclass (the search itself is
-C++)."""
+C++), and LRUPromptCache's hooks for prefill checkpoints (_checkpoints)."""
 
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from . import _ext
+from . import _checkpoints, _ext
 
 
 @dataclass
@@ -23,3 +23,18 @@ def _search(self, model: Any, tokens: List[int]) -> PromptTrieResult:
 
 
 _ext.PromptTrie.search = _search
+
+
+_fetch_nearest_cache = _ext.LRUPromptCache.fetch_nearest_cache
+
+
+def _fetch_and_note(self, model, tokens):
+    cache, rest = _fetch_nearest_cache(self, model, tokens)
+    _checkpoints.note_fetch(self, model, tokens, len(rest))
+    return cache, rest
+
+
+_fetch_and_note.__doc__ = _fetch_nearest_cache.__doc__
+_fetch_and_note.__name__ = "fetch_nearest_cache"
+_ext.LRUPromptCache.fetch_nearest_cache = _fetch_and_note
+_ext.LRUPromptCache.prefill_checkpoints = _checkpoints.prefill_checkpoints

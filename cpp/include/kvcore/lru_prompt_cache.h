@@ -60,6 +60,15 @@ namespace kvcore {
 /// With a disk tier (`disk_dir`), every inserted entry is also written to a
 /// file there (DiskTier), so entries outlive eviction and the process; a
 /// fetch that disk covers better than memory loads from it.
+///
+/// Prefill checkpoints (insert_checkpoint) are snapshots of caches that
+/// cannot be trimmed (a rotating window after it wraps, state-space
+/// slots), taken at chunk boundaries while a prompt is prefilled, so a later
+/// prompt that shares only part of it resumes from the longest checkpoint
+/// within the shared part. They are matched as entries are (exact or
+/// shorter), counted in nbytes() but not in size() or max_size, kept up to
+/// max_checkpoints (least recently inserted or served evicted first) and
+/// evicted before any entry when bytes run over.
 template <class Model, class Caches, class Ops, class Mutex = std::mutex,
           class ModelEq = std::equal_to<Model>>
 class LRUPromptCache {
@@ -71,8 +80,14 @@ class LRUPromptCache {
       int64_t max_bytes = kUnlimited,
       bool share = true,
       const std::string& disk_dir = "",
-      int64_t disk_bytes = kUnlimited)
-      : max_size_(max_size), max_bytes_(max_bytes), share_(share) {
+      int64_t disk_bytes = kUnlimited,
+      int64_t max_checkpoints = 8,
+      int64_t checkpoint_every = 0)
+      : max_size_(max_size),
+        max_bytes_(max_bytes),
+        max_checkpoints_(max_checkpoints),
+        checkpoint_every_(checkpoint_every),
+        share_(share) {
     if (!disk_dir.empty()) {
       disk_ = std::make_unique<DiskTier>(disk_dir, disk_bytes);
     }
@@ -80,6 +95,8 @@ class LRUPromptCache {
       lrus_[t];
       bytes_by_type_[t] = 0;
     }
+    lrus_[checkpoint_type()];
+    bytes_by_type_[checkpoint_type()] = 0;
   }
 
   static const std::vector<std::string>& ordering() {
@@ -111,7 +128,12 @@ class LRUPromptCache {
     if (!m) {
       return {std::nullopt, tokens};
     }
-    return {caches_of(*trie_.get(model, m->key), m->trim),
+    const Entry& e = *trie_.get(model, m->key);
+    if (e.type == checkpoint_type()) {
+      remove_from_lru(model, m->key); // served: the most recent checkpoint now
+      lrus_[checkpoint_type()].emplace_back(model, m->key);
+    }
+    return {caches_of(e, m->trim),
             Tokens(tokens.begin() + static_cast<long>(m->covered), tokens.end())};
   }
 
@@ -123,7 +145,31 @@ class LRUPromptCache {
       Caches caches,
       const std::string& cache_type = "assistant") {
     std::lock_guard<Mutex> lock(mutex_);
+    check_type(cache_type);
     insert_locked(model, tokens, std::move(caches), cache_type, true);
+  }
+
+  /// Keep an independent copy of caches, which hold the first
+  /// tokens.size() tokens of a prompt being prefilled, as a checkpoint (the
+  /// caller goes on updating its caches). Returns false, keeping nothing,
+  /// when max_checkpoints is 0, an entry that is not a checkpoint holds
+  /// these tokens, or a stored prefix lies fewer than checkpoint_every
+  /// tokens back. Then evicts down to max_checkpoints and max_bytes.
+  bool insert_checkpoint(const Model& model, const Tokens& tokens, const Caches& caches) {
+    std::lock_guard<Mutex> lock(mutex_);
+    if (max_checkpoints_ <= 0 || tokens.size() < 2) {
+      return false;
+    }
+    PromptTrieResult r = trie_.search(model, tokens);
+    if (r.exact && trie_.get(model, tokens)->type != checkpoint_type()) {
+      return false;
+    }
+    if (!r.exact && r.shorter && checkpoint_every_ > 0 &&
+        static_cast<int64_t>(tokens.size() - r.shorter->size()) < checkpoint_every_) {
+      return false;
+    }
+    insert_locked(model, tokens, Ops::copy(caches), checkpoint_type(), true);
+    return true;
   }
 
   /// Evict down to n_sequences entries and n_bytes (nullopt: no limit).
@@ -134,9 +180,7 @@ class LRUPromptCache {
     while (size() > seqs) {
       evict_one();
     }
-    while (nbytes_locked() > bytes && size() > 0) {
-      evict_one();
-    }
+    evict_to_bytes(bytes);
   }
   struct TypeStats {
     int64_t n_sequences;
@@ -150,15 +194,24 @@ class LRUPromptCache {
       out.push_back({t, {static_cast<int64_t>(lrus_.at(t).size()),
                          bytes_by_type_.at(t) + store_.nbytes(type_index(t))}});
     }
+    if (checkpoint_count() > 0) { // listed only while there are some
+      const std::string& t = checkpoint_type();
+      out.push_back({t, {checkpoint_count(), bytes_by_type_.at(t) + store_.nbytes(type_index(t))}});
+    }
     return out;
   }
 
+  /// Entries, checkpoints not counted.
   int64_t size() const {
     int64_t n = 0;
-    for (const auto& [_, q] : lrus_) {
-      n += static_cast<int64_t>(q.size());
+    for (const auto& t : ordering()) {
+      n += static_cast<int64_t>(lrus_.at(t).size());
     }
     return n;
+  }
+  /// Prefill checkpoints held.
+  int64_t checkpoint_count() const {
+    return static_cast<int64_t>(lrus_.at(checkpoint_type()).size());
   }
   /// Bytes held: entries' caches as given plus the shared store's buffers.
   int64_t nbytes() const {
@@ -198,6 +251,25 @@ class LRUPromptCache {
   void set_max_bytes(int64_t v) {
     max_bytes_ = v;
   }
+  int64_t max_checkpoints() const {
+    return max_checkpoints_;
+  }
+  /// Evicts checkpoints past the new limit at once.
+  void set_max_checkpoints(int64_t v) {
+    std::lock_guard<Mutex> lock(mutex_);
+    max_checkpoints_ = v;
+    while (checkpoint_count() > std::max<int64_t>(0, v)) {
+      evict_checkpoint();
+    }
+  }
+  /// The fewest tokens between a checkpoint and the stored prefix before
+  /// it (0: any chunk boundary).
+  int64_t checkpoint_every() const {
+    return checkpoint_every_;
+  }
+  void set_checkpoint_every(int64_t v) {
+    checkpoint_every_ = v;
+  }
 
  private:
   struct Entry {
@@ -226,15 +298,15 @@ class LRUPromptCache {
   }
 
 
-  // insert_cache under the lock; `to_disk` writes the entry through to the
-  // disk tier (not when it came from there).
+  // insert_cache (or a checkpoint's) under the lock; `to_disk` writes the
+  // entry through to the disk tier (not when it came from there).
   void insert_locked(
       const Model& model,
       const Tokens& tokens,
       Caches caches,
       const std::string& cache_type,
       bool to_disk) {
-    check_type(cache_type);
+    const bool checkpoint = cache_type == checkpoint_type();
     // Read everything that may throw before changing anything.
     Entry entry{std::nullopt, {}, 0, cache_type};
     std::vector<LayerKV> layers;
@@ -262,16 +334,28 @@ class LRUPromptCache {
       remove_from_lru(model, tokens);
     }
     lrus_[cache_type].emplace_back(model, tokens);
-    if (trimmable) {
+    if (trimmable && !checkpoint) {
       for (auto& [len, e] : trie_.pop_prefixes(model, tokens)) {
         forget(e);
         remove_from_lru(model, Tokens(tokens.begin(), tokens.begin() + len));
       }
     }
-    if (size() > max_size_) {
+    if (checkpoint) {
+      while (checkpoint_count() > max_checkpoints_) {
+        evict_checkpoint();
+      }
+    } else if (size() > max_size_) {
       evict_one();
     }
-    while (nbytes_locked() > max_bytes_ && size() > 0) {
+    evict_to_bytes(max_bytes_);
+  }
+
+  /// Evict, checkpoints first, until nbytes() <= bytes or nothing is left.
+  void evict_to_bytes(int64_t bytes) {
+    while (nbytes_locked() > bytes && checkpoint_count() > 0) {
+      evict_checkpoint();
+    }
+    while (nbytes_locked() > bytes && size() > 0) {
       evict_one();
     }
   }
@@ -386,8 +470,7 @@ class LRUPromptCache {
   }
 
   void remove_from_lru(const Model& model, const Tokens& tokens) {
-    for (const auto& t : ordering()) {
-      auto& q = lrus_[t];
+    for (auto& [_, q] : lrus_) {
       for (auto it = q.begin(); it != q.end(); ++it) {
         if (same_key(*it, model, tokens)) {
           q.erase(it);
@@ -415,8 +498,16 @@ class LRUPromptCache {
     if (from->empty()) {
       return;
     }
-    Key k = std::move(from->front());
-    from->pop_front();
+    pop_front(*from);
+  }
+
+  void evict_checkpoint() {
+    pop_front(lrus_[checkpoint_type()]);
+  }
+
+  void pop_front(std::deque<Key>& from) {
+    Key k = std::move(from.front());
+    from.pop_front();
     if (auto e = trie_.pop(k.first, k.second)) {
       forget(*e);
     }
@@ -431,6 +522,8 @@ class LRUPromptCache {
   int64_t n_bytes_ = 0;
   int64_t max_size_;
   int64_t max_bytes_;
+  int64_t max_checkpoints_;
+  int64_t checkpoint_every_;
   bool share_;
   mutable Mutex mutex_;
   ModelEq eq_;

@@ -347,4 +347,11 @@ inline const std::vector<std::string>& cache_type_order() {
   return o;
 }
 
+/// The type of LRUPromptCache's prefill checkpoints (insert_checkpoint),
+/// kept apart from the cache types above.
+inline const std::string& checkpoint_type() {
+  static const std::string t = "checkpoint";
+  return t;
+}
+
 } // namespace kvcore
