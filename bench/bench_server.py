@@ -102,7 +102,7 @@ def free_port():
 
 
 class Server:
-    def __init__(self, model_dir, kvcore, disk_dir=None, log=None, stats=None):
+    def __init__(self, model_dir, kvcore, disk_dir=None, log=None, stats=None, extra=()):
         self.port = free_port()
         self.stats_path = stats
         cmd = [sys.executable, os.path.join(HERE, "serve.py"), "--stats", stats]
@@ -110,7 +110,7 @@ class Server:
             cmd.append("--kvcore")
         if disk_dir:
             cmd += ["--disk-dir", disk_dir]
-        cmd += ["--", "--model", model_dir, "--port", str(self.port), "--prompt-cache-size", "64"]
+        cmd += ["--", "--model", model_dir, "--port", str(self.port), "--prompt-cache-size", "64", *extra]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -18,7 +18,8 @@ import time
 def watch(cache, path):
     while True:
         with open(path + ".tmp", "w") as f:
-            json.dump({"entries": len(cache), "nbytes": cache.nbytes}, f)
+            json.dump({"entries": len(cache), "nbytes": cache.nbytes,
+                       "checkpoints": getattr(cache, "n_checkpoints", 0)}, f)
         os.replace(path + ".tmp", path)
         time.sleep(0.2)
 

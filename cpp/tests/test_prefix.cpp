@@ -176,6 +176,81 @@ TEST(lru_concurrent_calls) {
   CHECK(lru.size() <= 6);
 }
 
+// One RotatingKVCache layer past its 8-token window: not trimmable.
+PromptCache window_layers(int tokens) {
+  auto c = std::make_shared<RotatingKVCache>(8, 0);
+  kvtest::feed(*c, {tokens}, 1, 1, 4, mx::float32, 11);
+  return {c};
+}
+
+int window_offset(const PromptCache& c) {
+  return dynamic_cast<const RotatingKVCache&>(*c[0]).offset();
+}
+
+TEST(lru_checkpoints_serve_shorter_prompts) {
+  PromptCacheLRU lru(4, PromptCacheLRU::kUnlimited, true, "", PromptCacheLRU::kUnlimited,
+                     /*max_checkpoints=*/2);
+  Tokens a;
+  for (int i = 0; i < 40; ++i) a.push_back(i);
+  auto prefix = [&a](int n) { return Tokens(a.begin(), a.begin() + n); };
+  PromptCache live = window_layers(16);
+  CHECK(lru.insert_checkpoint("m", prefix(16), live));
+  kvtest::feed(dynamic_cast<RotatingKVCache&>(*live[0]), {3}, 1, 1, 4, mx::float32, 12); // the caller goes on
+  CHECK(lru.insert_checkpoint("m", prefix(24), window_layers(24)));
+  lru.insert_cache("m", a, window_layers(40));
+  CHECK_EQ(lru.size(), 1);
+  CHECK_EQ(lru.checkpoint_count(), 2);
+  Tokens b = prefix(30);
+  b.push_back(99);
+  auto [c, rest] = lru.fetch_nearest_cache("m", b);
+  CHECK(c.has_value());
+  CHECK_EQ(window_offset(*c), 24);
+  CHECK_EQ(rest.size(), size_t(7));
+  auto [c16, rest16] = lru.fetch_nearest_cache("m", prefix(20));
+  CHECK_EQ(window_offset(*c16), 16); // still 16: a copy was kept
+  // 24 was served before 16, so 24 is the oldest; a third checkpoint evicts it.
+  CHECK(lru.insert_checkpoint("m", prefix(32), window_layers(32)));
+  auto [c2, rest2] = lru.fetch_nearest_cache("m", b);
+  CHECK_EQ(window_offset(*c2), 16);
+  CHECK(!lru.insert_checkpoint("m", a, window_layers(40))); // an entry holds a
+  int64_t bytes = 0;
+  for (const auto& [type, s] : lru.stats_by_type()) bytes += s.n_bytes;
+  CHECK_EQ(bytes, lru.nbytes());
+  lru.trim_to(std::nullopt, 0);
+  CHECK_EQ(lru.checkpoint_count(), 0);
+  CHECK_EQ(lru.nbytes(), 0);
+}
+
+TEST(lru_checkpoints_concurrent_with_fetches) {
+  PromptCacheLRU lru(4, PromptCacheLRU::kUnlimited, true, "", PromptCacheLRU::kUnlimited, 5);
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 4; ++w) {
+    threads.emplace_back([&lru, w] {
+      for (int i = 0; i < 30; ++i) {
+        Tokens t{w % 2, 1, 2, 3, i % 7};
+        if (i % 3 == 0) {
+          lru.insert_checkpoint("m", t, window_layers(5));
+        } else if (i % 3 == 1) {
+          lru.insert_cache("m", t, window_layers(5));
+        } else {
+          t.push_back(9);
+          auto [c, rest] = lru.fetch_nearest_cache("m", t);
+          if (c) { // an entry or checkpoint, or a longer trimmable one trimmed
+            const int o = window_offset(*c);
+            CHECK(o == 4 || o == 5);
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(lru.size() <= 4);
+  CHECK(lru.checkpoint_count() <= 5);
+  int64_t bytes = 0;
+  for (const auto& [type, s] : lru.stats_by_type()) bytes += s.n_bytes;
+  CHECK_EQ(bytes, lru.nbytes());
+}
+
 TEST(token_buffer_grows_by_step) {
   TokenBuffer b({5, 6});
   auto t = b.update_and_fetch({7, 8, 9});

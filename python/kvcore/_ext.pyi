@@ -12,7 +12,13 @@ from kvcore import (
     CacheRuntimeError as CacheRuntimeError,
     CacheValueError as CacheValueError
 )
-from kvcore._prefix import _search as search
+from kvcore._checkpoints import (
+    prefill_checkpoints as prefill_checkpoints
+)
+from kvcore._prefix import (
+    _search as search,
+    fetch_nearest_cache as fetch_nearest_cache
+)
 
 
 __mlx_version__: str = '0.32.4'
@@ -1332,7 +1338,7 @@ class LRUPromptCache:
     Finished prompt caches by model and tokens, least recently inserted evicted first.
     """
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63) -> None:
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63, max_checkpoints: int = 8, checkpoint_every: int = 0) -> None:
         """
         Args:
             max_size (int): Entries kept.
@@ -1348,6 +1354,11 @@ class LRUPromptCache:
                 Entries are keyed by ``repr(model)``; files that fail
                 their checks are skipped (``disk_errors``).
             disk_bytes (int): Bytes of files kept; the oldest go first.
+            max_checkpoints (int): Prefill checkpoints kept (see
+                ``insert_checkpoint``); 0 keeps none.
+            checkpoint_every (int): The fewest tokens between a
+                checkpoint and the stored prefix before it (0: every
+                prefill chunk boundary offered).
         """
 
     @property
@@ -1368,7 +1379,24 @@ class LRUPromptCache:
     @property
     def share(self) -> bool: ...
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """Entries, checkpoints not counted."""
+
+    @property
+    def n_checkpoints(self) -> int:
+        """Prefill checkpoints held."""
+
+    @property
+    def max_checkpoints(self) -> int: ...
+
+    @max_checkpoints.setter
+    def max_checkpoints(self, arg: object, /) -> None: ...
+
+    @property
+    def checkpoint_every(self) -> int: ...
+
+    @checkpoint_every.setter
+    def checkpoint_every(self, arg: object, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -1386,19 +1414,30 @@ class LRUPromptCache:
     @max_bytes.setter
     def max_bytes(self, arg: object, /) -> None: ...
 
-    def fetch_nearest_cache(self, model: object, tokens: list[int]) -> tuple[list | None, list[int]]:
-        """
-        A copy of the cache stored for the nearest usable match.
-
-        Returns:
-            tuple: ``(cache, rest)``: a fresh copy of the exact entry, of
-            a longer trimmable one trimmed to the shared prefix, or of the
-            longest shorter one, and the tokens it does not cover; or
-            ``(None, tokens)``.
-        """
-
     def insert_cache(self, model: object, tokens: object, prompt_cache: object, *, cache_type: str = 'assistant') -> None:
         """Store a prompt cache for tokens, then evict to the limits."""
+
+    def insert_checkpoint(self, model: object, tokens: list[int], prompt_cache: list) -> bool:
+        """
+        Keep a copy of a cache part way through its prompt's prefill.
+
+        For caches that cannot be trimmed (a rotating window after it
+        wraps, state-space slots), which only exact or shorter entries
+        can serve: a later prompt sharing the first ``len(tokens)``
+        tokens resumes from the checkpoint. The caller goes on updating
+        ``prompt_cache``; the checkpoint is a deep copy.
+        ``prefill_checkpoints`` makes the prefill call this.
+
+        Args:
+            model: The model key.
+            tokens (list[int]): The tokens the cache holds.
+            prompt_cache (list): The per-layer caches.
+
+        Returns:
+            bool: Whether it was kept (not when ``max_checkpoints`` is
+            0, an entry holds these tokens, or a stored prefix is fewer
+            than ``checkpoint_every`` tokens back).
+        """
 
     def trim_to(self, *, n_sequences: object | None = None, n_bytes: object | None = None) -> None:
         """Evict down to n_sequences entries and n_bytes."""

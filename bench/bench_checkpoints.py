@@ -1,0 +1,161 @@
+"""Prefill checkpoints in mlx_lm.server, for a hybrid model whose caches
+cannot be trimmed: time to first token and tokens served from the prompt
+cache, on mlx-lm's caches and on kvcore's, and again after a restart.
+
+    python bench/bench_checkpoints.py [--system 400] [--doc 3000] [--requests 5]
+                                      [--prefill-step 512] [--out FILE]
+
+The model is a Falcon-H1-shaped config with random weights (each layer a
+state-space mixer beside attention: CacheList(ArraysCache, KVCache)) and a
+byte-level tokenizer, built here. Every request asks about one shared
+document: [system, user: document + a question of its own]. The prompts
+share everything up to the question, inside the user message, so no
+segment end falls there: mlx-lm can serve only the system prompt's entry
+(the state-space slots cannot be trimmed back to the shared part); kvcore
+resumes from the last prefill checkpoint before the question. Phases, each
+a fresh server process (bench/serve.py):
+
+  mlx-lm         mlx_lm.server as installed
+  kvcore         patched, with a disk tier in a fresh directory
+  kvcore again   a new kvcore server on that disk directory
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_server import Server, byte_tokenizer, words  # noqa: E402
+
+
+def make_model_dir(path, layers=4, hidden=256, seed=0):
+    """config.json, model.safetensors (random weights) and the tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import falcon_h1
+
+    heads, head_dim = 8, 32
+    config = {
+        "model_type": "falcon_h1",
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "head_dim": head_dim,
+        "vocab_size": 512,
+        "mamba_d_conv": 4,
+        "mamba_d_head": 32,
+        "mamba_d_ssm": 256,  # mamba_n_heads * mamba_d_head
+        "mamba_d_state": 32,
+        "mamba_n_groups": 1,
+        "mamba_n_heads": 8,
+        "mamba_chunk_size": 128,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    }
+    mx.random.seed(seed)
+    model = falcon_h1.Model(falcon_h1.ModelArgs.from_dict(config))
+    mx.save_safetensors(os.path.join(path, "model.safetensors"), dict(tree_flatten(model.parameters())))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    byte_tokenizer(path)
+
+
+def ask(server, messages, max_tokens=4):
+    """(seconds to the first streamed chunk, prompt tokens served from the
+    prompt cache) for one streaming request."""
+    body = json.dumps({
+        "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+        "stream_options": {"include_usage": True},
+    })
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=900)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    first, cached = None, None
+    for line in c.getresponse():
+        line = line.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            continue
+        if first is None:
+            first = time.perf_counter() - t0
+        usage = json.loads(line[5:]).get("usage")
+        if usage:
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    c.close()
+    return first, cached
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--system", type=int, default=400, help="system prompt bytes (= tokens)")
+    ap.add_argument("--doc", type=int, default=3000, help="shared document bytes")
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--prefill-step", type=int, default=512, help="the server's --prefill-step-size")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    rng = random.Random(0)
+    system, doc = words(rng, args.system), words(rng, args.doc)
+    questions = [words(rng, 80) for _ in range(args.requests)]
+    requests = [[{"role": "system", "content": system},
+                 {"role": "user", "content": doc + "\n\nQuestion: " + q}] for q in questions]
+
+    work = tempfile.mkdtemp(prefix="kvcore-bench-checkpoints-")
+    model_dir, disk_dir = os.path.join(work, "model"), os.path.join(work, "disk")
+    os.makedirs(model_dir)
+    make_model_dir(model_dir)
+    log = open(os.path.join(work, "server.log"), "w")
+    extra = ["--prefill-step-size", str(args.prefill_step)]
+    results = {}
+    try:
+        for name, kv, disk in (("mlx-lm", False, None), ("kvcore", True, disk_dir),
+                               ("kvcore again", True, disk_dir)):
+            s = Server(model_dir, kv, disk, log, os.path.join(work, "stats.json"), extra=extra)
+            try:
+                got = [ask(s, m) for m in requests]
+                results[name] = (got, s.stats())
+            finally:
+                s.stop()
+            print(f"{name}: {got} {results[name][1]}", flush=True)
+    finally:
+        log.close()
+
+    lines = [
+        f"mlx_lm.server, Falcon-H1-shaped random model (4 layers, hidden 256, each a state-space "
+        f"mixer beside attention), prefill step {args.prefill_step}; {args.requests} requests over "
+        f"one ~{args.doc}-token document after a ~{args.system}-token system prompt, each with its "
+        f"own ~80-token question. Time to first token in seconds (streaming HTTP; median where "
+        f"several; the first request of a server includes loading the model) and prompt tokens "
+        f"served from the prompt cache:",
+        "",
+        "| server | 1st request | later requests | cached tokens, later requests | prompt cache after: entries, MB |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, (got, st) in results.items():
+        later = got[1:]
+        lines.append(
+            f"| {name} | {got[0][0]:.3f} | {statistics.median(t for t, _ in later):.3f} | "
+            f"{statistics.median(c or 0 for _, c in later):.0f} of ~{args.system + args.doc + 110} | "
+            f"{st['entries']}, {st['nbytes'] / 1e6:.1f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
