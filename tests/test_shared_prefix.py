@@ -217,3 +217,64 @@ def test_buffers_mostly_freed_are_copied_out():
     assert one < lru.nbytes < 1.1 * one
     got, rest = lru.fetch_nearest_cache("m", b)
     assert rest == [] and kv_of(got[1])[0][0, 0, :, 0].tolist() == [t + 1 for t in b]
+
+
+def hybrid_for(mod, tokens, layers=LAYERS):
+    """Falcon-H1's layers: CacheList(ArraysCache(2), KVCache), state slots a
+    function of the tokens too."""
+    out = []
+    for layer in range(layers):
+        slots = mod.ArraysCache(size=2)
+        slots[0] = mx.full((1, 3), float(sum(tokens) % 97 + layer))
+        slots[1] = mx.full((1, 2, 2), float(len(tokens)))
+        kv = mod.KVCache()
+        k, v = token_kv(tokens, dim=64)
+        kv.update_and_fetch(k + layer, v - layer)
+        out.append(mod.CacheList(slots, kv))
+    mx.eval([c.state for c in out])
+    return out
+
+
+def assert_same_hybrid(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert type(a) is kvcore.CacheList
+        (sa, ka), (sb, kb) = a.caches, b.caches
+        assert type(sa) is kvcore.ArraysCache and type(ka) is kvcore.KVCache
+        for i in range(2):
+            assert mx.array_equal(sa[i], sb[i]).item()
+        assert ka.offset == kb.offset
+        for x, y in zip(kv_of(ka), kv_of(kb)):
+            assert x.shape == y.shape and mx.array_equal(x, y).item()
+
+
+def test_hybrid_layers_share_their_kv_caches():
+    # Entries of CacheList(ArraysCache, KVCache) layers: the KVCaches' keys
+    # and values go to the store, the state slots are held per entry; the
+    # results are mlx-lm's, and fetched caches are independent.
+    prefix = list(range(1000, 1512))
+    convs = [prefix + [9000 + 100 * i + j for j in range(16)] for i in range(8)]
+    lru, mlx = kvcore.LRUPromptCache(max_size=16), ref.LRUPromptCache(max_size=16)
+    for i, toks in enumerate(convs):
+        lru.insert_cache("m", toks, hybrid_for(kvcore, toks))
+        mlx.insert_cache("m", toks, hybrid_for(ref, toks))
+        if i == 0:
+            one = lru.nbytes
+            assert one == mlx.nbytes
+    slots = sum(c.caches[0].nbytes for c in hybrid_for(kvcore, convs[0]))
+    tail = LAYERS * 2 * (2 * 16 * 64 * 2)
+    assert one + 7 * (tail + slots) <= lru.nbytes <= one + 7 * (tail + slots) * 1.01
+    assert lru.nbytes / one < 1.2 and mlx.nbytes / one == 8.0
+    for toks in (convs[0], convs[5], prefix + [1, 2]):
+        got, rest = lru.fetch_nearest_cache("m", toks)
+        want, want_rest = mlx.fetch_nearest_cache("m", toks)
+        assert rest == want_rest and (got is None) == (want is None)
+        if got is not None:
+            assert_same_hybrid(got, want)
+    got, _ = lru.fetch_nearest_cache("m", convs[5])
+    got[0].caches[0][0] = mx.zeros((1, 3))
+    got[0].caches[1].trim(100)
+    again, _ = lru.fetch_nearest_cache("m", convs[5])
+    assert_same_hybrid(again, mlx.fetch_nearest_cache("m", convs[5])[0])
+    lru.trim_to(n_sequences=0)
+    assert lru.nbytes == 0

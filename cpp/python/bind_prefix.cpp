@@ -60,26 +60,72 @@ struct PyOps {
   static void trim(nb::object& caches, int n) {
     nb::module_::import_("kvcore").attr("trim_prompt_cache")(caches, n);
   }
-  // A list of kvcore.KVCache (the class itself, not a subclass: those may
-  // hold more than keys and values) with arrays, at one offset.
-  static bool share(const nb::object& caches, std::vector<LayerKV>* layers, int* offset) {
+  // The kvcore.KVCache layers (the class itself, not a subclass: those may
+  // hold more than keys and values) of a list, within kvcore.CacheLists
+  // too, with arrays at one offset. Where other caches sit beside them,
+  // `rest` is the list with each of those KVCaches emptied, the others
+  // deep-copied.
+  static bool share(const nb::object& caches, std::vector<LayerKV>* layers, int* offset,
+                    std::optional<nb::object>* rest) {
     if (!nb::isinstance<nb::list>(caches)) {
       return false;
     }
-    nb::handle kv_type = nb::type<KVCache>();
     layers->clear();
-    for (nb::handle c : caches) {
-      if (!c.type().is(kv_type)) {
-        return false;
-      }
-      const KVCache& kv = nb::cast<const KVCache&>(c);
-      if (!kv.keys() || !kv.values() || (!layers->empty() && kv.offset() != *offset)) {
-        return false;
-      }
-      *offset = kv.offset();
-      layers->push_back({*kv.keys(), *kv.values()});
+    bool mixed = false;
+    std::optional<nb::object> others = split(caches, layers, offset, &mixed);
+    if (!others || layers->empty()) {
+      return false;
     }
-    return !layers->empty();
+    *rest = mixed ? others : std::nullopt;
+    return true;
+  }
+  // caches (a list or a CacheList's tuple) with its KVCaches emptied, their
+  // arrays appended to layers; nullopt if a KVCache is empty or at another
+  // offset (an empty one would be taken for a slot to fill).
+  static std::optional<nb::object> split(nb::handle caches, std::vector<LayerKV>* layers, int* offset,
+                                         bool* mixed) {
+    nb::handle kv_type = nb::type<KVCache>();
+    nb::handle list_type = cache_list_type();
+    nb::list out;
+    for (nb::handle c : caches) {
+      if (c.type().is(kv_type)) {
+        const KVCache& kv = nb::cast<const KVCache&>(c);
+        if (!kv.keys() || !kv.values() || (!layers->empty() && kv.offset() != *offset)) {
+          return std::nullopt;
+        }
+        *offset = kv.offset();
+        layers->push_back({*kv.keys(), *kv.values()});
+        out.append(kv_type());
+      } else if (c.type().is(list_type)) {
+        auto inner = split(c.attr("caches"), layers, offset, mixed);
+        if (!inner) {
+          return std::nullopt;
+        }
+        nb::object copied = nb::module_::import_("copy").attr("copy")(c);
+        copied.attr("caches") = nb::tuple(*inner);
+        out.append(copied);
+      } else {
+        *mixed = true;
+        out.append(copy(nb::borrow(c)));
+      }
+    }
+    return out;
+  }
+  static nb::handle cache_list_type() {
+    static nb::object t = nb::module_::import_("kvcore").attr("CacheList");
+    return t;
+  }
+  // Fill the empty KVCaches of caches (walked as split walks them) in order.
+  static void fill(nb::handle caches, std::vector<LayerKV>& layers, size_t* next, int offset) {
+    nb::handle kv_type = nb::type<KVCache>();
+    for (nb::handle c : caches) {
+      if (c.type().is(kv_type) && *next < layers.size()) {
+        LayerKV& l = layers[(*next)++];
+        nb::inst_ptr<KVCache>(c)->set(std::move(l.keys), std::move(l.values), offset);
+      } else if (c.type().is(cache_list_type())) {
+        fill(c.attr("caches"), layers, next, offset);
+      }
+    }
   }
   static std::string model_name(const nb::object& model) {
     return nb::cast<std::string>(nb::repr(model));
@@ -96,7 +142,13 @@ struct PyOps {
     DiskTier::check_entry(nb::cast<Metadata>(got[1]), model, tokens);
     return got[0];
   }
-  static nb::object build(std::vector<LayerKV> layers, int offset) {
+  static nb::object build(std::vector<LayerKV> layers, int offset, const nb::object* rest) {
+    if (rest != nullptr) {
+      nb::object out = copy(*rest);
+      size_t next = 0;
+      fill(out, layers, &next, offset);
+      return out;
+    }
     nb::handle kv_type = nb::type<KVCache>();
     nb::list out;
     for (auto& l : layers) {
@@ -304,10 +356,12 @@ void bind_prefix(nb::module_& m) {
             Args:
                 max_size (int): Entries kept.
                 max_bytes (int): Bytes kept (``nbytes``).
-                share (bool): Keep the keys and values of entries made of
-                    plain ``KVCache`` layers in one store, each token shared
-                    by several entries stored once (default). ``False``
-                    holds every entry's caches as given, as mlx-lm does.
+                share (bool): Keep the keys and values of entries'
+                    plain ``KVCache`` layers (within ``CacheList`` layers
+                    too) in one store, each token shared by several entries
+                    stored once, the other caches beside them held per entry
+                    (default). ``False`` holds every entry's caches as
+                    given, as mlx-lm does.
                 disk_dir (str | os.PathLike | None): A directory for the disk
                     tier: every inserted entry is also written there as a
                     checked prompt-cache file, and a fetch that a file covers

@@ -65,27 +65,52 @@ void PromptCacheOps::trim(PromptCache& caches, int n) {
   trim_prompt_cache(caches, n);
 }
 
-bool PromptCacheOps::share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset) {
+namespace {
+
+const KVCache* plain_kv(const std::shared_ptr<Cache>& c) {
+  return typeid(*c) == typeid(KVCache) ? static_cast<const KVCache*>(c.get()) : nullptr;
+}
+
+} // namespace
+
+bool PromptCacheOps::share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset,
+                           std::optional<PromptCache>* rest) {
   layers->clear();
+  PromptCache others;
+  bool mixed = false;
   for (const auto& c : caches) {
-    const auto* kv = dynamic_cast<const KVCache*>(c.get());
-    if (kv == nullptr || typeid(*c) != typeid(KVCache) || !kv->keys() || !kv->values() ||
-        (!layers->empty() && kv->offset() != *offset)) {
-      return false;
+    const KVCache* kv = plain_kv(c);
+    if (kv == nullptr) {
+      mixed = true;
+      others.push_back(std::shared_ptr<Cache>(c->copy()));
+      continue;
+    }
+    if (!kv->keys() || !kv->values() || (!layers->empty() && kv->offset() != *offset)) {
+      return false; // an empty KVCache would be taken for a slot to fill
     }
     *offset = kv->offset();
     layers->push_back({*kv->keys(), *kv->values()});
+    others.push_back(std::make_shared<KVCache>());
   }
+  *rest = mixed ? std::optional<PromptCache>(std::move(others)) : std::nullopt;
   return !layers->empty();
 }
 
-PromptCache PromptCacheOps::build(std::vector<LayerKV> layers, int offset) {
+PromptCache PromptCacheOps::build(std::vector<LayerKV> layers, int offset, const PromptCache* rest) {
   PromptCache out;
-  out.reserve(layers.size());
-  for (auto& l : layers) {
-    auto c = std::make_shared<KVCache>();
-    c->set(std::move(l.keys), std::move(l.values), offset);
-    out.push_back(std::move(c));
+  if (rest == nullptr) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      out.push_back(std::make_shared<KVCache>());
+    }
+  } else {
+    out = copy(*rest);
+  }
+  size_t next = 0;
+  for (auto& c : out) {
+    if (plain_kv(c) != nullptr && next < layers.size()) {
+      static_cast<KVCache&>(*c).set(std::move(layers[next].keys), std::move(layers[next].values), offset);
+      ++next;
+    }
   }
   return out;
 }

@@ -251,6 +251,37 @@ TEST(lru_checkpoints_concurrent_with_fetches) {
   CHECK_EQ(bytes, lru.nbytes());
 }
 
+TEST(lru_shares_kv_layers_beside_other_caches) {
+  // [RotatingKVCache, KVCache] layers (a sliding-window layer beside a
+  // global one): the KVCache's keys and values are stored once.
+  auto mixed = [](const Tokens& t) {
+    PromptCache c = window_layers(static_cast<int>(t.size()));
+    c.push_back(token_layers(t, 1)[0]);
+    return c;
+  };
+  Tokens a(600), b;
+  for (int i = 0; i < 600; ++i) a[i] = i;
+  b.assign(a.begin(), a.begin() + 590);
+  for (int i = 0; i < 10; ++i) b.push_back(1000 + i);
+  PromptCacheLRU lru(8);
+  lru.insert_cache("m", a, mixed(a));
+  const int64_t one = lru.nbytes();
+  CHECK_EQ(one, PromptCacheOps::nbytes(mixed(a)));
+  lru.insert_cache("m", b, mixed(b));
+  CHECK(lru.nbytes() < one * 13 / 10);
+  auto [c, rest] = lru.fetch_nearest_cache("m", b);
+  CHECK(c.has_value() && rest.empty());
+  CHECK_EQ(window_offset(*c), 600);
+  const auto& kv = dynamic_cast<const KVCache&>(*(*c)[1]);
+  CHECK_EQ(kv.offset(), 600);
+  auto [keys, values] = kv.keys_and_values();
+  auto [want_k, want_v] = dynamic_cast<const KVCache&>(*mixed(b)[1]).keys_and_values();
+  CHECK(mx::array_equal(keys, want_k).item<bool>());
+  CHECK(mx::array_equal(values, want_v).item<bool>());
+  lru.trim_to(0, std::nullopt);
+  CHECK_EQ(lru.nbytes(), 0);
+}
+
 TEST(token_buffer_grows_by_step) {
   TokenBuffer b({5, 6});
   auto t = b.update_and_fetch({7, 8, 9});

@@ -30,11 +30,15 @@ namespace kvcore {
 ///   static bool can_trim(const Caches&);
 ///   static Caches copy(const Caches&);        // a fresh, independent copy
 ///   static void trim(Caches&, int n);
-///   // When every layer is a plain KVCache holding tokens: their arrays
-///   // and the common offset (else false) ...
-///   static bool share(const Caches&, std::vector<LayerKV>*, int* offset);
-///   // ... and fresh such caches from arrays.
-///   static Caches build(std::vector<LayerKV> layers, int offset);
+///   // The arrays of the plain KVCache layers holding tokens and their
+///   // common offset (false when there are none, or offsets differ); where
+///   // other layers sit beside them, `rest` is an independent copy of
+///   // caches with every such KVCache emptied (else nullopt) ...
+///   static bool share(const Caches&, std::vector<LayerKV>*, int* offset,
+///                     std::optional<Caches>* rest);
+///   // ... and fresh caches from those arrays: plain KVCaches, or a copy of
+///   // `rest` with its empty KVCaches filled in order.
+///   static Caches build(std::vector<LayerKV> layers, int offset, const Caches* rest);
 ///   // For the disk tier: a stable name of the model, and the caches to
 ///   // and from a prompt-cache file (load checks that the file's metadata
 ///   // names `model` and `tokens`, throwing otherwise).
@@ -49,9 +53,10 @@ namespace kvcore {
 /// against "system" (mlx-lm's order). Inserting a trimmable cache drops the
 /// entries stored at its prefixes (the new one serves them by trimming).
 ///
-/// With `share` (the default), entries of plain KVCaches keep their keys
-/// and values in a SharedKVStore, so tokens several entries share are
-/// stored once; nbytes() counts the store's buffers once, and an evicted
+/// With `share` (the default), the plain KVCache layers of entries keep
+/// their keys and values in a SharedKVStore (other layers beside them, such
+/// as state-space slots, are held as given), so tokens several entries
+/// share are stored once; nbytes() counts the store's buffers once, and an evicted
 /// entry frees only what no other entry uses. Fetching such an entry builds
 /// fresh KVCaches from the store (views where one stored run covers a layer,
 /// else one copy). Without `share`, every entry holds its caches as given,
@@ -113,7 +118,7 @@ class LRUPromptCache {
       const Tokens& tokens) {
     std::lock_guard<Mutex> lock(mutex_);
     auto m = nearest(trie_, model, tokens, [](const Entry& e) {
-      return !e.caches || Ops::can_trim(*e.caches);
+      return e.trimmable;
     });
     if (disk_) {
       const std::string name = Ops::model_name(model);
@@ -292,7 +297,7 @@ class LRUPromptCache {
   void forget(const Entry& e) {
     n_bytes_ -= e.nbytes;
     bytes_by_type_[e.type] -= e.nbytes;
-    if (!e.caches) {
+    if (e.span.leaf) {
       store_.release(e.span);
     }
   }
@@ -311,13 +316,18 @@ class LRUPromptCache {
     Entry entry{std::nullopt, {}, 0, cache_type};
     std::vector<LayerKV> layers;
     int offset = 0;
-    if (share_ && Ops::share(caches, &layers, &offset) && offset > 0 &&
+    std::optional<Caches> rest;
+    entry.trimmable = Ops::can_trim(caches);
+    if (share_ && Ops::share(caches, &layers, &offset, &rest) && offset > 0 &&
         static_cast<size_t>(offset) <= tokens.size()) {
+      if (rest) { // the layers beside the KVCaches, held as given
+        entry.nbytes = Ops::nbytes(*rest);
+      }
       const std::string group = SharedKVStore::group_of(model_id(model), layers, offset);
       entry.span = store_.hold(group, tokens, offset, layers, type_index(cache_type));
     } else {
       entry.nbytes = Ops::nbytes(caches);
-      entry.trimmable = Ops::can_trim(caches);
+      rest.reset();
     }
     const bool trimmable = entry.trimmable;
     if (to_disk && disk_) {
@@ -325,6 +335,8 @@ class LRUPromptCache {
     }
     if (!entry.span.leaf) {
       entry.caches = std::move(caches);
+    } else {
+      entry.caches = std::move(rest);
     }
     n_bytes_ += entry.nbytes;
     bytes_by_type_[cache_type] += entry.nbytes;
@@ -454,15 +466,16 @@ class LRUPromptCache {
 
   /// A fresh cache list for entry e, less its last `trim` tokens.
   Caches caches_of(const Entry& e, int trim) const {
-    if (e.caches) {
-      Caches c = Ops::copy(*e.caches);
+    if (!e.span.leaf || e.caches) {
+      Caches c = e.span.leaf ? Ops::build(store_.fetch(e.span, e.span.length), e.span.length, &*e.caches)
+                             : Ops::copy(*e.caches);
       if (trim > 0) {
         Ops::trim(c, trim);
       }
       return c;
     }
     const int keep = std::max(0, e.span.length - trim);
-    return Ops::build(store_.fetch(e.span, keep), keep);
+    return Ops::build(store_.fetch(e.span, keep), keep, nullptr);
   }
 
   bool same_key(const Key& k, const Model& model, const Tokens& tokens) const {

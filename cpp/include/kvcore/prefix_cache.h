@@ -52,9 +52,11 @@ struct PromptCacheOps {
   static bool can_trim(const PromptCache& caches);
   static PromptCache copy(const PromptCache& caches);
   static void trim(PromptCache& caches, int n);
-  /// Every layer a KVCache (not a subclass) with keys, at one offset.
-  static bool share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset);
-  static PromptCache build(std::vector<LayerKV> layers, int offset);
+  /// The KVCache layers (not subclasses; CacheList members are held as
+  /// given) with keys, at one offset; `rest` as LRUPromptCache says.
+  static bool share(const PromptCache& caches, std::vector<LayerKV>* layers, int* offset,
+                    std::optional<PromptCache>* rest);
+  static PromptCache build(std::vector<LayerKV> layers, int offset, const PromptCache* rest);
   static std::string model_name(const std::string& model) {
     return model;
   }
