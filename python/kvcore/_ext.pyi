@@ -1343,10 +1343,12 @@ class LRUPromptCache:
         Args:
             max_size (int): Entries kept.
             max_bytes (int): Bytes kept (``nbytes``).
-            share (bool): Keep the keys and values of entries made of
-                plain ``KVCache`` layers in one store, each token shared
-                by several entries stored once (default). ``False``
-                holds every entry's caches as given, as mlx-lm does.
+            share (bool): Keep the keys and values of entries'
+                plain ``KVCache`` layers (within ``CacheList`` layers
+                too) in one store, each token shared by several entries
+                stored once, the other caches beside them held per entry
+                (default). ``False`` holds every entry's caches as
+                given, as mlx-lm does.
             disk_dir (str | os.PathLike | None): A directory for the disk
                 tier: every inserted entry is also written there as a
                 checked prompt-cache file, and a fetch that a file covers
