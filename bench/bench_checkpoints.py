@@ -4,6 +4,7 @@ cache, on mlx-lm's caches and on kvcore's, and again after a restart.
 
     python bench/bench_checkpoints.py [--system 400] [--doc 3000] [--requests 5]
                                       [--prefill-step 512] [--out FILE]
+    python bench/bench_checkpoints.py --in-process [--lengths 2048 8192] [--repeats 3]
 
 The model is a Falcon-H1-shaped config with random weights (each layer a
 state-space mixer beside attention: CacheList(ArraysCache, KVCache)) and a
@@ -20,6 +21,14 @@ a fresh server process (bench/serve.py):
   kvcore again   a new kvcore server on that disk directory, asked new
                  questions about the same document (so no whole prompt is
                  on disk: the checkpoints are what it can reuse)
+
+--in-process needs no server, tokenizer or HTTP (it runs on the GPU machine
+too, bench/gpu_run_checkpoints.sh): for prompts of each length, mlx-lm's
+caches against kvcore's, interleaved, with generate_step: the prefill of a
+prompt A (kvcore taking checkpoints as it goes: their cost), then the time
+to the first token of a prompt B that shares all of A but its last 64
+tokens (mlx-lm recomputes B; kvcore fetches the last checkpoint and
+prefills the rest).
 """
 
 import argparse
@@ -36,17 +45,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_server import Server, byte_tokenizer, words  # noqa: E402
+from bench_server import Server, byte_tokenizer, report, words  # noqa: E402
 
 
-def make_model_dir(path, layers=4, hidden=256, seed=0):
-    """config.json, model.safetensors (random weights) and the tokenizer."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import falcon_h1
-
+def falcon_config(layers=4, hidden=256):
     heads, head_dim = 8, 32
-    config = {
+    return {
         "model_type": "falcon_h1",
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
@@ -66,6 +70,15 @@ def make_model_dir(path, layers=4, hidden=256, seed=0):
         "max_position_embeddings": 32768,
         "tie_word_embeddings": True,
     }
+
+
+def make_model_dir(path, layers=4, hidden=256, seed=0):
+    """config.json, model.safetensors (random weights) and the tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import falcon_h1
+
+    config = falcon_config(layers, hidden)
     mx.random.seed(seed)
     model = falcon_h1.Model(falcon_h1.ModelArgs.from_dict(config))
     mx.save_safetensors(os.path.join(path, "model.safetensors"), dict(tree_flatten(model.parameters())))
@@ -98,6 +111,74 @@ def ask(server, messages, max_tokens=4):
     return first, cached
 
 
+def in_process(lengths, repeats, step, out):
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import falcon_h1
+
+    import kvcore
+
+    config = falcon_config()
+    mx.random.seed(0)
+    model = falcon_h1.Model(falcon_h1.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    n_layers = config["num_hidden_layers"]
+
+    def kvcore_caches():
+        return [kvcore.CacheList(kvcore.ArraysCache(size=2), kvcore.KVCache()) for _ in range(n_layers)]
+
+    def first_token(prompt, cache, callback=None):
+        t0 = time.perf_counter()
+        tok, _ = next(generate_step(mx.array(prompt), model, prompt_cache=cache,
+                                    prefill_step_size=step, prompt_progress_callback=callback))
+        return time.perf_counter() - t0
+
+    rows = []
+    for n in lengths:
+        rng = random.Random(n)
+        a = [rng.randrange(512) for _ in range(n)]
+        b = a[:-64] + [rng.randrange(512) for _ in range(64)]
+        t = {k: [] for k in ("prefill mlx-lm", "prefill kvcore", "b mlx-lm", "b kvcore")}
+        covered = 0
+        for r in range(repeats + 1):  # the first round warms up
+            got = {}
+            got["prefill mlx-lm"] = first_token(a, model.make_cache())
+            got["b mlx-lm"] = first_token(b, model.make_cache())
+            lru = kvcore.LRUPromptCache()
+            cache = kvcore_caches()
+            got["prefill kvcore"] = first_token(a, cache, lru.prefill_checkpoints("m", a, cache, 0))
+            t0 = time.perf_counter()
+            cache, rest = lru.fetch_nearest_cache("m", b)
+            covered = len(b) - len(rest)
+            got["b kvcore"] = time.perf_counter() - t0 + first_token(rest, cache)
+            checkpoints, nbytes = lru.n_checkpoints, lru.nbytes
+            if r > 0:
+                for k, v in got.items():
+                    t[k].append(v)
+            print(n, r, {k: round(v, 4) for k, v in got.items()}, flush=True)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        rows.append((n, med, covered, checkpoints, nbytes))
+    import platform
+
+    device = str(mx.default_device())
+    lines = [
+        f"generate_step on a Falcon-H1-shaped random model (4 layers, hidden 256), prefill step {step}, "
+        f"{device} ({platform.machine()}), median of {repeats} interleaved repeats. Prefill of A: kvcore "
+        f"taking checkpoints as it goes, mlx-lm not. B shares all of A but its last 64 tokens: mlx-lm "
+        f"recomputes it, kvcore fetches its last checkpoint (included) and prefills the rest.",
+        "",
+        "| tokens | prefill A mlx-lm | kvcore / mlx-lm | checkpoints, MB held | B to first token mlx-lm | kvcore | mlx-lm / kvcore | B tokens from the checkpoint |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, med, covered, checkpoints, nbytes in rows:
+        lines.append(
+            f"| {n} | {med['prefill mlx-lm'] * 1e3:.1f} ms | {med['prefill kvcore'] / med['prefill mlx-lm']:.2f} | "
+            f"{checkpoints}, {nbytes / 1e6:.1f} | {med['b mlx-lm'] * 1e3:.1f} ms | {med['b kvcore'] * 1e3:.1f} ms | "
+            f"{med['b mlx-lm'] / med['b kvcore']:.1f}x | {covered} |"
+        )
+    report(lines, out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--system", type=int, default=400, help="system prompt bytes (= tokens)")
@@ -105,7 +186,12 @@ def main():
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--prefill-step", type=int, default=512, help="the server's --prefill-step-size")
     ap.add_argument("--out")
+    ap.add_argument("--in-process", action="store_true", help="generate_step only, no server (see above)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.in_process:
+        return in_process(args.lengths, args.repeats, args.prefill_step, args.out)
 
     rng = random.Random(0)
     system, doc = words(rng, args.system), words(rng, args.doc)
@@ -157,11 +243,7 @@ def main():
             f"{statistics.median(c or 0 for _, c in later):.0f} of ~{args.system + args.doc + 110} | "
             f"{st['entries']}, {st['checkpoints']}, {st['nbytes'] / 1e6:.1f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

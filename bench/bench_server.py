@@ -227,6 +227,15 @@ def disk_vs_recompute(model_dir, disk_dir, system, chats, repeats=5):
     return n_cached, statistics.median(loads), statistics.median(prefills)
 
 
+def report(lines, out=None):
+    """Print the table, and write it to out if given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--system", type=int, default=3000, help="system prompt length (bytes = tokens)")
@@ -282,11 +291,7 @@ def main():
         f"load {t_load * 1e3:.1f} ms, prefill {t_prefill * 1e3:.1f} ms "
         f"({t_prefill / max(t_load, 1e-9):.1f}x), median of 5.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

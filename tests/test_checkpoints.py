@@ -13,6 +13,7 @@ import mlx_lm.models.cache as ref
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models import falcon_h1, qwen2
+from test_batch_generate import QWEN2
 from test_models import FALCON_H1, VOCAB, build, patched
 
 import kvcore
@@ -153,18 +154,6 @@ def test_checkpoints_outlive_a_restart_on_the_disk_tier(tmp_path):
 
 # -- generation ---------------------------------------------------------------
 
-QWEN2 = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-6,
-    "vocab_size": VOCAB,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": True,
-}
 STEP = 8  # prefill chunk
 
 

@@ -107,3 +107,28 @@ def test_disk_dir_errors(tmp_path):
     with pytest.raises(kvcore.CacheValueError, match="disk_dir as a directory path or None"):
         kvcore.LRUPromptCache(disk_dir="")
     assert kvcore.LRUPromptCache().disk_dir is None
+
+
+def test_files_are_written_off_the_callers_thread_and_all_land(tmp_path):
+    # insert_cache queues the file; flush() waits for it; a process that
+    # exits without flushing still writes what it queued (at exit).
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    fill(lru, n=3)
+    lru.flush()
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) == 3
+    import subprocess
+    import sys
+
+    other = tmp_path / "other"
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import kvcore\n"
+        "from test_disk_tier import fill\n"
+        "lru = kvcore.LRUPromptCache(disk_dir=%r)\n"
+        "fill(lru, n=6)\n" % (os.path.dirname(__file__), str(other))
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    names = os.listdir(other)
+    assert len(names) == 6 and not [n for n in names if n.startswith(".tmp-")]
+    again = kvcore.LRUPromptCache(disk_dir=other)
+    assert again.disk_size == 6 and again.disk_errors == []

@@ -14,10 +14,6 @@
 
 namespace kvcore::py {
 
-namespace {
-
-/// A Python state (mlx arrays, numbers, strings, None in lists and
-/// tuples) as a StateValue; anything else is refused as mlx-lm refuses it.
 StateValue state_from_py(nb::handle h, int depth) {
   constexpr const char* ctx = "save_prompt_cache";
   if (depth > kMaxDepth) {
@@ -64,6 +60,8 @@ StateValue state_from_py(nb::handle h, int depth) {
   throw ValueError(ctx, "arrays, numbers, strings or None",
                    nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
 }
+
+namespace {
 
 template <class T>
 nb::object wrap_as(nb::handle kvcore, std::shared_ptr<Cache>& c) {

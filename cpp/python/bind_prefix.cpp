@@ -130,12 +130,13 @@ struct PyOps {
   static std::string model_name(const nb::object& model) {
     return nb::cast<std::string>(nb::repr(model));
   }
-  static void save(const std::string& path, const nb::object& caches, const Metadata& metadata) {
-    nb::dict meta;
-    for (const auto& [k, v] : metadata) {
-      meta[k.c_str()] = v;
+  // The file save_prompt_cache would write: (class name, state) per layer.
+  static PreparedFile prepare(const nb::object& caches, const Metadata& metadata) {
+    std::vector<NamedState> layers;
+    for (nb::handle c : caches) {
+      layers.push_back({nb::cast<std::string>(c.type().attr("__name__")), state_from_py(c.attr("state"), 1)});
     }
-    nb::module_::import_("kvcore").attr("save_prompt_cache")(path, caches, meta);
+    return prepare_prompt_cache_states(layers, metadata);
   }
   static nb::object load(const std::string& path, const std::string& model, const Tokens& tokens) {
     nb::object got = nb::module_::import_("kvcore").attr("load_prompt_cache")(path, true);
@@ -263,6 +264,8 @@ std::vector<int32_t> int32_tokens(const char* ctx, nb::handle h) {
 } // namespace
 
 void bind_prefix(nb::module_& m) {
+  m.def("_flush_disk_tiers", &flush_disk_tiers, nb::call_guard<nb::gil_scoped_release>(),
+        "Wait until every disk tier has written its queued files (run at exit).");
   auto tb = nb::class_<TokenBuffer>(m, "TokenBuffer", nb::dynamic_attr(),
                                     "A growing int32 token sequence in one mlx array.");
   tb.attr("step") = TokenBuffer::default_step;
@@ -378,10 +381,15 @@ void bind_prefix(nb::module_& m) {
       .def_prop_ro("disk_dir", [](const PyLRU& c) -> nb::object {
         return c.disk_dir().empty() ? nb::none() : nb::object(nb::str(c.disk_dir().c_str()));
       })
-      .def_prop_ro("disk_size", &PyLRU::disk_size, "Entries on disk.")
-      .def_prop_ro("disk_nbytes", &PyLRU::disk_nbytes, "Bytes of the disk tier's files.")
-      .def_prop_ro("disk_errors", &PyLRU::disk_errors,
+      .def_prop_ro("disk_size", &PyLRU::disk_size, nb::call_guard<nb::gil_scoped_release>(),
+                   "Entries on disk (once queued files are written).")
+      .def_prop_ro("disk_nbytes", &PyLRU::disk_nbytes, nb::call_guard<nb::gil_scoped_release>(),
+                   "Bytes of the disk tier's files (once queued files are written).")
+      .def_prop_ro("disk_errors", &PyLRU::disk_errors, nb::call_guard<nb::gil_scoped_release>(),
                    "Why files were skipped, refused or not written, latest last.")
+      .def("flush", &PyLRU::flush, nb::call_guard<nb::gil_scoped_release>(),
+           "Wait until the disk tier has written every entry inserted so far (files are "
+           "written on a thread of the disk tier's own).")
       .def_prop_ro("share", &PyLRU::share)
       .def("__len__", &PyLRU::size, "Entries, checkpoints not counted.")
       .def_prop_ro("n_checkpoints", &PyLRU::checkpoint_count, "Prefill checkpoints held.")

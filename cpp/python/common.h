@@ -15,6 +15,7 @@
 #include <mlx/array.h>
 
 #include "kvcore/buffer.h"
+#include "kvcore/state.h"
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
 #include "kvcore/quantized.h"
@@ -24,6 +25,10 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace kvcore::py {
+
+/// A Python state (mlx arrays, numbers, strings, None in lists and
+/// tuples) as a StateValue; anything else is refused as mlx-lm refuses it.
+StateValue state_from_py(nb::handle h, int depth);
 
 /// The C++ cache as Python instances hold it: `step` is read from the
 /// Python object (instance, then class), so `KVCache.step = 512`, a

@@ -114,7 +114,133 @@ Tokens parse_tokens(const Metadata& m) {
 
 std::atomic<uint64_t> temp_counter{0};
 
+// Live tiers, for flush_disk_tiers.
+std::mutex registry_mutex;
+std::set<DiskTier*>& registry() {
+  static std::set<DiskTier*> r;
+  return r;
+}
+
 } // namespace
+
+void flush_disk_tiers() {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  for (DiskTier* t : registry()) {
+    t->flush();
+  }
+}
+
+DiskTier::~DiskTier() {
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    registry().erase(this);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  work_.notify_all();
+  if (writer_.joinable()) {
+    writer_.join(); // after the queue is written
+  }
+}
+
+int64_t DiskTier::nbytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return bytes_;
+}
+
+int64_t DiskTier::size() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int64_t>(order_.size());
+}
+
+std::optional<DiskTier::Entry> DiskTier::entry(const std::string& model, const Tokens& tokens) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Entry* e = index_.get(model, tokens);
+  return e ? std::optional<Entry>(*e) : std::nullopt;
+}
+
+bool DiskTier::contains(const std::string& model, const Tokens& tokens) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return index_.get(model, tokens) != nullptr || queued_.count(key_hash(model, tokens)) > 0;
+}
+
+std::vector<std::string> DiskTier::errors() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {errors_.begin(), errors_.end()};
+}
+
+void DiskTier::write(
+    const std::string& model,
+    const Tokens& tokens,
+    const std::string& type,
+    bool trimmable,
+    PreparedFile file) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const uint64_t h = key_hash(model, tokens);
+  if (index_.get(model, tokens) != nullptr || queued_.count(h) > 0) {
+    return;
+  }
+  if (!writer_.joinable()) {
+    writer_ = std::thread([this] { run(); });
+  }
+  queued_.insert(h);
+  queue_.push_back({{model, tokens}, type, trimmable, std::move(file)});
+  work_.notify_one();
+}
+
+void DiskTier::flush() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  idle_.wait(lock, [this] { return queue_.empty() && !busy_; });
+}
+
+// The writer thread: each queued file to a temporary name, then indexed
+// under its checked name.
+void DiskTier::run() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    work_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) {
+      return; // stopped, everything written
+    }
+    Job job = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lock.unlock();
+    const std::string tmp = temp_path();
+    std::string error, path;
+    int64_t bytes = -1;
+    try {
+      write_prepared(tmp, std::move(job.file));
+      // Named by model and tokens, and by a hash of the file as written.
+      path = (fs::path(dir_) / (hex(key_hash(job.key.model, job.key.tokens)) + "-" +
+                                hex(file_hash(tmp)) + ".safetensors"))
+                 .string();
+      std::error_code ec;
+      bytes = static_cast<int64_t>(fs::file_size(tmp, ec));
+      if (ec) {
+        bytes = -1;
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+      std::remove(tmp.c_str());
+    }
+    lock.lock();
+    queued_.erase(key_hash(job.key.model, job.key.tokens));
+    if (!error.empty()) {
+      note("not written: " + error);
+    } else {
+      try {
+        commit(job, tmp, path, bytes);
+      } catch (const std::exception& e) {
+        note(std::string("not written: ") + e.what());
+      }
+    }
+    busy_ = false;
+    idle_.notify_all();
+  }
+}
 
 DiskTier::DiskTier(std::string dir, int64_t max_bytes) : dir_(std::move(dir)), max_bytes_(max_bytes) {
   std::error_code ec;
@@ -141,6 +267,8 @@ DiskTier::DiskTier(std::string dir, int64_t max_bytes) : dir_(std::move(dir)), m
     Key k = order_.front();
     remove(k.model, k.tokens, true);
   }
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().insert(this);
 }
 
 void DiskTier::index_file(const std::string& path) {
@@ -212,22 +340,15 @@ std::string DiskTier::temp_path() const {
       .string();
 }
 
-void DiskTier::commit(
-    const std::string& model,
-    const Tokens& tokens,
-    const std::string& type,
-    bool trimmable,
-    const std::string& written) {
+void DiskTier::commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes) {
+  const std::string& model = job.key.model;
+  const Tokens& tokens = job.key.tokens;
   std::error_code ec;
-  const std::string path =
-      (fs::path(dir_) / (hex(key_hash(model, tokens)) + "-" + hex(file_hash(written)) + ".safetensors"))
-          .string();
-  const int64_t bytes = static_cast<int64_t>(fs::file_size(written, ec));
-  if (ec || bytes > max_bytes_) {
+  if (bytes < 0 || bytes > max_bytes_) {
     fs::remove(written, ec);
     return;
   }
-  if (contains(model, tokens)) {
+  if (index_.get(model, tokens) != nullptr) {
     remove(model, tokens, true);
   }
   fs::rename(written, path, ec);
@@ -236,7 +357,7 @@ void DiskTier::commit(
     throw ValueError(kDisk, "a file it can rename", "'" + written + "'");
   }
   bytes_ += bytes;
-  index_.add(model, tokens, Entry{path, type, trimmable, bytes});
+  index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes});
   order_.push_back({model, tokens});
   while (bytes_ > max_bytes_ && !order_.empty()) {
     Key k = order_.front();
@@ -244,9 +365,9 @@ void DiskTier::commit(
   }
 }
 
-std::string DiskTier::checked_path(const std::string& model, const Tokens& tokens) {
-  const Entry* e = index_.get(model, tokens);
-  if (e == nullptr) {
+std::string DiskTier::checked_path(const std::string& model, const Tokens& tokens) const {
+  const std::optional<Entry> e = entry(model, tokens);
+  if (!e) {
     throw ValueError(kDisk, "an indexed entry", "none");
   }
   const std::string path = e->path;
@@ -259,6 +380,7 @@ std::string DiskTier::checked_path(const std::string& model, const Tokens& token
 }
 
 void DiskTier::refuse(const std::string& model, const Tokens& tokens, const std::string& why) {
+  std::lock_guard<std::mutex> lock(mutex_);
   note(why);
   remove(model, tokens, false);
 }

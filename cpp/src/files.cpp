@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include <mlx/io.h>
+#include <mlx/transforms.h>
 #include <mlx/ops.h>
 
 #include "json.h"
@@ -633,10 +634,7 @@ void flatten(const StateValue& v, const std::string& path, int depth, Flat& out)
 
 } // namespace
 
-void save_prompt_cache_states(
-    const std::string& path,
-    const std::vector<NamedState>& layers,
-    const Metadata& metadata) {
+PreparedFile prepare_prompt_cache_states(const std::vector<NamedState>& layers, const Metadata& metadata) {
   Flat flat;
   StateValue::List states;
   for (const auto& layer : layers) {
@@ -664,10 +662,29 @@ void save_prompt_cache_states(
     meta[key + ".0"] = flat.tags[k].first;
     meta[key + ".1"] = flat.tags[k].second;
   }
-  mx::save_safetensors(path, std::move(flat.arrays), std::move(meta));
+  std::vector<mx::array> all;
+  for (auto& [_, a] : flat.arrays) {
+    if (!a.flags().row_contiguous) {
+      a = mx::contiguous(a);
+    }
+    all.push_back(a);
+  }
+  mx::eval(all);
+  return {std::move(flat.arrays), std::move(meta)};
 }
 
-void save_prompt_cache(const std::string& path, const PromptCache& caches, const Metadata& metadata) {
+void write_prepared(const std::string& path, PreparedFile file) {
+  mx::save_safetensors(path, std::move(file.arrays), std::move(file.metadata));
+}
+
+void save_prompt_cache_states(
+    const std::string& path,
+    const std::vector<NamedState>& layers,
+    const Metadata& metadata) {
+  write_prepared(path, prepare_prompt_cache_states(layers, metadata));
+}
+
+PreparedFile prepare_prompt_cache(const PromptCache& caches, const Metadata& metadata) {
   std::vector<NamedState> layers;
   for (size_t i = 0; i < caches.size(); ++i) {
     if (!caches[i]) {
@@ -675,7 +692,11 @@ void save_prompt_cache(const std::string& path, const PromptCache& caches, const
     }
     layers.push_back({caches[i]->name(), cache_state(*caches[i])});
   }
-  save_prompt_cache_states(path, layers, metadata);
+  return prepare_prompt_cache_states(layers, metadata);
+}
+
+void save_prompt_cache(const std::string& path, const PromptCache& caches, const Metadata& metadata) {
+  write_prepared(path, prepare_prompt_cache(caches, metadata));
 }
 
 PromptCacheStates load_prompt_cache_states(const std::string& path) {

@@ -119,8 +119,8 @@ PromptCache PromptCacheOps::build(std::vector<LayerKV> layers, int offset, const
 
 namespace kvcore {
 
-void PromptCacheOps::save(const std::string& path, const PromptCache& caches, const Metadata& metadata) {
-  save_prompt_cache(path, caches, metadata);
+PreparedFile PromptCacheOps::prepare(const PromptCache& caches, const Metadata& metadata) {
+  return prepare_prompt_cache(caches, metadata);
 }
 
 PromptCache PromptCacheOps::load(const std::string& path, const std::string& model, const Tokens& tokens) {

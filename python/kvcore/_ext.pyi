@@ -1368,15 +1368,20 @@ class LRUPromptCache:
 
     @property
     def disk_size(self) -> int:
-        """Entries on disk."""
+        """Entries on disk (once queued files are written)."""
 
     @property
     def disk_nbytes(self) -> int:
-        """Bytes of the disk tier's files."""
+        """Bytes of the disk tier's files (once queued files are written)."""
 
     @property
     def disk_errors(self) -> list[str]:
         """Why files were skipped, refused or not written, latest last."""
+
+    def flush(self) -> None:
+        """
+        Wait until the disk tier has written every entry inserted so far (files are written on a thread of the disk tier's own).
+        """
 
     @property
     def share(self) -> bool: ...

@@ -1,6 +1,7 @@
 """PromptTrie.search's result, as mlx-lm's dataclass (the search itself is
 C++), and LRUPromptCache's hooks for prefill checkpoints (_checkpoints)."""
 
+import atexit
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -38,3 +39,6 @@ _fetch_and_note.__doc__ = _fetch_nearest_cache.__doc__
 _fetch_and_note.__name__ = "fetch_nearest_cache"
 _ext.LRUPromptCache.fetch_nearest_cache = _fetch_and_note
 _ext.LRUPromptCache.prefill_checkpoints = _checkpoints.prefill_checkpoints
+
+# Disk tiers write on threads of their own: finish before the interpreter goes.
+atexit.register(_ext._flush_disk_tiers)

@@ -2,9 +2,14 @@
 // directory, found again after a restart.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <mutex>
+#include <optional>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kvcore/files.h"
@@ -22,7 +27,11 @@ namespace kvcore {
 /// first. The hash catches truncated and altered files, not a forger who
 /// recomputes it: whoever can write the directory is trusted that far.
 ///
-/// Not synchronized: LRUPromptCache serializes its calls.
+/// Files are written by a thread of the tier's own (write() queues them),
+/// so a caller pays for preparing a file's arrays, not for the disk. Every
+/// call may come from any thread (one internal lock). Destruction, and
+/// flush_disk_tiers(), wait for queued files; a process killed first loses
+/// them (and leaves a ".tmp-" file, which is never indexed).
 class DiskTier {
  public:
   struct Entry {
@@ -34,6 +43,9 @@ class DiskTier {
 
   /// Creates `dir` if needed. Throws ValueError if it cannot.
   DiskTier(std::string dir, int64_t max_bytes);
+  ~DiskTier();
+  DiskTier(const DiskTier&) = delete;
+  DiskTier& operator=(const DiskTier&) = delete;
 
   const std::string& dir() const {
     return dir_;
@@ -41,19 +53,19 @@ class DiskTier {
   int64_t max_bytes() const {
     return max_bytes_;
   }
-  int64_t nbytes() const {
-    return bytes_;
+  /// Bytes and entries of the files written so far.
+  int64_t nbytes() const;
+  int64_t size() const;
+  /// fn(index) under the tier's lock; the index maps model name and tokens
+  /// to entries.
+  template <class Fn>
+  auto with_index(Fn fn) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return fn(static_cast<const PromptTrie<std::string, Entry>&>(index_));
   }
-  int64_t size() const {
-    return static_cast<int64_t>(order_.size());
-  }
-  /// The index: model name and tokens to entries.
-  const PromptTrie<std::string, Entry>& index() const {
-    return index_;
-  }
-  bool contains(const std::string& model, const Tokens& tokens) const {
-    return index_.get(model, tokens) != nullptr;
-  }
+  std::optional<Entry> entry(const std::string& model, const Tokens& tokens) const;
+  /// On disk or queued.
+  bool contains(const std::string& model, const Tokens& tokens) const;
 
   /// The metadata an entry's file carries.
   static Metadata metadata(
@@ -66,35 +78,43 @@ class DiskTier {
   /// and these tokens.
   static void check_entry(const Metadata& metadata, const std::string& model, const Tokens& tokens);
 
-  /// Where to write a new entry's file before commit().
-  std::string temp_path() const;
-  /// Index the file written at temp_path (renamed to its checked name),
-  /// then delete the oldest files past max_bytes. A file larger than
-  /// max_bytes is deleted at once.
-  void commit(
+  /// Queue an entry's file (prepare_prompt_cache*) to be written, then
+  /// indexed, deleting the oldest files past max_bytes (a file larger than
+  /// max_bytes is not kept). Nothing if the entry is on disk or queued. A
+  /// write that fails is noted in errors().
+  void write(
       const std::string& model,
       const Tokens& tokens,
       const std::string& type,
       bool trimmable,
-      const std::string& written);
+      PreparedFile file);
+  /// Wait until every queued file is written or refused.
+  void flush();
 
   /// The path of the entry at (model, tokens) once its file passes its
   /// hash check; ValueError otherwise (the caller refuse()s it).
-  std::string checked_path(const std::string& model, const Tokens& tokens);
+  std::string checked_path(const std::string& model, const Tokens& tokens) const;
   /// Take an entry out of the index (its file failed to load), noting why.
   void refuse(const std::string& model, const Tokens& tokens, const std::string& why);
 
-  /// Why files were skipped or refused, latest last (at most 64).
-  const std::deque<std::string>& errors() const {
-    return errors_;
-  }
+  /// Why files were skipped, refused or not written, latest last (at most 64).
+  std::vector<std::string> errors() const;
 
  private:
   struct Key {
     std::string model;
     Tokens tokens;
   };
+  struct Job {
+    Key key;
+    std::string type;
+    bool trimmable;
+    PreparedFile file;
+  };
   void index_file(const std::string& path);
+  void run();
+  std::string temp_path() const;
+  void commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes);
   void remove(const std::string& model, const Tokens& tokens, bool delete_file);
   void note(std::string why);
 
@@ -104,6 +124,17 @@ class DiskTier {
   PromptTrie<std::string, Entry> index_;
   std::deque<Key> order_; // oldest first
   std::deque<std::string> errors_;
+  mutable std::mutex mutex_;
+  std::condition_variable work_, idle_;
+  std::deque<Job> queue_;
+  std::set<uint64_t> queued_; // hashes of queued keys
+  bool busy_ = false;
+  bool stop_ = false;
+  std::thread writer_; // started by the first write()
 };
+
+/// Wait until every live DiskTier has written what is queued (Python calls
+/// it at exit).
+void flush_disk_tiers();
 
 } // namespace kvcore

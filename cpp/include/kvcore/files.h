@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kvcore/state.h"
@@ -75,6 +76,19 @@ void save_prompt_cache_states(
     const std::string& path,
     const std::vector<NamedState>& layers,
     const Metadata& metadata = {});
+
+/// A file's contents, ready to write from any thread: its tensors, each
+/// evaluated and row-contiguous, and its header's metadata.
+struct PreparedFile {
+  std::unordered_map<std::string, mx::array> arrays;
+  std::unordered_map<std::string, std::string> metadata;
+};
+
+/// save_prompt_cache_states in two steps: the file's contents (every check
+/// is here, and every mlx op), then the write (mlx's safetensors writer).
+PreparedFile prepare_prompt_cache_states(const std::vector<NamedState>& layers, const Metadata& metadata);
+PreparedFile prepare_prompt_cache(const PromptCache& caches, const Metadata& metadata);
+void write_prepared(const std::string& path, PreparedFile file);
 
 /// Read and check a file down to its layers' states; names are checked
 /// against the class table and meta_state-layout states are converted to

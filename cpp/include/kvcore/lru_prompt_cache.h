@@ -43,7 +43,7 @@ namespace kvcore {
 ///   // and from a prompt-cache file (load checks that the file's metadata
 ///   // names `model` and `tokens`, throwing otherwise).
 ///   static std::string model_name(const Model&);
-///   static void save(const std::string& path, const Caches&, const Metadata&);
+///   static PreparedFile prepare(const Caches&, const Metadata&);
 ///   static Caches load(const std::string& path, const std::string& model, const Tokens& tokens);
 /// and `Mutex` serializes every call (lock()/unlock()), so any calls may
 /// run concurrently from several threads.
@@ -63,8 +63,10 @@ namespace kvcore {
 /// as mlx-lm's does.
 ///
 /// With a disk tier (`disk_dir`), every inserted entry is also written to a
-/// file there (DiskTier), so entries outlive eviction and the process; a
-/// fetch that disk covers better than memory loads from it.
+/// file there (DiskTier, on a thread of its own: the insert prepares the
+/// file's arrays, the disk is not waited for), so entries outlive eviction
+/// and the process; a fetch that disk covers better than memory loads from
+/// it.
 ///
 /// Prefill checkpoints (insert_checkpoint) are snapshots of caches that
 /// cannot be trimmed (a rotating window after it wraps, state-space
@@ -122,8 +124,9 @@ class LRUPromptCache {
     });
     if (disk_) {
       const std::string name = Ops::model_name(model);
-      auto d = nearest(disk_->index(), name, tokens,
-                       [](const DiskTier::Entry& e) { return e.trimmable; });
+      auto d = disk_->with_index([&](const PromptTrie<std::string, DiskTier::Entry>& index) {
+        return nearest(index, name, tokens, [](const DiskTier::Entry& e) { return e.trimmable; });
+      });
       if (d && (!m || d->covered > m->covered)) {
         if (auto c = load_from_disk(model, name, *d)) {
           return {std::move(*c), Tokens(tokens.begin() + static_cast<long>(d->covered), tokens.end())};
@@ -230,19 +233,26 @@ class LRUPromptCache {
   std::string disk_dir() const {
     return disk_ ? disk_->dir() : std::string();
   }
+  /// Entries and bytes of the disk tier's files, once what is queued is
+  /// written.
   int64_t disk_size() const {
-    std::lock_guard<Mutex> lock(mutex_);
+    flush();
     return disk_ ? disk_->size() : 0;
   }
   int64_t disk_nbytes() const {
-    std::lock_guard<Mutex> lock(mutex_);
+    flush();
     return disk_ ? disk_->nbytes() : 0;
   }
   /// Why disk files were skipped, refused or not written, latest last.
   std::vector<std::string> disk_errors() const {
-    std::lock_guard<Mutex> lock(mutex_);
-    return disk_ ? std::vector<std::string>(disk_->errors().begin(), disk_->errors().end())
-                 : std::vector<std::string>{};
+    flush();
+    return disk_ ? disk_->errors() : std::vector<std::string>{};
+  }
+  /// Wait until the disk tier has written every entry inserted so far.
+  void flush() const {
+    if (disk_) {
+      disk_->flush();
+    }
   }
   int64_t max_size() const {
     return max_size_;
@@ -406,9 +416,9 @@ class LRUPromptCache {
     return std::nullopt;
   }
 
-  /// Save caches through to the disk tier unless it holds the entry. A
-  /// failure (disk full, a cache that cannot be saved) is noted, not
-  /// raised: the entry stays in memory.
+  /// Queue caches to be written through to the disk tier unless it holds
+  /// the entry. A failure (disk full, a cache that cannot be saved) is
+  /// noted, not raised: the entry stays in memory.
   void write_through(
       const Model& model,
       const Tokens& tokens,
@@ -419,20 +429,21 @@ class LRUPromptCache {
     if (disk_->contains(name, tokens)) {
       return;
     }
-    const std::string tmp = disk_->temp_path();
     try {
-      Ops::save(tmp, caches, DiskTier::metadata(name, tokens, type, trimmable));
-      disk_->commit(name, tokens, type, trimmable, tmp);
+      disk_->write(name, tokens, type, trimmable,
+                   Ops::prepare(caches, DiskTier::metadata(name, tokens, type, trimmable)));
     } catch (const std::exception& e) {
       disk_->refuse(name, tokens, std::string("not written: ") + e.what());
-      std::remove(tmp.c_str());
     }
   }
 
   /// The caches of disk match d, kept in memory again, less d.trim tokens;
   /// nullopt (the file refused and skipped) if its checks fail.
   std::optional<Caches> load_from_disk(const Model& model, const std::string& name, const Match& d) {
-    const DiskTier::Entry info = *disk_->index().get(name, d.key);
+    const std::optional<DiskTier::Entry> info = disk_->entry(name, d.key);
+    if (!info) {
+      return std::nullopt;
+    }
     Caches loaded;
     try {
       loaded = Ops::load(disk_->checked_path(name, d.key), name, d.key);
@@ -444,7 +455,7 @@ class LRUPromptCache {
     if (d.trim > 0) {
       Ops::trim(out, d.trim);
     }
-    insert_locked(model, d.key, std::move(loaded), info.type, false);
+    insert_locked(model, d.key, std::move(loaded), info->type, false);
     return out;
   }
 

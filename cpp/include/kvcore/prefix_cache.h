@@ -60,7 +60,7 @@ struct PromptCacheOps {
   static std::string model_name(const std::string& model) {
     return model;
   }
-  static void save(const std::string& path, const PromptCache& caches, const Metadata& metadata);
+  static PreparedFile prepare(const PromptCache& caches, const Metadata& metadata);
   static PromptCache load(const std::string& path, const std::string& model, const Tokens& tokens);
 };
 
