@@ -4,6 +4,8 @@ Import them explicitly: ``from conftest import assert_arrays_equal``.
 Each helper is self-contained; helpers for parity checks against mlx-lm.
 """
 
+import threading
+
 import mlx.core as mx
 
 # Unsigned integer views used for bit-exact comparison of float arrays.
@@ -70,3 +72,21 @@ def int_valued_normal(key, shape, dtype, scale=30.0):
     x = x.astype(dtype)
     mx.eval(x)
     return x
+
+
+def run_in_threads(work, n=4):
+    """work(i) on n threads at once; the exceptions they raised."""
+    errors = []
+
+    def run(i):
+        try:
+            work(i)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

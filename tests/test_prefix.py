@@ -4,13 +4,13 @@ threads."""
 
 import copy
 import random
-import threading
 
 import mlx.core as mx
 import pytest
 from mlx_lm.models import cache as ref
 
 import kvcore
+from conftest import run_in_threads
 
 
 # -- TokenBuffer -------------------------------------------------------------
@@ -219,30 +219,22 @@ def test_lru_under_threads():
     # real kvcore caches at once; afterwards the counts agree with the
     # entries and each fetched cache is whole.
     lru = kvcore.LRUPromptCache(max_size=8)
-    errors = []
 
     def worker(w):
-        try:
-            rng = random.Random(w)
-            for i in range(150):
-                toks = [w] + [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
-                if rng.random() < 0.5:
-                    c = kvcore.KVCache()
-                    n = len(toks)
-                    c.update_and_fetch(mx.ones((1, 1, n, 2)), mx.ones((1, 1, n, 2)))
-                    lru.insert_cache("m", toks, [c])
-                else:
-                    got, rest = lru.fetch_nearest_cache("m", toks)
-                    if got is not None:
-                        assert got[0].offset + len(rest) == len(toks)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        rng = random.Random(w)
+        for i in range(150):
+            toks = [w] + [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
+            if rng.random() < 0.5:
+                c = kvcore.KVCache()
+                n = len(toks)
+                c.update_and_fetch(mx.ones((1, 1, n, 2)), mx.ones((1, 1, n, 2)))
+                lru.insert_cache("m", toks, [c])
+            else:
+                got, rest = lru.fetch_nearest_cache("m", toks)
+                if got is not None:
+                    assert got[0].offset + len(rest) == len(toks)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker)
     assert not errors
     stats = lru.stats_by_type()
     assert sum(s["n_sequences"] for s in stats.values()) == len(lru) <= 8

@@ -17,6 +17,7 @@ from bench_checkpoints import make_model_dir  # noqa: E402
 from bench_server import Server  # noqa: E402
 
 import kvcore  # noqa: E402
+from conftest import run_in_threads  # noqa: E402
 from kvcore import _checkpoints  # noqa: E402
 
 STEP = 32
@@ -90,30 +91,22 @@ def test_concurrent_checkpoints_and_fetches():
     import mlx.core as mx
 
     lru = kvcore.LRUPromptCache(max_size=4, max_checkpoints=6)
-    errors = []
 
     def work(w):
-        try:
-            for i in range(300):
-                toks = [w % 2, 1, 2, 3] + list(range(i % 9))
-                c = kvcore.RotatingKVCache(max_size=4)
-                c.update_and_fetch(mx.ones((1, 1, len(toks), 2)), mx.ones((1, 1, len(toks), 2)))
-                if i % 3 == 0:
-                    lru.insert_checkpoint("m", toks, [c])
-                elif i % 3 == 1:
-                    lru.insert_cache("m", toks, [c])
-                else:
-                    query = toks + [7]
-                    got, rest = lru.fetch_nearest_cache("m", query)
-                    assert got is None or got[0].offset == len(query) - len(rest)
-        except Exception as e:  # reported below
-            errors.append(e)
+        for i in range(300):
+            toks = [w % 2, 1, 2, 3] + list(range(i % 9))
+            c = kvcore.RotatingKVCache(max_size=4)
+            c.update_and_fetch(mx.ones((1, 1, len(toks), 2)), mx.ones((1, 1, len(toks), 2)))
+            if i % 3 == 0:
+                lru.insert_checkpoint("m", toks, [c])
+            elif i % 3 == 1:
+                lru.insert_cache("m", toks, [c])
+            else:
+                query = toks + [7]
+                got, rest = lru.fetch_nearest_cache("m", query)
+                assert got is None or got[0].offset == len(query) - len(rest)
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work)
     assert errors == []
     assert len(lru) <= 4 and lru.n_checkpoints <= 6
     stats = lru.stats_by_type()
