@@ -180,27 +180,40 @@ Tokens tokens_arg(const char* ctx, nb::handle h) {
   if (!nb::isinstance<nb::list>(h) && !nb::isinstance<nb::tuple>(h)) {
     seq = nb::list(seq); // any iterable of ints
   }
-  out.reserve(nb::len(seq));
-  for (nb::handle t : seq) {
-    if (!PyLong_Check(t.ptr()) || PyBool_Check(t.ptr())) {
+  // The items in place (a list or tuple), not through an iterator: a 32k
+  // token prompt is converted on every insert and fetch.
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = items[i];
+    if (!PyLong_CheckExact(t) && (!PyLong_Check(t) || PyBool_Check(t))) {
       throw ValueError(ctx, "tokens as ints", nb::cast<std::string>(nb::repr(t)).substr(0, 60));
     }
     int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(t.ptr(), &overflow);
+    const long long v = PyLong_AsLongLongAndOverflow(t, &overflow);
     if (overflow != 0) {
       throw ValueError(ctx, "tokens within 64 bits", nb::cast<std::string>(nb::repr(t)).substr(0, 60));
     }
-    out.push_back(v);
+    out[static_cast<size_t>(i)] = v;
   }
   return out;
 }
 
 nb::list to_list(const Tokens& t) {
-  nb::list out;
-  for (int64_t v : t) {
-    out.append(nb::int_(v));
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(t.size()));
+  if (out == nullptr) {
+    throw nb::python_error();
   }
-  return out;
+  nb::list list = nb::steal<nb::list>(out);
+  for (size_t i = 0; i < t.size(); ++i) {
+    PyObject* v = PyLong_FromLongLong(t[i]);
+    if (v == nullptr) {
+      throw nb::python_error();
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), v);
+  }
+  return list;
 }
 
 nb::object opt_list(const std::optional<Tokens>& t) {
