@@ -32,7 +32,6 @@ prefills the rest).
 """
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -90,25 +89,8 @@ def make_model_dir(path, layers=4, hidden=256, seed=0):
 def ask(server, messages, max_tokens=4):
     """(seconds to the first streamed chunk, prompt tokens served from the
     prompt cache) for one streaming request."""
-    body = json.dumps({
-        "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-        "stream_options": {"include_usage": True},
-    })
-    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=900)
-    t0 = time.perf_counter()
-    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    first, cached = None, None
-    for line in c.getresponse():
-        line = line.strip()
-        if not line.startswith(b"data:") or line == b"data: [DONE]":
-            continue
-        if first is None:
-            first = time.perf_counter() - t0
-        usage = json.loads(line[5:]).get("usage")
-        if usage:
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    c.close()
-    return first, cached
+    first, _, usage = server.chat(messages, max_tokens)
+    return first, ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
 def in_process(lengths, repeats, step, out):

@@ -124,28 +124,34 @@ class Server:
         self.stop()
         raise RuntimeError("server did not start")
 
-    def ttft(self, messages, max_tokens=4):
-        """Seconds to the first streamed chunk, and the reply's text."""
-        body = json.dumps(
-            {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
-        )
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+    def chat(self, messages, max_tokens=4):
+        """One streaming request: seconds to the first streamed chunk, the
+        reply's text, and the usage the server reports at the end."""
+        body = json.dumps({
+            "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True},
+        })
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=900)
         t0 = time.perf_counter()
         c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        r = c.getresponse()
-        first = None
-        text = []
-        for line in r:
+        first, text, usage = None, [], None
+        for line in c.getresponse():
             line = line.strip()
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
             if first is None:
                 first = time.perf_counter() - t0
             chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or usage
             for ch in chunk.get("choices", []):
                 text.append(ch.get("delta", {}).get("content") or "")
         c.close()
-        return first, "".join(text)
+        return first, "".join(text), usage
+
+    def ttft(self, messages, max_tokens=4):
+        """Seconds to the first streamed chunk, and the reply's text."""
+        first, text, _ = self.chat(messages, max_tokens)
+        return first, text
 
     def stats(self):
         time.sleep(0.5)

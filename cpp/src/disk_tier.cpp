@@ -163,6 +163,10 @@ std::optional<DiskTier::Entry> DiskTier::entry(const std::string& model, const T
 
 bool DiskTier::contains(const std::string& model, const Tokens& tokens) const {
   std::lock_guard<std::mutex> lock(mutex_);
+  return has(model, tokens);
+}
+
+bool DiskTier::has(const std::string& model, const Tokens& tokens) const {
   return index_.get(model, tokens) != nullptr || queued_.count(key_hash(model, tokens)) > 0;
 }
 
@@ -178,14 +182,13 @@ void DiskTier::write(
     bool trimmable,
     PreparedFile file) {
   std::lock_guard<std::mutex> lock(mutex_);
-  const uint64_t h = key_hash(model, tokens);
-  if (index_.get(model, tokens) != nullptr || queued_.count(h) > 0) {
+  if (has(model, tokens)) {
     return;
   }
   if (!writer_.joinable()) {
     writer_ = std::thread([this] { run(); });
   }
-  queued_.insert(h);
+  queued_.insert(key_hash(model, tokens));
   queue_.push_back({{model, tokens}, type, trimmable, std::move(file)});
   work_.notify_one();
 }

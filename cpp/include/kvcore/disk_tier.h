@@ -112,6 +112,7 @@ class DiskTier {
     PreparedFile file;
   };
   void index_file(const std::string& path);
+  bool has(const std::string& model, const Tokens& tokens) const; // on disk or queued; lock held
   void run();
   std::string temp_path() const;
   void commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes);

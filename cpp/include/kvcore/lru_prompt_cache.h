@@ -198,13 +198,15 @@ class LRUPromptCache {
   std::vector<std::pair<std::string, TypeStats>> stats_by_type() const {
     std::lock_guard<Mutex> lock(mutex_);
     std::vector<std::pair<std::string, TypeStats>> out;
-    for (const auto& t : ordering()) {
+    auto add = [&](const std::string& t) {
       out.push_back({t, {static_cast<int64_t>(lrus_.at(t).size()),
                          bytes_by_type_.at(t) + store_.nbytes(type_index(t))}});
+    };
+    for (const auto& t : ordering()) {
+      add(t);
     }
     if (checkpoint_count() > 0) { // listed only while there are some
-      const std::string& t = checkpoint_type();
-      out.push_back({t, {checkpoint_count(), bytes_by_type_.at(t) + store_.nbytes(type_index(t))}});
+      add(checkpoint_type());
     }
     return out;
   }
@@ -288,8 +290,11 @@ class LRUPromptCache {
 
  private:
   struct Entry {
-    std::optional<Caches> caches; // held as given, or
-    SharedKVStore::Span span; // keys and values in the store
+    // Without a span: the caches as given. With one: the KVCaches' keys and
+    // values are in the store, and `caches` holds the other layers beside
+    // them (KVCaches emptied), if there are any.
+    std::optional<Caches> caches;
+    SharedKVStore::Span span;
     int64_t nbytes; // of caches
     std::string type;
     bool trimmable = true;
@@ -477,16 +482,16 @@ class LRUPromptCache {
 
   /// A fresh cache list for entry e, less its last `trim` tokens.
   Caches caches_of(const Entry& e, int trim) const {
-    if (!e.span.leaf || e.caches) {
-      Caches c = e.span.leaf ? Ops::build(store_.fetch(e.span, e.span.length), e.span.length, &*e.caches)
-                             : Ops::copy(*e.caches);
-      if (trim > 0) {
-        Ops::trim(c, trim);
-      }
-      return c;
+    if (e.span.leaf && !e.caches) { // KVCaches only: build them at the trimmed length
+      const int keep = std::max(0, e.span.length - trim);
+      return Ops::build(store_.fetch(e.span, keep), keep, nullptr);
     }
-    const int keep = std::max(0, e.span.length - trim);
-    return Ops::build(store_.fetch(e.span, keep), keep, nullptr);
+    Caches c = e.span.leaf ? Ops::build(store_.fetch(e.span, e.span.length), e.span.length, &*e.caches)
+                           : Ops::copy(*e.caches);
+    if (trim > 0) {
+      Ops::trim(c, trim);
+    }
+    return c;
   }
 
   bool same_key(const Key& k, const Model& model, const Tokens& tokens) const {
