@@ -130,7 +130,7 @@ def test_bad_input_changes_nothing():
         lru.insert_checkpoint(MODEL, [1, "2", 3], rotating(3))
     with pytest.raises(kvcore.CacheValueError, match="max_checkpoints as an int"):
         lru.max_checkpoints = "8"
-    with pytest.raises(kvcore.CacheValueError, match="cache_type among assistant, user, system"):
+    with pytest.raises(kvcore.CacheKeyError, match="cache_type among assistant, user, system"):
         lru.insert_cache(MODEL, toks(12), rotating(12), cache_type="checkpoint")
     with pytest.raises(AttributeError, match="has no attribute"):  # not a cache
         lru.insert_checkpoint(MODEL, toks(12), [object()])

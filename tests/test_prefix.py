@@ -197,7 +197,7 @@ def test_lru_limits_and_attributes():
     for i in range(4):
         lru.insert_cache("m", [i, i], [MockCache("ab")])
     assert len(lru) == 2 and lru.nbytes == 4
-    with pytest.raises(kvcore.CacheValueError, match="cache_type among assistant, user, system but got 'tool'"):
+    with pytest.raises(kvcore.CacheKeyError, match="cache_type among assistant, user, system but got 'tool'"):
         lru.insert_cache("m", [9], [MockCache("a")], cache_type="tool")
     assert len(lru) == 2 and lru.nbytes == 4
     with pytest.raises(kvcore.CacheValueError, match="tokens as ints"):

@@ -97,12 +97,39 @@ nb::object wrap(nb::handle kvcore, std::shared_ptr<Cache>& c) {
   throw ValueError("load_prompt_cache", "a cache class with a Python binding", name);
 }
 
+// save_prompt_cache's metadata: None or a mapping of str to str (what
+// mlx-lm documents; it also takes other trees of strings by accident, which
+// come back from its loader as something else).
+Metadata metadata_arg(nb::handle h) {
+  constexpr const char* ctx = "save_prompt_cache";
+  Metadata out;
+  if (h.is_none()) {
+    return out;
+  }
+  if (!nb::isinstance<nb::dict>(h) &&
+      !nb::isinstance(h, nb::module_::import_("collections.abc").attr("Mapping"))) {
+    throw ValueError(ctx, "metadata as a dict of str to str", py_type_name(h));
+  }
+  for (nb::handle item : nb::iter(h.attr("items")())) {
+    nb::handle k = item[0], v = item[1];
+    if (!PyUnicode_Check(k.ptr()) || !PyUnicode_Check(v.ptr())) {
+      throw ValueError(ctx, "metadata as a dict of str to str",
+                       "an item " + nb::cast<std::string>(nb::repr(k)).substr(0, 40) + ": " +
+                           nb::cast<std::string>(nb::repr(v)).substr(0, 40));
+    }
+    out[nb::cast<std::string>(k)] = nb::cast<std::string>(v);
+  }
+  return out;
+}
+
 } // namespace
 
 void bind_files(nb::module_& m) {
   m.def(
       "_save_prompt_cache_states",
-      [](const std::string& path, nb::handle layers, const Metadata& metadata) {
+      [](nb::handle file, nb::handle layers, nb::handle meta) {
+        const std::string path = path_arg("save_prompt_cache", "file_name", file);
+        const Metadata metadata = metadata_arg(meta);
         std::vector<NamedState> out;
         for (nb::handle layer : layers) {
           nb::tuple t = nb::cast<nb::tuple>(layer);
@@ -111,11 +138,12 @@ void bind_files(nb::module_& m) {
         nb::gil_scoped_release release;
         save_prompt_cache_states(path, out, metadata);
       },
-      "path"_a, "layers"_a, "metadata"_a,
+      "path"_a, "layers"_a, "metadata"_a.none(),
       "Write (class name, state) layers in mlx-lm 0.32's layout.");
   m.def(
       "_load_prompt_cache",
-      [](const std::string& path) {
+      [](nb::handle file) {
+        const std::string path = path_arg("load_prompt_cache", "file_name", file);
         LoadedPromptCache loaded;
         FileLayout layout;
         {

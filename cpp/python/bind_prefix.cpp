@@ -200,6 +200,15 @@ Tokens tokens_arg(const char* ctx, nb::handle h) {
   return out;
 }
 
+// A prompt cache argument: a list or tuple of caches. Anything else (a
+// generator would be consumed and stored empty) is refused before anything
+// is stored.
+void check_caches_arg(const char* ctx, nb::handle caches) {
+  if (!nb::isinstance<nb::list>(caches) && !nb::isinstance<nb::tuple>(caches)) {
+    throw TypeError(ctx, "prompt_cache as a list or tuple of caches", py_type_name(caches));
+  }
+}
+
 nb::list to_list(const Tokens& t) {
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(t.size()));
   if (out == nullptr) {
@@ -308,7 +317,7 @@ void bind_prefix(nb::module_& m) {
              auto prev = t.add(model, tokens_arg("PromptTrie.add", tokens), std::move(value));
              return prev ? *prev : nb::none();
            },
-           "model"_a, "tokens"_a, "value"_a.none(),
+           "model"_a.none(), "tokens"_a, "value"_a.none(),
            "Store value at tokens; returns the value it replaced, or None.")
       .def("get",
            [](const PyTrie& t, nb::object model, nb::handle tokens) -> nb::object {
@@ -316,14 +325,14 @@ void bind_prefix(nb::module_& m) {
              if (v == nullptr) key_error(tokens);
              return *v;
            },
-           "model"_a, "tokens"_a, "The value at exactly tokens (KeyError if none).")
+           "model"_a.none(), "tokens"_a, "The value at exactly tokens (KeyError if none).")
       .def("pop",
            [](PyTrie& t, nb::object model, nb::handle tokens) -> nb::object {
              auto v = t.pop(model, tokens_arg("PromptTrie.pop", tokens));
              if (!v) key_error(tokens);
              return *v;
            },
-           "model"_a, "tokens"_a, "Remove and return the value at exactly tokens.")
+           "model"_a.none(), "tokens"_a, "Remove and return the value at exactly tokens.")
       .def("pop_prefixes",
            [](PyTrie& t, nb::object model, nb::handle tokens) {
              nb::list out;
@@ -332,7 +341,7 @@ void bind_prefix(nb::module_& m) {
              }
              return out;
            },
-           "model"_a, "tokens"_a,
+           "model"_a.none(), "tokens"_a,
            "Remove the values at proper prefixes of tokens: [(length, value)].")
       .def("_search",
            [](const PyTrie& t, nb::object model, nb::handle tokens) {
@@ -340,7 +349,7 @@ void bind_prefix(nb::module_& m) {
              return nb::make_tuple(opt_list(r.exact), opt_list(r.shorter), opt_list(r.longer),
                                    r.common_prefix);
            },
-           "model"_a, "tokens"_a);
+           "model"_a.none(), "tokens"_a);
 
   auto lru = nb::class_<PyLRU>(m, "LRUPromptCache",
                                "Finished prompt caches by model and tokens, least recently "
@@ -351,7 +360,7 @@ void bind_prefix(nb::module_& m) {
             constexpr const char* ctx = "LRUPromptCache";
             std::string dir;
             if (!disk_dir.is_none()) {
-              dir = nb::cast<std::string>(nb::str(nb::module_::import_("os").attr("fspath")(disk_dir)));
+              dir = path_arg(ctx, "disk_dir", disk_dir);
               if (dir.empty()) {
                 throw ValueError(ctx, "disk_dir as a directory path or None", "''");
               }
@@ -366,7 +375,7 @@ void bind_prefix(nb::module_& m) {
           "disk_bytes"_a = nb::int_(1).attr("__lshift__")(63), "max_checkpoints"_a = 8,
           "checkpoint_every"_a = 0,
           nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, "
-                  "disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63, "
+                  "disk_dir: str | bytes | os.PathLike | None = None, disk_bytes: int = 1 << 63, "
                   "max_checkpoints: int = 8, checkpoint_every: int = 0) -> None"),
           R"pbdoc(
             Args:
@@ -378,7 +387,7 @@ void bind_prefix(nb::module_& m) {
                     stored once, the other caches beside them held per entry
                     (default). ``False`` holds every entry's caches as
                     given, as mlx-lm does.
-                disk_dir (str | os.PathLike | None): A directory for the disk
+                disk_dir (str | bytes | os.PathLike | None): A directory for the disk
                     tier: every inserted entry is also written there as a
                     checked prompt-cache file, and a fetch that a file covers
                     better than memory loads it (after a restart too).
@@ -426,7 +435,7 @@ void bind_prefix(nb::module_& m) {
                  model, tokens_arg("LRUPromptCache.fetch_nearest_cache", tokens));
              return nb::make_tuple(cache ? *cache : nb::none(), to_list(rest));
            },
-           "model"_a, "tokens"_a,
+           "model"_a.none(), "tokens"_a,
            nb::sig("def fetch_nearest_cache(self, model: object, tokens: list[int]) -> tuple[list | None, list[int]]"),
            R"pbdoc(
              A copy of the cache stored for the nearest usable match.
@@ -439,18 +448,28 @@ void bind_prefix(nb::module_& m) {
            )pbdoc")
       .def("insert_cache",
            [](PyLRU& c, nb::object model, nb::handle tokens, nb::object prompt_cache,
-              const std::string& cache_type) {
-             c.insert_cache(model, tokens_arg("LRUPromptCache.insert_cache", tokens),
-                            std::move(prompt_cache), cache_type);
+              nb::handle cache_type) {
+             constexpr const char* ctx = "LRUPromptCache.insert_cache";
+             if (!PyUnicode_Check(cache_type.ptr())) {
+               throw KeyError(ctx, "cache_type among assistant, user, system",
+                              nb::cast<std::string>(nb::repr(cache_type)).substr(0, 60));
+             }
+             check_caches_arg(ctx, prompt_cache);
+             c.insert_cache(model, tokens_arg(ctx, tokens), std::move(prompt_cache),
+                            nb::cast<std::string>(cache_type));
            },
-           "model"_a, "tokens"_a, "prompt_cache"_a, nb::kw_only(), "cache_type"_a = "assistant",
+           "model"_a.none(), "tokens"_a, "prompt_cache"_a, nb::kw_only(),
+           "cache_type"_a.none() = "assistant",
+           nb::sig("def insert_cache(self, model: object, tokens: list[int], prompt_cache: list, *, "
+                   "cache_type: str = 'assistant') -> None"),
            "Store a prompt cache for tokens, then evict to the limits.")
       .def("insert_checkpoint",
            [](PyLRU& c, nb::object model, nb::handle tokens, nb::object prompt_cache) {
-             return c.insert_checkpoint(model, tokens_arg("LRUPromptCache.insert_checkpoint", tokens),
-                                        prompt_cache);
+             constexpr const char* ctx = "LRUPromptCache.insert_checkpoint";
+             check_caches_arg(ctx, prompt_cache);
+             return c.insert_checkpoint(model, tokens_arg(ctx, tokens), prompt_cache);
            },
-           "model"_a, "tokens"_a, "prompt_cache"_a,
+           "model"_a.none(), "tokens"_a, "prompt_cache"_a,
            nb::sig("def insert_checkpoint(self, model: object, tokens: list[int], prompt_cache: list) -> bool"),
            R"pbdoc(
              Keep a copy of a cache part way through its prompt's prefill.

@@ -222,6 +222,26 @@ template <class T>
 void def_sequence_api(nb::class_<T>& cls);
 
 /// A quantized (weights, scales, biases) triple, or None.
+/// The name of h's Python type ("int", "generator").
+inline std::string py_type_name(nb::handle h) {
+  return nb::cast<std::string>(nb::str(h.type().attr("__name__")));
+}
+
+/// A filesystem path from Python: str, bytes or os.PathLike (decoded as
+/// os.fsdecode does); anything else is refused with a ValueError, as mlx's
+/// loaders refuse it.
+inline std::string path_arg(const char* ctx, const char* what, nb::handle h) {
+  if (!PyUnicode_Check(h.ptr()) && !PyBytes_Check(h.ptr()) &&
+      !nb::hasattr(h.type(), "__fspath__")) {
+    throw ValueError(ctx, std::string(what) + " as str, bytes or os.PathLike", py_type_name(h));
+  }
+  nb::object s = nb::module_::import_("os").attr("fsdecode")(h);
+  if (!PyUnicode_Check(s.ptr())) {
+    throw ValueError(ctx, std::string(what) + " whose __fspath__ gives str or bytes", py_type_name(s));
+  }
+  return nb::cast<std::string>(s);
+}
+
 nb::object to_py(const OptionalQuantized& q);
 OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handle h);
 

@@ -12,7 +12,7 @@ namespace {
 
 // kvcore.CacheError and its subclasses, indexed by ErrorKind.
 PyObject* error_base = nullptr;
-PyObject* error_types[4] = {};
+PyObject* error_types[6] = {};
 
 PyObject* new_error(nb::module_& m, const char* name, PyObject* builtin, const char* doc) {
   std::string qual = std::string("kvcore.") + name;
@@ -86,6 +86,14 @@ void register_errors(nb::module_& m) {
       "The cache does not offer this operation.");
   error_types[int(ErrorKind::Index)] = new_error(
       m, "CacheIndexError", PyExc_IndexError, "An index out of range.");
+  error_types[int(ErrorKind::Type)] = new_error(
+      m, "CacheTypeError", PyExc_TypeError, "An argument of the wrong kind of object.");
+  error_types[int(ErrorKind::Key)] = new_error(
+      m, "CacheKeyError", PyExc_KeyError, "A key that names nothing known.");
+  // KeyError's str() is the repr of its argument; kvcore's message reads
+  // as the other errors' do.
+  nb::setattr(nb::handle(error_types[int(ErrorKind::Key)]), "__str__",
+              nb::handle(PyExc_BaseException).attr("__str__"));
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {

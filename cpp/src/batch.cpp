@@ -54,6 +54,29 @@ mx::array depends_on(const mx::array& x, const mx::array& a, const mx::array& b)
   return mx::depends({x}, {a, b})[0];
 }
 
+// A per-row array waiting for finalize() (right padding, lengths) follows
+// the rows through filter and extend, so finalize() meets the batch it
+// was prepared for.
+OptionalArray take_rows(const OptionalArray& pending, const std::vector<int>& indices) {
+  if (!pending) {
+    return std::nullopt;
+  }
+  return mx::take(*pending, mx::astype(int_array(indices), mx::int32), 0);
+}
+
+// This batch's pending rows, then the other's; `fill_*` stands in for a
+// side with nothing pending (a value that makes finalize() a no-op there).
+OptionalArray concat_rows(
+    const OptionalArray& mine,
+    const mx::array& fill_mine,
+    const OptionalArray& theirs,
+    const mx::array& fill_theirs) {
+  if (!mine && !theirs) {
+    return std::nullopt;
+  }
+  return mx::concatenate({mine ? *mine : fill_mine, theirs ? *theirs : fill_theirs}, 0);
+}
+
 void check_rows(const char* ctx, const char* what, const mx::array& v) {
   if (v.ndim() != 1) {
     throw ValueError(ctx, std::string(what) + " of rank 1 (B,)", "shape " + shape_str(v.shape()));
@@ -99,6 +122,8 @@ Stacked stack_rows(
                      "offsets without arrays");
   }
   const int B = static_cast<int>(kv.size());
+  check_memory(ctx, std::to_string(B) + " rows of " + std::to_string(max_length) + " tokens",
+               double(B) * H * max_length * (Dk + Dv) * mx::size_of(*dt));
   auto keys = mx::zeros({B, H, max_length, Dk}, *dt);
   auto values = mx::zeros({B, H, max_length, Dv}, *dt);
   for (int i = 0; i < B; ++i) {
@@ -290,6 +315,8 @@ void BatchCache::extend_aligned(BatchCache& other) {
   }
   const int max_size = std::max(L1, L2);
   const mx::Dtype dtype = like->dtype();
+  check_memory(ctx, std::to_string(rows() + other.rows()) + " rows of " + std::to_string(max_size) + " tokens",
+               double(rows() + other.rows()) * H * max_size * (D + M) * mx::size_of(dtype));
   struct Padded {
     mx::array k, v, lp;
   };
@@ -421,16 +448,20 @@ void BatchKVCache::filter(const std::vector<int>& indices) {
       next.left_padding_.shift(-min_pad);
     }
   }
+  next.right_padding_ = take_rows(right_padding_, indices);
   *this = std::move(next);
 }
 
 void BatchKVCache::extend(BatchKVCache& other) {
+  auto pending = concat_rows(right_padding_, mx::zeros_like(offset()), other.right_padding_,
+                             mx::zeros_like(other.offset()));
   if (!keys_ && !other.keys_) {
     left_padding_ = mx::concatenate({left_padding(), other.left_padding()}, 0);
     offset_ = mx::concatenate({offset(), other.offset()}, 0);
-    return;
+  } else {
+    extend_aligned(other);
   }
-  extend_aligned(other);
+  right_padding_ = std::move(pending);
 }
 
 KVCache BatchKVCache::extract(int idx) const {
@@ -753,10 +784,20 @@ Mask BatchRotatingKVCache::make_mask(
   return mask;
 }
 
+void BatchRotatingKVCache::filter(const std::vector<int>& indices) {
+  BatchRotatingKVCache next = *this;
+  next.BatchCache::filter(indices);
+  next.lengths_ = take_rows(lengths_, indices);
+  *this = std::move(next);
+}
+
 void BatchRotatingKVCache::extend(BatchRotatingKVCache& other) {
+  // A row with no lengths pending rolls by nothing: its lengths are its offset.
+  auto pending = concat_rows(lengths_, offset(), other.lengths_, other.offset());
   if (!keys_ && !other.keys_) {
     left_padding_ = mx::concatenate({left_padding(), other.left_padding()}, 0);
     offset_ = mx::concatenate({offset(), other.offset()}, 0);
+    lengths_ = std::move(pending);
     return;
   }
   // Staged on copies: both caches change only if the extend succeeds.
@@ -768,8 +809,11 @@ void BatchRotatingKVCache::extend(BatchRotatingKVCache& other) {
   int ring = std::max(a.offset_in_ring_, b.offset_in_ring_);
   a.extend_aligned(b);
   a.offset_in_ring_ = ring;
+  a.lengths_ = std::move(pending);
   *this = std::move(a);
-  other = std::move(b);
+  if (&other != this) { // extending a cache with itself doubles it
+    other = std::move(b);
+  }
 }
 
 RotatingKVCache BatchRotatingKVCache::extract(int idx) const {
@@ -808,14 +852,18 @@ BatchRotatingKVCache BatchRotatingKVCache::merge(const std::vector<const Rotatin
     }
     offsets.push_back(c->offset());
     int l = c->size();
-    lengths.push_back(l);
     if (c->keys() && c->values() && l > 0) {
       auto k = c->temporal_order(*c->keys());
       auto v = c->temporal_order(*c->values());
+      // The ring may hold fewer tokens than its offset says (an empty
+      // update after an over-long one, an offset set past the buffer):
+      // the row takes what it holds.
+      l = std::min(l, k.shape(2));
       kv.emplace_back(seq_slice(k, k.shape(2) - l, k.shape(2)), seq_slice(v, v.shape(2) - l, v.shape(2)));
     } else {
       kv.emplace_back(std::nullopt, std::nullopt);
     }
+    lengths.push_back(l);
   }
   const int max_length = *std::max_element(lengths.begin(), lengths.end());
   if (max_length == 0) {

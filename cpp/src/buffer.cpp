@@ -163,6 +163,18 @@ void check_fits(
   }
 }
 
+void check_memory(const char* ctx, const std::string& what, double bytes) {
+  const double limit = double(mx::get_memory_limit());
+  const double in_use = double(mx::get_active_memory());
+  if (in_use + bytes > limit) {
+    throw ValueError(
+        ctx,
+        "an allocation within mlx's memory limit of " + std::to_string(size_t(limit)) + " bytes (" +
+            std::to_string(size_t(in_use)) + " in use)",
+        what + " of " + std::to_string(size_t(bytes)) + " bytes");
+  }
+}
+
 int check_size(const char* ctx, const char* what, long long n, int min, int max) {
   if (n < min || n > max) {
     throw ValueError(
@@ -221,12 +233,7 @@ mx::array grow_to(
   check_size("grow_to", "buffer length", 1LL * kept_len + added);
   double bytes = double(kept_len + added) * like.shape(0) * like.shape(1) * like.shape(3) *
       like.itemsize();
-  if (bytes > double(mx::get_memory_limit())) {
-    throw ValueError(
-        "grow_to",
-        "a buffer within mlx's memory limit of " + std::to_string(mx::get_memory_limit()) + " bytes",
-        std::to_string(kept_len + added) + " tokens of " + std::to_string(size_t(bytes)) + " bytes");
-  }
+  check_memory("grow_to", std::to_string(kept_len + added) + " tokens", bytes);
   auto fresh = seq_zeros(like, static_cast<int>(added));
   if (!kept) {
     return fresh;

@@ -106,6 +106,7 @@ SafetensorsHeader read_safetensors_header(const std::string& path) {
   SafetensorsHeader out;
   out.file_bytes = size;
   uint64_t data_size = size - 8 - n;
+  check_memory(kLoad, "the file's arrays", double(data_size));
   for (const auto& [name, entry] : entries) {
     if (name == "__metadata__") {
       if (std::holds_alternative<std::nullptr_t>(entry.v)) {

@@ -31,15 +31,23 @@ OptionalQuantized gather(const Part (&parts)[3], bool values) {
   return QuantizedArrays{part(0), part(1), part(2)};
 }
 
-/// Writes quantized keys and values into the parts. The weights' part
-/// checks the update against its buffers first; the scales' and biases'
-/// hold the same (B, H, S) and position, so once it has passed they cannot
-/// fail, and no part is left behind the others.
+/// Writes quantized keys and values into the parts. Every part's buffers
+/// are checked against the update before any part is written: the scales'
+/// and biases' dtype follows the new keys', which the weights' part cannot
+/// see, so a float16 update into a float32 cache must fail before the
+/// weights move on. Past the checks the three writes cannot fail.
 template <class Part>
 std::pair<QuantizedArrays, QuantizedArrays> update(
+    const char* ctx,
     Part (&parts)[3],
     const QuantizedArrays& keys,
     const QuantizedArrays& values) {
+  if (auto k = gather(parts, false)) {
+    check_triple_fits(ctx, "keys", keys, *k);
+  }
+  if (auto v = gather(parts, true)) {
+    check_triple_fits(ctx, "values", values, *v);
+  }
   auto [kw, vw] = parts[0].update_and_fetch(std::get<0>(keys), std::get<0>(values));
   auto [ks, vs] = parts[1].update_and_fetch(std::get<1>(keys), std::get<1>(values));
   auto [kb, vb] = parts[2].update_and_fetch(std::get<2>(keys), std::get<2>(values));

@@ -30,6 +30,8 @@ QuantizedArrays write3(const QuantizedArrays& buf, const QuantizedArrays& x, int
       seq_write(std::get<2>(buf), std::get<2>(x), at)};
 }
 
+} // namespace
+
 void check_triple_fits(
     const char* ctx,
     const char* what,
@@ -39,8 +41,6 @@ void check_triple_fits(
   check_fits(ctx, what, std::get<1>(x), std::get<1>(buf));
   check_fits(ctx, what, std::get<2>(x), std::get<2>(buf));
 }
-
-} // namespace
 
 void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
   const auto& w = std::get<0>(q);
@@ -165,6 +165,14 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
     const int added = check_size(
         ctx, "buffer growth",
         std::max((1LL * step + S - 1) / step * step, 1LL * capacity_ - kept));
+    // Bytes per token of the grown triples: packed weights and the scales
+    // and biases of the keys and the values.
+    auto per_token = [&](const QuantizedArrays& q) {
+      return double(B) * H *
+          (std::get<0>(q).shape(3) * 4.0 + 2.0 * std::get<1>(q).shape(3) * keys.itemsize());
+    };
+    check_memory(ctx, std::to_string(kept + added) + " tokens",
+                 double(kept + added) * (per_token(qk) + per_token(qv)));
     if (kbuf) {
       kbuf = grow3(*kbuf, prev, added, step);
       vbuf = grow3(*vbuf, prev, added, step);

@@ -76,7 +76,7 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchCache<Batch>::update_a
   constexpr const char* ctx = update_ctx<Batch>();
   check_kv(ctx, keys, values);
   auto [qk, qv] = quantize_kv(ctx, keys, values, key_spec_, value_spec_);
-  return lockstep::update(parts_, qk, qv);
+  return lockstep::update(ctx, parts_, qk, qv);
 }
 
 template <class Batch>

@@ -24,7 +24,7 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedRotatingKVCache::update_and
   constexpr const char* ctx = "QuantizedRotatingKVCache.update_and_fetch";
   check_kv(ctx, keys, values);
   auto [qk, qv] = quantize_kv(ctx, keys, values, key_spec_, value_spec_);
-  return lockstep::update(rings_, qk, qv);
+  return lockstep::update(ctx, rings_, qk, qv);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedRotatingKVCache::keys_and_values() const {

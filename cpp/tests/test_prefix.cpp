@@ -139,7 +139,7 @@ TEST(lru_evicts_by_count_and_bytes) {
   lru.insert_cache("m", {3}, layers(1));
   CHECK_EQ(lru.size(), 2);
   CHECK(!lru.fetch_nearest_cache("m", {1}).first.has_value());
-  CHECK_THROWS(ValueError, "cache_type among assistant, user, system",
+  CHECK_THROWS(KeyError, "cache_type among assistant, user, system",
                lru.insert_cache("m", {4}, layers(1), "tool"));
   CHECK_EQ(lru.size(), 2);
   lru.trim_to(std::nullopt, 0);

@@ -18,16 +18,20 @@ def save_prompt_cache(file_name, cache, metadata=None):
     file, in mlx-lm 0.32's layout: mlx-lm loads it and kvcore loads mlx-lm's.
 
     Args:
-        file_name (str): The file.
+        file_name (str | bytes | os.PathLike): The file.
         cache (list): The model's caches.
         metadata (dict[str, str], optional): Saved alongside.
+
+    Raises:
+        CacheValueError: file_name is not a path, or metadata is not a
+            mapping of str to str.
     """
     layers = [(type(c).__name__, c.state) for c in cache]
-    _ext._save_prompt_cache_states(os.fspath(file_name), layers, dict(metadata or {}))
+    _ext._save_prompt_cache_states(file_name, layers, metadata)
 
 
 def _load(file_name):
-    return _ext._load_prompt_cache(os.fspath(file_name))
+    return _ext._load_prompt_cache(file_name)
 
 
 def load_prompt_cache(file_name, return_metadata=False):

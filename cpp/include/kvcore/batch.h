@@ -216,6 +216,7 @@ class BatchRotatingKVCache : public BatchCache {
       bool return_array = false,
       std::optional<int> window_size = std::nullopt) const override;
 
+  void filter(const std::vector<int>& indices) override;
   void extend(BatchRotatingKVCache& other);
   RotatingKVCache extract(int idx) const;
   static BatchRotatingKVCache merge(const std::vector<const RotatingKVCache*>& caches);

@@ -50,6 +50,11 @@ void check_fits(
     const mx::array& x,
     const mx::array& buf);
 
+/// Throws ValueError when allocating `bytes` more (`what`: what for) would
+/// take mlx past its memory limit, counting what mlx holds already: every
+/// allocation whose size a caller or a file chooses is checked first.
+void check_memory(const char* ctx, const std::string& what, double bytes);
+
 /// A size read from the user: min <= n <= max (by default a Shape element).
 int check_size(
     const char* ctx,

@@ -10,7 +10,7 @@
 namespace kvcore {
 
 /// The Python built-in an error corresponds to.
-enum class ErrorKind { Value, Runtime, NotImplemented, Index };
+enum class ErrorKind { Value, Runtime, NotImplemented, Index, Type, Key };
 
 /// Base of every exception kvcore throws.
 class CacheError : public std::runtime_error {
@@ -83,6 +83,26 @@ struct IndexError : CacheError {
   IndexError(std::string context, std::string expected, std::string actual)
       : CacheError(
             ErrorKind::Index,
+            std::move(context),
+            std::move(expected),
+            std::move(actual)) {}
+};
+
+/// An argument of the wrong kind of object (TypeError).
+struct TypeError : CacheError {
+  TypeError(std::string context, std::string expected, std::string actual)
+      : CacheError(
+            ErrorKind::Type,
+            std::move(context),
+            std::move(expected),
+            std::move(actual)) {}
+};
+
+/// A key that names nothing known (KeyError).
+struct KeyError : CacheError {
+  KeyError(std::string context, std::string expected, std::string actual)
+      : CacheError(
+            ErrorKind::Key,
             std::move(context),
             std::move(expected),
             std::move(actual)) {}

@@ -305,8 +305,8 @@ class LRUPromptCache {
     if (static_cast<size_t>(type_index(t)) < ordering().size()) {
       return;
     }
-    throw ValueError("LRUPromptCache.insert_cache", "cache_type among assistant, user, system",
-                     "'" + t.substr(0, 40) + "'");
+    throw KeyError("LRUPromptCache.insert_cache", "cache_type among assistant, user, system",
+                   "'" + t.substr(0, 40) + "'");
   }
 
   void forget(const Entry& e) {

@@ -21,6 +21,14 @@ struct QuantSpec {
 /// A triple's arrays are rank 4 and share (B, H, S); weights are uint32.
 void check_triple(const char* ctx, const char* what, const QuantizedArrays& q);
 
+/// Each array of x fits the matching buffer of buf along the sequence axis
+/// (check_fits: B, H, last dim and dtype).
+void check_triple_fits(
+    const char* ctx,
+    const char* what,
+    const QuantizedArrays& x,
+    const QuantizedArrays& buf);
+
 /// The first six of a state's arrays (keys' weights, scales and biases, then
 /// the values') as two triples, each all set or all None.
 std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
