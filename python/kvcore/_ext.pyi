@@ -8,8 +8,10 @@ import mlx.core
 from kvcore import (
     CacheError as CacheError,
     CacheIndexError as CacheIndexError,
+    CacheKeyError as CacheKeyError,
     CacheNotImplementedError as CacheNotImplementedError,
     CacheRuntimeError as CacheRuntimeError,
+    CacheTypeError as CacheTypeError,
     CacheValueError as CacheValueError
 )
 from kvcore._checkpoints import (
@@ -1321,16 +1323,16 @@ class PromptTrie:
 
     def __init__(self) -> None: ...
 
-    def add(self, model: object, tokens: object, value: object | None) -> object:
+    def add(self, model: object | None, tokens: object, value: object | None) -> object:
         """Store value at tokens; returns the value it replaced, or None."""
 
-    def get(self, model: object, tokens: object) -> object:
+    def get(self, model: object | None, tokens: object) -> object:
         """The value at exactly tokens (KeyError if none)."""
 
-    def pop(self, model: object, tokens: object) -> object:
+    def pop(self, model: object | None, tokens: object) -> object:
         """Remove and return the value at exactly tokens."""
 
-    def pop_prefixes(self, model: object, tokens: object) -> list:
+    def pop_prefixes(self, model: object | None, tokens: object) -> list:
         """Remove the values at proper prefixes of tokens: [(length, value)]."""
 
 class LRUPromptCache:
@@ -1338,7 +1340,7 @@ class LRUPromptCache:
     Finished prompt caches by model and tokens, least recently inserted evicted first.
     """
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | os.PathLike | None = None, disk_bytes: int = 1 << 63, max_checkpoints: int = 8, checkpoint_every: int = 0) -> None:
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | bytes | os.PathLike | None = None, disk_bytes: int = 1 << 63, max_checkpoints: int = 8, checkpoint_every: int = 0) -> None:
         """
         Args:
             max_size (int): Entries kept.
@@ -1349,7 +1351,7 @@ class LRUPromptCache:
                 stored once, the other caches beside them held per entry
                 (default). ``False`` holds every entry's caches as
                 given, as mlx-lm does.
-            disk_dir (str | os.PathLike | None): A directory for the disk
+            disk_dir (str | bytes | os.PathLike | None): A directory for the disk
                 tier: every inserted entry is also written there as a
                 checked prompt-cache file, and a fetch that a file covers
                 better than memory loads it (after a restart too).
@@ -1421,7 +1423,7 @@ class LRUPromptCache:
     @max_bytes.setter
     def max_bytes(self, arg: object, /) -> None: ...
 
-    def insert_cache(self, model: object, tokens: object, prompt_cache: object, *, cache_type: str = 'assistant') -> None:
+    def insert_cache(self, model: object, tokens: list[int], prompt_cache: list, *, cache_type: str = 'assistant') -> None:
         """Store a prompt cache for tokens, then evict to the limits."""
 
     def insert_checkpoint(self, model: object, tokens: list[int], prompt_cache: list) -> bool:
