@@ -430,3 +430,16 @@ def test_rotating_merge_after_offset_set_past_the_buffer():
     b = kvcore.RotatingKVCache.merge([r])
     assert b.offset.tolist() == [10] and b.keys.shape == (1, 2, 3, 2)
     assert_arrays_equal(b.keys, r.keys)
+
+
+def test_ring_growth_past_the_memory_limit_is_refused(memory_limit_100mb):
+    # A step set by the caller (a class attribute, as in mlx-lm) sizes the growth.
+    class Huge(kvcore.RotatingKVCache):
+        step = 10**8
+
+    r = Huge(max_size=10**8)
+    with pytest.raises(kvcore.CacheValueError,
+                       match=r"\[RotatingKVCache.update_and_fetch\] expected an allocation within mlx's memory "
+                             r"limit of 104857600 bytes \(\d+ in use\) but got 100000000 slots of 102400000000 bytes"):
+        r.update_and_fetch(kv(D=64, S=1), kv(D=64, S=1))
+    assert r.offset == 0 and r.keys is None

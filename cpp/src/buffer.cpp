@@ -258,6 +258,10 @@ void grow_ring(
         std::to_string(prev) + " tokens with a buffer of " +
             std::to_string(keys_buf ? keys_buf->shape(2) : 0));
   }
+  const int kept = keys_buf ? keys_buf->shape(2) : 0;
+  check_memory(ctx, std::to_string(kept + grow) + " slots",
+               double(kept + grow) * keys.shape(0) * keys.shape(1) *
+                   (keys.shape(3) * keys.itemsize() + values.shape(3) * values.itemsize()));
   auto add = [grow](const OptionalArray& buf, const mx::array& like) {
     return buf ? seq_concat({*buf, seq_zeros(like, grow)}) : seq_zeros(like, grow);
   };
