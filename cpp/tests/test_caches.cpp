@@ -301,3 +301,45 @@ TEST(batch_rotating_decodes_past_the_window) {
   auto single = c.extract(1);
   CHECK_EQ(single.offset(), 6);
 }
+
+#include <mlx/memory.h>
+
+#include "kvcore/quantized_rotating.h"
+
+TEST(quantized_rotating_failed_update_moves_no_part) {
+  // The weights' part takes a float16 update; the scales' must not: the
+  // update is refused before any part is written.
+  QuantizedRotatingKVCache c(8, 0, {32, 4}, {32, 4});
+  auto x = mx::zeros({1, 2, 2, 32});
+  c.update_and_fetch(x, x);
+  auto y = mx::zeros({1, 2, 1, 32}, mx::float16);
+  CHECK_THROWS(ValueError, "[QuantizedRotatingKVCache.update_and_fetch] expected keys of dtype float32",
+               c.update_and_fetch(y, y));
+  CHECK_EQ(c.offset(), 2);
+  auto [k, v] = c.update_and_fetch(mx::zeros({1, 2, 1, 32}), mx::zeros({1, 2, 1, 32}));
+  CHECK_EQ(std::get<0>(k).shape(2), 3);
+  CHECK_EQ(std::get<1>(k).shape(2), 3);
+  CHECK_EQ(std::get<2>(v).shape(2), 3);
+}
+
+TEST(batch_rotating_extend_with_itself_doubles) {
+  BatchRotatingKVCache c(8, {1, 0});
+  c.update_and_fetch(mx::zeros({2, 1, 3, 2}), mx::zeros({2, 1, 3, 2}));
+  c.extend(c);
+  CHECK_EQ(c.keys()->shape(0), 4);
+  CHECK(c.offset().shape() == mx::Shape{4});
+}
+
+TEST(growth_past_the_memory_limit_is_refused_before_allocating) {
+  size_t old = mx::set_memory_limit(64 << 20);
+  KVCache kv(1 << 20);
+  QuantizedKVCache q({64, 4}, {64, 4});
+  q.set_capacity(1 << 24);
+  auto x = mx::zeros({1, 2, 1, 64});
+  CHECK_THROWS(ValueError, "within mlx's memory limit", kv.update_and_fetch(x, x));
+  CHECK_THROWS(ValueError, "within mlx's memory limit", q.update_and_fetch(x, x));
+  mx::set_memory_limit(old);
+  CHECK_EQ(kv.offset(), 0);
+  CHECK_EQ(q.offset(), 0);
+  CHECK(!q.keys().has_value());
+}
