@@ -26,5 +26,6 @@ cmake --build build/example -j "$JOBS"
 ./build/example/prompt_cache
 "$PY" scripts/check_cpp_files.py build/example/prompt_cache
 
-# cmake --install outside Python, then find_package from that prefix.
-JOBS="$JOBS" PYTHON="$PY" bash scripts/install_test.sh
+# cmake --install outside Python, then find_package from that prefix (the
+# library ctest built above: the same configuration, so nothing rebuilds).
+BUILD_DIR=build/ctest JOBS="$JOBS" PYTHON="$PY" bash scripts/install_test.sh
