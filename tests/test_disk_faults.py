@@ -332,3 +332,39 @@ def test_close_writes_the_queue_and_says_how_many_files(tmp_path):
     with kvcore.LRUPromptCache(disk_dir=tmp_path) as again:
         assert again.disk_size == 3
     assert kvcore.LRUPromptCache().close() == 0
+
+
+WRITE_ENTRIES = """
+import kvcore
+from test_disk_faults import hybrid, MODEL
+lru = kvcore.LRUPromptCache(max_size=1, disk_dir=sys.argv[1], disk_bytes=int(sys.argv[2]))
+for i in range(int(sys.argv[3]), int(sys.argv[4])):
+    toks = list(range(20)) + [i]
+    lru.insert_cache(MODEL, toks, hybrid(toks))
+lru.close()
+"""
+
+
+def test_processes_on_one_directory_see_each_others_files_and_share_one_bound(tmp_path):
+    (name,) = write_entry(tmp_path / "probe")
+    one = os.path.getsize(tmp_path / "probe" / name)
+    bound = 4 * one + one // 2
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path / "d", disk_bytes=bound)
+    tmp_path = tmp_path / "d"
+    # Another process writes while this one is open ...
+    run_python(WRITE_ENTRIES, [str(tmp_path), str(bound), "0", "3"])
+    toks = list(range(20)) + [1]
+    got, rest = lru.fetch_nearest_cache(MODEL, toks)
+    assert rest == []
+    assert_same(got, hybrid(toks))
+    assert lru.disk_size == 3
+    # ... and two at once: the directory keeps to the bound they share.
+    procs = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r})\n" + WRITE_ENTRIES,
+                               str(tmp_path), str(bound), str(a), str(a + 6)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a in (10, 20)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    # Was: each process kept its own four files.
+    sizes = [os.path.getsize(tmp_path / f) for f in entry_files(tmp_path)]
+    assert sum(sizes) <= bound and len(sizes) == 4
+    assert lru.disk_size == 4 and lru.disk_nbytes == sum(sizes)
+    assert lru.disk_errors == []

@@ -12,7 +12,6 @@
 #include <system_error>
 
 #include <fcntl.h>
-#include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -212,7 +211,7 @@ bool read_whole(const std::string& path, int64_t bytes, std::string& out) {
   return true;
 }
 
-// Live tiers, for flush_disk_tiers and fork().
+// Live tiers, for flush_disk_tiers.
 std::mutex registry_mutex;
 std::set<DiskTier*>& registry() {
   static std::set<DiskTier*> r;
@@ -220,37 +219,6 @@ std::set<DiskTier*>& registry() {
 }
 
 } // namespace
-
-// fork() while a tier is in use: its lock is taken around the fork, and a
-// child forgets the writer thread and the waiters it does not have (their
-// memory is left as it is: freeing it could take locks only the parent's
-// threads release).
-void fork_prepare() {
-  registry_mutex.lock();
-  for (DiskTier* t : registry()) {
-    t->mutex_.lock();
-  }
-}
-
-void fork_parent() {
-  for (DiskTier* t : registry()) {
-    t->mutex_.unlock();
-  }
-  registry_mutex.unlock();
-}
-
-void fork_child() {
-  for (DiskTier* t : registry()) {
-    (void)t->writer_.release();
-    new (&t->work_) std::condition_variable();
-    new (&t->idle_) std::condition_variable();
-    new (&t->queue_) std::deque<DiskTier::Job>();
-    t->queued_.clear();
-    t->busy_ = false;
-    t->mutex_.unlock();
-  }
-  registry_mutex.unlock();
-}
 
 void flush_disk_tiers() {
   std::lock_guard<std::mutex> lock(registry_mutex);
@@ -266,8 +234,6 @@ DiskTier::DiskTier(std::string dir, int64_t max_bytes) : dir_(std::move(dir)), m
     throw ValueError(kDisk, "a directory it can create or use", "'" + dir_ + "'");
   }
   scan();
-  static std::once_flag at_fork;
-  std::call_once(at_fork, [] { pthread_atfork(fork_prepare, fork_parent, fork_child); });
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().insert(this);
 }
@@ -280,20 +246,14 @@ DiskTier::~DiskTier() {
   close();
 }
 
-// Index the directory's entry files, oldest first; delete the files that
-// fail and the temporary files of writers that are gone.
+// Delete the temporary files of writers that are gone, then index the
+// directory.
 void DiskTier::scan() {
   std::error_code ec;
-  std::vector<std::pair<fs::file_time_type, std::string>> files;
   std::vector<std::string> dead;
   for (const auto& e : fs::directory_iterator(dir_, ec)) {
     const std::string name = e.path().filename().string();
-    if (!e.is_regular_file(ec)) {
-      continue;
-    }
-    if (is_entry_name(name)) {
-      files.emplace_back(e.last_write_time(ec), e.path().string());
-    } else if (dead_writer(name) != 0) {
+    if (e.is_regular_file(ec) && dead_writer(name) != 0) {
       dead.push_back(e.path().string());
     }
   }
@@ -302,19 +262,69 @@ void DiskTier::scan() {
     fs::remove(path, ec);
     note(file_name(path), "removed, left by a process that is gone");
   }
-  std::sort(files.begin(), files.end());
-  for (const auto& [_, path] : files) {
-    try {
-      index_file(path);
-    } catch (const CacheError& e) {
-      note(file_name(path), e.what());
-      fs::remove(path, ec);
+  sync();
+}
+
+void DiskTier::sync() {
+  struct stat st {};
+  if (::stat(dir_.c_str(), &st) != 0) {
+    return;
+  }
+  const int64_t stamp = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stamp == dir_stamp_) {
+      return;
+    }
+    dir_stamp_ = stamp;
+  }
+  std::error_code ec;
+  std::vector<std::pair<fs::file_time_type, std::string>> files;
+  std::set<std::string> listed;
+  for (const auto& e : fs::directory_iterator(dir_, ec)) {
+    if (is_entry_name(e.path().filename().string()) && e.is_regular_file(ec)) {
+      files.emplace_back(e.last_write_time(ec), e.path().string());
+      listed.insert(e.path().string());
     }
   }
-  while (bytes_ > max_bytes_ && !order_.empty()) {
-    Key k = order_.front();
-    remove(k.model, k.tokens, true);
+  std::sort(files.begin(), files.end()); // oldest first
+  std::vector<std::string> fresh;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<Key> gone;
+    std::set<std::string> known;
+    for (const Key& k : order_) {
+      const std::string& path = index_.get(k.model, k.tokens)->path;
+      if (listed.count(path)) {
+        known.insert(path);
+      } else {
+        gone.push_back(k);
+      }
+    }
+    for (const Key& k : gone) {
+      remove(k.model, k.tokens, false); // deleted by another process
+    }
+    for (const auto& [_, path] : files) {
+      if (!known.count(path)) {
+        fresh.push_back(path);
+      }
+    }
   }
+  for (const auto& path : fresh) {
+    try {
+      Found f = read_entry(path);
+      std::lock_guard<std::mutex> lock(mutex_);
+      add(std::move(f));
+    } catch (const CacheError& e) {
+      if (fs::exists(path, ec)) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        note(file_name(path), e.what());
+        fs::remove(path, ec);
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  evict();
 }
 
 int64_t DiskTier::nbytes() const {
@@ -438,12 +448,15 @@ void DiskTier::run() {
         note(file, std::string("not written: ") + e.what());
       }
     }
+    lock.unlock();
+    sync(); // other processes' files count toward max_bytes too
+    lock.lock();
     busy_ = false;
     idle_.notify_all();
   }
 }
 
-void DiskTier::index_file(const std::string& path) {
+DiskTier::Found DiskTier::read_entry(const std::string& path) {
   SafetensorsHeader h = read_safetensors_header(path);
   // The user metadata of mlx-lm 0.32's layout: keys "0.<key>".
   Metadata m;
@@ -455,27 +468,40 @@ void DiskTier::index_file(const std::string& path) {
   if (get(m, "kvcore.entry") != "1") {
     throw ValueError(kDisk, "kvcore.entry 1", "'" + get(m, "kvcore.entry").substr(0, 40) + "'");
   }
-  const std::string model = get(m, "kvcore.model");
-  Tokens tokens = parse_tokens(m);
+  Found f{get(m, "kvcore.model"), parse_tokens(m), {}};
   const std::string type = get(m, "kvcore.type");
   const auto& o = cache_type_order();
   if (std::find(o.begin(), o.end(), type) == o.end() && type != checkpoint_type()) {
     throw ValueError(kDisk, "a cache type", "'" + type.substr(0, 40) + "'");
   }
   const std::string name = file_name(path);
-  if (name.substr(0, 16) != hex(key_hash(model, tokens))) {
+  if (name.substr(0, 16) != hex(key_hash(f.model, f.tokens))) {
     throw ValueError(kDisk, "a file named for its model and tokens", "'" + name + "'");
   }
-  if (index_.get(model, tokens) != nullptr) {
+  f.entry = Entry{path, type, get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes)};
+  return f;
+}
+
+void DiskTier::add(Found f) {
+  if (const Entry* held = index_.get(f.model, f.tokens)) {
+    if (held->path == f.entry.path) {
+      return;
+    }
     // Two files of one entry (a copy, or another writer's version): the
     // newer replaces the older only if it passes its hash check.
-    check_hash(path, file_hash(path));
-    remove(model, tokens, true);
+    check_hash(f.entry.path, file_hash(f.entry.path));
+    remove(f.model, f.tokens, true);
   }
-  Entry e{path, type, get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes)};
-  bytes_ += e.bytes;
-  index_.add(model, tokens, std::move(e));
-  order_.push_back({model, std::move(tokens)});
+  bytes_ += f.entry.bytes;
+  index_.add(f.model, f.tokens, std::move(f.entry));
+  order_.push_back({std::move(f.model), std::move(f.tokens)});
+}
+
+void DiskTier::evict() {
+  while (bytes_ > max_bytes_ && !order_.empty()) {
+    Key k = order_.front();
+    remove(k.model, k.tokens, true);
+  }
 }
 
 Metadata DiskTier::metadata(
@@ -549,10 +575,7 @@ void DiskTier::commit(const Job& job, const std::string& written, const std::str
   bytes_ += bytes;
   index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes});
   order_.push_back({model, tokens});
-  while (bytes_ > max_bytes_ && !order_.empty()) {
-    Key k = order_.front();
-    remove(k.model, k.tokens, true);
-  }
+  evict();
 }
 
 std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const Tokens& tokens) {

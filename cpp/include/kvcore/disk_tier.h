@@ -22,7 +22,9 @@ namespace kvcore {
 /// checked format whose metadata names its model, tokens, cache type and
 /// whether it can be trimmed; its name is a hash of model and tokens and a
 /// 64-bit hash of the whole file. A directory is read at construction
-/// (headers only): files that do not parse or do not name an entry are
+/// (headers only) and again whenever it changed (sync(): several processes
+/// may share one directory, each seeing the others' files and bounding them
+/// all by `max_bytes`): files that do not parse or do not name an entry are
 /// refused, and so is a file that later fails its checks; a refused file is
 /// noted in errors() and deleted, never served. Files past `max_bytes` go
 /// oldest first. The hash catches truncated and altered files, not a forger
@@ -38,9 +40,7 @@ namespace kvcore {
 /// and flush_disk_tiers() wait for queued files. A file is written under a
 /// temporary name ".tmp-<host>-<pid>-<random>.safetensors", then renamed: a
 /// process killed first leaves only that, which the next tier opened on the
-/// directory deletes once no process of that pid is alive on this host. A
-/// process forked from one that holds a tier writes with a writer of its own
-/// (what the parent had queued is the parent's to write).
+/// directory deletes once no process of that pid is alive on this host.
 class DiskTier {
  public:
   struct Entry {
@@ -113,6 +113,12 @@ class DiskTier {
   /// its file.
   void refuse(const std::string& model, const Tokens& tokens, const std::string& why);
 
+  /// Index the files other processes wrote since the directory last
+  /// changed, unindex those they deleted, then delete the oldest past
+  /// max_bytes, whoever wrote them. The writer calls it after each file;
+  /// a stat of the directory when nothing changed.
+  void sync();
+
   /// Why files were refused, removed or not written, latest last (at most
   /// 64), one line each: "<file name>: <reason>".
   std::vector<std::string> errors() const;
@@ -128,22 +134,28 @@ class DiskTier {
     bool trimmable;
     PreparedFile file;
   };
+  struct Found {
+    std::string model;
+    Tokens tokens;
+    Entry entry;
+  };
   void scan();
-  void index_file(const std::string& path);
+  /// The entry a file's header names; throws ValueError.
+  static Found read_entry(const std::string& path);
+  void add(Found f); // lock held
+  void evict(); // down to max_bytes, oldest first; lock held
   bool has(const std::string& model, const Tokens& tokens) const; // on disk or queued; lock held
   void run();
   std::string create_temp() const;
   void commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes);
   void remove(const std::string& model, const Tokens& tokens, bool delete_file);
   void note(const std::string& file, const std::string& why);
-  friend void fork_prepare();
-  friend void fork_parent();
-  friend void fork_child();
 
   std::string dir_;
   int64_t max_bytes_;
   int64_t bytes_ = 0;
   int64_t written_ = 0;
+  int64_t dir_stamp_ = -1; // the directory's mtime when last synced
   PromptTrie<std::string, Entry> index_;
   std::deque<Key> order_; // oldest first
   std::deque<std::string> errors_;

@@ -122,6 +122,7 @@ class LRUPromptCache {
       return e.trimmable;
     });
     if (disk_ && !disk_->closed()) {
+      disk_->sync(); // files other processes wrote or deleted
       const std::string name = Ops::model_name(model);
       auto d = disk_->with_index([&](const PromptTrie<std::string, DiskTier::Entry>& index) {
         return nearest(index, name, tokens, [](const DiskTier::Entry& e) { return e.trimmable; });
@@ -234,14 +235,14 @@ class LRUPromptCache {
   std::string disk_dir() const {
     return disk_ ? disk_->dir() : std::string();
   }
-  /// Entries and bytes of the disk tier's files, once what is queued is
-  /// written.
+  /// Entries and bytes of the disk tier's files (other processes' too),
+  /// once what is queued is written.
   int64_t disk_size() const {
-    flush();
+    sync_disk();
     return disk_ ? disk_->size() : 0;
   }
   int64_t disk_nbytes() const {
-    flush();
+    sync_disk();
     return disk_ ? disk_->nbytes() : 0;
   }
   /// Why disk files were refused, removed or not written, latest last:
@@ -249,6 +250,13 @@ class LRUPromptCache {
   std::vector<std::string> disk_errors() const {
     flush();
     return disk_ ? disk_->errors() : std::vector<std::string>{};
+  }
+  /// flush(), then see what other processes did in the directory.
+  void sync_disk() const {
+    flush();
+    if (disk_ && !disk_->closed()) {
+      disk_->sync();
+    }
   }
   /// Wait until the disk tier has written every entry inserted so far.
   void flush() const {
