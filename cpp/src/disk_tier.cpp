@@ -6,6 +6,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -276,7 +277,11 @@ void DiskTier::sync() {
     if (stamp == dir_stamp_) {
       return;
     }
-    dir_stamp_ = stamp;
+    // A directory's mtime ticks coarsely: a change within the same tick
+    // after this listing would leave it as it is. Only an mtime a second
+    // old is trusted to mean "nothing since".
+    const bool settled = std::time(nullptr) - static_cast<int64_t>(st.st_mtim.tv_sec) > 1;
+    dir_stamp_ = settled ? stamp : -1;
   }
   std::error_code ec;
   std::vector<std::pair<fs::file_time_type, std::string>> files;
@@ -297,7 +302,7 @@ void DiskTier::sync() {
       const std::string& path = index_.get(k.model, k.tokens)->path;
       if (listed.count(path)) {
         known.insert(path);
-      } else {
+      } else if (!fs::exists(path, ec)) { // not one committed since the listing
         gone.push_back(k);
       }
     }
