@@ -13,6 +13,7 @@ import sys
 import threading
 
 import mlx.core as mx
+from conftest import run_in_threads
 import kvcore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +57,9 @@ def run_python(code, args=(), check=True):
 
 
 def write_entry(d, tokens=TOKENS, caches=None):
-    with kvcore.LRUPromptCache(disk_dir=d) as w:
-        w.insert_cache(MODEL, tokens, caches or hybrid(tokens))
+    w = kvcore.LRUPromptCache(disk_dir=d)
+    w.insert_cache(MODEL, tokens, caches or hybrid(tokens))
+    w.flush()
     return entry_files(d)
 
 
@@ -82,7 +84,7 @@ def tier_hash(*parts):
 
 def entry_name(model, tokens, data):
     key = tier_hash(repr(model).encode(), struct.pack(f"<{len(tokens)}q", *tokens))
-    whole = tier_hash(*[data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)])
+    whole = tier_hash(*[data[i:i + (1 << 20)] for i in range(0, len(data) + 1, 1 << 20)])  # 1 MB blocks, a short last
     return f"{key:016x}-{whole:016x}.safetensors"
 
 
@@ -102,6 +104,22 @@ def test_a_cache_loaded_on_one_thread_serves_another(tmp_path):
     assert rest == [] and len(lru) == 1
     assert_same(got, want)
     assert_same(loaded[0][0], want)
+
+
+def test_threads_fetching_a_cache_from_disk_at_once_all_get_it_whole(tmp_path):
+    # Was: wrong contents, IndexError: _Map_base::at, or a segmentation fault.
+    want = hybrid()
+    write_entry(tmp_path, caches=want)
+    for _ in range(3):
+        lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+
+        def fetch(i):
+            got, rest = lru.fetch_nearest_cache(MODEL, TOKENS)
+            mx.eval([c.state for c in got])
+            assert rest == []
+            assert_same(got, want)
+
+        assert run_in_threads(fetch) == []
 
 
 # --- fault 2: the bytes checked are the bytes served --------------------------
@@ -254,7 +272,7 @@ from test_disk_faults import hybrid
 lru = kvcore.LRUPromptCache(max_size=2, disk_dir=sys.argv[1])
 i = 0
 while True:
-    toks = list(range(20)) + [1000 + i]
+    toks = list(range(4000)) + [10000 + i]  # files of 2 MB: writes take a while
     lru.insert_cache(("model-a", None, None), toks, hybrid(toks))
     i += 1
 """
@@ -263,10 +281,10 @@ while True:
 def test_a_process_killed_at_any_moment_leaves_nothing_served_wrong(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r})\n" + WRITE_FOREVER,
                           str(tmp_path)])
-    try:
-        while len(entry_files(tmp_path)) < 3:
+    try:  # killed once it has written a few files and is writing another
+        while len(entry_files(tmp_path)) < 3 or not temp_files(tmp_path):
             assert p.poll() is None
-            threading.Event().wait(0.01)
+            threading.Event().wait(0.001)
     finally:
         p.kill()
         p.wait()
@@ -275,7 +293,7 @@ def test_a_process_killed_at_any_moment_leaves_nothing_served_wrong(tmp_path):
     n = lru.disk_size
     assert n >= 3
     for i in range(n):
-        toks = list(range(20)) + [1000 + i]
+        toks = list(range(4000)) + [10000 + i]
         got, rest = lru.fetch_nearest_cache(MODEL, toks)
         assert rest == []
         assert_same(got, hybrid(toks))
@@ -341,7 +359,7 @@ lru = kvcore.LRUPromptCache(max_size=1, disk_dir=sys.argv[1], disk_bytes=int(sys
 for i in range(int(sys.argv[3]), int(sys.argv[4])):
     toks = list(range(20)) + [i]
     lru.insert_cache(MODEL, toks, hybrid(toks))
-lru.close()
+lru.flush()
 """
 
 

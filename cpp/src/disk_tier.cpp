@@ -63,6 +63,19 @@ uint64_t key_hash(const std::string& model, const Tokens& tokens) {
   return h.h;
 }
 
+// A file's hash is taken over blocks of one size, whether streamed from
+// disk or over bytes in memory: a file always hashes the same.
+constexpr size_t kHashBlock = 1 << 20;
+
+uint64_t bytes_hash(const std::string& bytes) {
+  Hasher h;
+  for (size_t at = 0, n = kHashBlock; n == kHashBlock; at += n) { // a last, short block, maybe empty
+    n = std::min(kHashBlock, bytes.size() - at);
+    h.add(bytes.data() + at, n);
+  }
+  return h.h;
+}
+
 // The hash of a whole file, streamed.
 uint64_t file_hash(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -70,10 +83,9 @@ uint64_t file_hash(const std::string& path) {
     throw ValueError(kDisk, "a readable file", "'" + path + "'");
   }
   Hasher h;
-  std::vector<char> buf(1 << 20);
+  std::vector<char> buf(kHashBlock);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    // Blocks of one size: a file always hashes the same.
     h.add(buf.data(), static_cast<size_t>(in.gcount()));
   }
   return h.h;
@@ -598,9 +610,7 @@ std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const 
       }
       return std::nullopt;
     }
-    Hasher h;
-    h.add(bytes->data(), bytes->size());
-    check_hash(e->path, h.h);
+    check_hash(e->path, bytes_hash(*bytes));
     LoadedPromptCache loaded = load_prompt_cache_bytes(std::move(bytes));
     check_entry(loaded.metadata, model, tokens);
     return loaded;
