@@ -67,10 +67,6 @@ struct File {
   File& operator=(const File&) = delete;
 };
 
-} // namespace
-
-namespace {
-
 /// The length of the JSON header from a file's first 8 bytes, within the
 /// file's size and kMaxHeaderBytes.
 uint64_t header_length(const unsigned char* head, uint64_t size) {

@@ -65,7 +65,8 @@ namespace kvcore {
 /// file there (DiskTier, on a thread of its own: the insert prepares the
 /// file's arrays, the disk is not waited for), so entries outlive eviction
 /// and the process; a fetch that disk covers better than memory loads from
-/// it.
+/// it. Processes sharing one directory see each other's files (a fetch
+/// first syncs the tier). close() writes the queue and stops the writer.
 ///
 /// Prefill checkpoints (insert_checkpoint) are snapshots of caches that
 /// cannot be trimmed (a rotating window after it wraps, state-space
