@@ -269,10 +269,11 @@ def test_a_forged_file_that_fails_to_load_is_one_line_naming_it(tmp_path):
 WRITE_FOREVER = """
 import kvcore
 from test_disk_faults import hybrid
-lru = kvcore.LRUPromptCache(max_size=2, disk_dir=sys.argv[1])
+# Files of 2 MB (writes take a while), the oldest deleted past 8 of them.
+lru = kvcore.LRUPromptCache(max_size=2, disk_dir=sys.argv[1], disk_bytes=8 * 2_200_000)
 i = 0
 while True:
-    toks = list(range(4000)) + [10000 + i]  # files of 2 MB: writes take a while
+    toks = list(range(4000)) + [10000 + i]
     lru.insert_cache(("model-a", None, None), toks, hybrid(toks))
     i += 1
 """
@@ -290,13 +291,17 @@ def test_a_process_killed_at_any_moment_leaves_nothing_served_wrong(tmp_path):
         p.wait()
     lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
     assert temp_files(tmp_path) == []
-    n = lru.disk_size
-    assert n >= 3
-    for i in range(n):
+    assert lru.disk_size >= 3
+    found, i = 0, 0
+    while found < lru.disk_size and i < 100_000:  # every file on disk serves its own tokens
         toks = list(range(4000)) + [10000 + i]
         got, rest = lru.fetch_nearest_cache(MODEL, toks)
-        assert rest == []
-        assert_same(got, hybrid(toks))
+        if got is not None:
+            assert rest == []
+            assert_same(got, hybrid(toks))
+            found += 1
+        i += 1
+    assert found == lru.disk_size >= 3
     assert [e for e in lru.disk_errors if "gone" not in e] == []
 
 
