@@ -381,13 +381,21 @@ def test_processes_on_one_directory_see_each_others_files_and_share_one_bound(tm
     assert rest == []
     assert_same(got, hybrid(toks))
     assert lru.disk_size == 3
-    # ... and two at once: the directory keeps to the bound they share.
+    # ... and two at once, three of their entries the same: the directory
+    # keeps to the bound they share.
     procs = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r})\n" + WRITE_ENTRIES,
                                str(tmp_path), str(bound), str(a), str(a + 6)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a in (10, 20)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a in (10, 13)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     # Was: each process kept its own four files.
     sizes = [os.path.getsize(tmp_path / f) for f in entry_files(tmp_path)]
     assert sum(sizes) <= bound and len(sizes) == 4
     assert lru.disk_size == 4 and lru.disk_nbytes == sum(sizes)
+    assert lru.disk_errors == []
+    for i in range(10, 19):  # what is on disk is whole
+        toks = list(range(20)) + [i]
+        got, rest = lru.fetch_nearest_cache(MODEL, toks)
+        if got is not None:
+            assert rest == []
+            assert_same(got, hybrid(toks))
     assert lru.disk_errors == []
