@@ -22,13 +22,15 @@ TOKENS = list(range(20))
 
 
 def hybrid(tokens=TOKENS):
-    """A RotatingKVCache (wrapped past its window) beside a KVCache; each
-    position holds values of its token, as a model's would."""
+    """A RotatingKVCache past its window (a prefill, then a decoded token
+    into its ring) beside a KVCache; each position holds values of its
+    token, as a model's would."""
     n = len(tokens)
     k = mx.array(tokens, dtype=mx.float32).reshape(1, 1, n, 1) * mx.ones((1, 2, n, 16))
     r, kv = kvcore.RotatingKVCache(max_size=8), kvcore.KVCache()
-    r.update_and_fetch(k, -k)
-    kv.update_and_fetch(k + 1, -k - 1)
+    for part in (k[:, :, : n - 1], k[:, :, n - 1 :]):
+        r.update_and_fetch(part, -part)
+        kv.update_and_fetch(part + 1, -part - 1)
     mx.eval(r.state, kv.state)
     return [r, kv]
 
