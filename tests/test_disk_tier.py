@@ -60,9 +60,10 @@ def test_bad_files_are_skipped_with_a_reason(tmp_path):
         fh.truncate(200)
     open(os.path.join(tmp_path, "0" * 16 + "-" + "1" * 16 + ".safetensors"), "wb").write(b"garbage")
     lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
-    assert lru.disk_size == 3  # the truncated one and the garbage never indexed
-    assert len(lru.disk_errors) == 2
-    assert all(e.startswith("[load_prompt_cache]") for e in lru.disk_errors)
+    assert lru.disk_size == 3  # the truncated one and the garbage never indexed, and deleted
+    assert sorted(e.split(": [load_prompt_cache]")[0] for e in lru.disk_errors) == sorted(
+        os.path.basename(p) for p in (f[1], os.path.join(tmp_path, "0" * 16 + "-" + "1" * 16 + ".safetensors")))
+    assert len(files(tmp_path)) == 3
     served = []
     for i in range(4):
         toks = list(range(100)) + [200 + i]
@@ -72,8 +73,9 @@ def test_bad_files_are_skipped_with_a_reason(tmp_path):
             want = caches_for(kvcore.KVCache, toks)
             assert all(mx.array_equal(kv_of(a)[0], kv_of(b)[0]).item() for a, b in zip(got, want))
     assert len(served) == 2  # the two good files, bit for bit
-    assert "expected file contents hashing to" in lru.disk_errors[-1]
-    assert lru.disk_size == 2
+    assert lru.disk_errors[-1].startswith(os.path.basename(f[0]) + ": [LRUPromptCache disk tier] expected file "
+                                          "contents hashing to")
+    assert lru.disk_size == 2 and len(files(tmp_path)) == 2
 
 
 def test_another_models_file_under_this_models_name_is_refused(tmp_path):

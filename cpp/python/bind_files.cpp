@@ -68,8 +68,9 @@ nb::object wrap_as(nb::handle kvcore, std::shared_ptr<Cache>& c) {
   return make_instance<T>(kvcore.attr(c->name()), std::move(dynamic_cast<T&>(*c)));
 }
 
-/// A cache fresh from a file as an instance of its kvcore Python class.
-nb::object wrap(nb::handle kvcore, std::shared_ptr<Cache>& c) {
+} // namespace
+
+nb::object wrap_loaded(nb::handle kvcore, std::shared_ptr<Cache>& c) {
   std::string name = c->name();
   if (name == "KVCache") return wrap_as<KVCache>(kvcore, c);
   if (name == "ConcatenateKVCache") return wrap_as<ConcatenateKVCache>(kvcore, c);
@@ -90,12 +91,14 @@ nb::object wrap(nb::handle kvcore, std::shared_ptr<Cache>& c) {
     auto& list = dynamic_cast<CacheList&>(*c);
     nb::list members;
     for (auto m : list.caches()) {
-      members.append(wrap(kvcore, m));
+      members.append(wrap_loaded(kvcore, m));
     }
     return kvcore.attr("CacheList")(*nb::tuple(members));
   }
   throw ValueError("load_prompt_cache", "a cache class with a Python binding", name);
 }
+
+namespace {
 
 // save_prompt_cache's metadata: None or a mapping of str to str (what
 // mlx-lm documents; it also takes other trees of strings by accident, which
@@ -158,7 +161,7 @@ void bind_files(nb::module_& m) {
         nb::module_ kvcore = nb::module_::import_("kvcore");
         nb::list caches;
         for (auto& c : loaded.caches) {
-          caches.append(wrap(kvcore, c));
+          caches.append(wrap_loaded(kvcore, c));
         }
         return nb::make_tuple(caches, loaded.metadata,
                               layout == FileLayout::Current ? "mlx-lm 0.32"

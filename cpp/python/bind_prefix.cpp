@@ -138,10 +138,13 @@ struct PyOps {
     }
     return prepare_prompt_cache_states(layers, metadata);
   }
-  static nb::object load(const std::string& path, const std::string& model, const Tokens& tokens) {
-    nb::object got = nb::module_::import_("kvcore").attr("load_prompt_cache")(path, true);
-    DiskTier::check_entry(nb::cast<Metadata>(got[1]), model, tokens);
-    return got[0];
+  static nb::object from_file(LoadedPromptCache loaded) {
+    nb::module_ kvcore = nb::module_::import_("kvcore");
+    nb::list out;
+    for (auto& c : loaded.caches) {
+      out.append(wrap_loaded(kvcore, c));
+    }
+    return out;
   }
   static nb::object build(std::vector<LayerKV> layers, int offset, const nb::object* rest) {
     if (rest != nullptr) {
@@ -408,10 +411,31 @@ void bind_prefix(nb::module_& m) {
       .def_prop_ro("disk_nbytes", &PyLRU::disk_nbytes, nb::call_guard<nb::gil_scoped_release>(),
                    "Bytes of the disk tier's files (once queued files are written).")
       .def_prop_ro("disk_errors", &PyLRU::disk_errors, nb::call_guard<nb::gil_scoped_release>(),
-                   "Why files were skipped, refused or not written, latest last.")
+                   "Why files were refused, removed or not written, latest last: one line each, "
+                   "``\"<file name>: <reason>\"``.")
       .def("flush", &PyLRU::flush, nb::call_guard<nb::gil_scoped_release>(),
            "Wait until the disk tier has written every entry inserted so far (files are "
            "written on a thread of the disk tier's own).")
+      .def("close", &PyLRU::close, nb::call_guard<nb::gil_scoped_release>(),
+           R"pbdoc(
+             Write what is queued for the disk tier and stop its writer.
+
+             From then on the cache serves and stores in memory only.
+
+             Returns:
+                 int: How many files the disk tier wrote (0 without one);
+                 later calls return the same.
+           )pbdoc")
+      .def("__enter__", [](nb::handle self) { return nb::borrow(self); },
+           nb::sig("def __enter__(self) -> LRUPromptCache"))
+      .def("__exit__",
+           [](PyLRU& c, nb::handle, nb::handle, nb::handle) {
+             nb::gil_scoped_release release;
+             c.close();
+           },
+           "exc_type"_a.none(), "exc"_a.none(), "traceback"_a.none(),
+           nb::sig("def __exit__(self, exc_type: object, exc: object, traceback: object) -> None"),
+           "close().")
       .def_prop_ro("share", &PyLRU::share)
       .def("__len__", &PyLRU::size, "Entries, checkpoints not counted.")
       .def_prop_ro("n_checkpoints", &PyLRU::checkpoint_count, "Prefill checkpoints held.")

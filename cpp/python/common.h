@@ -257,6 +257,9 @@ std::optional<std::vector<int>> int_list(const char* ctx, const char* what, nb::
 /// An mlx array argument, refused with a typed error otherwise.
 mx::array array_arg(const char* ctx, const char* what, nb::handle h);
 
+/// A cache fresh from a file as an instance of its kvcore Python class.
+nb::object wrap_loaded(nb::handle kvcore, std::shared_ptr<Cache>& c);
+
 void register_errors(nb::module_& m);
 void bind_masks(nb::module_& m);
 void bind_kv(nb::module_& m);

@@ -1,13 +1,21 @@
 #include "kvcore/disk_tier.h"
 
 #include <algorithm>
-#include <atomic>
+#include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <system_error>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kvcore/errors.h"
 
@@ -55,6 +63,19 @@ uint64_t key_hash(const std::string& model, const Tokens& tokens) {
   return h.h;
 }
 
+// A file's hash is taken over blocks of one size, whether streamed from
+// disk or over bytes in memory: a file always hashes the same.
+constexpr size_t kHashBlock = 1 << 20;
+
+uint64_t bytes_hash(const std::string& bytes) {
+  Hasher h;
+  for (size_t at = 0, n = kHashBlock; n == kHashBlock; at += n) { // a last, short block, maybe empty
+    n = std::min(kHashBlock, bytes.size() - at);
+    h.add(bytes.data() + at, n);
+  }
+  return h.h;
+}
+
 // The hash of a whole file, streamed.
 uint64_t file_hash(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -62,10 +83,9 @@ uint64_t file_hash(const std::string& path) {
     throw ValueError(kDisk, "a readable file", "'" + path + "'");
   }
   Hasher h;
-  std::vector<char> buf(1 << 20);
+  std::vector<char> buf(kHashBlock);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    // Blocks of one size: a file always hashes the same.
     h.add(buf.data(), static_cast<size_t>(in.gcount()));
   }
   return h.h;
@@ -112,7 +132,97 @@ Tokens parse_tokens(const Metadata& m) {
   return out;
 }
 
-std::atomic<uint64_t> temp_counter{0};
+// An entry's file name: "<16 hex>-<16 hex>.safetensors".
+bool is_entry_name(const std::string& name) {
+  auto hex16 = [&](size_t at) {
+    return std::all_of(name.begin() + at, name.begin() + at + 16,
+                       [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; });
+  };
+  return name.size() == 45 && hex16(0) && name[16] == '-' && hex16(17) &&
+      name.compare(33, 12, ".safetensors") == 0;
+}
+
+std::string file_name(const std::string& path) {
+  return fs::path(path).filename().string();
+}
+
+// This host's name as a part of a temporary name (no '-').
+const std::string& host_tag() {
+  static const std::string tag = [] {
+    char buf[256] = {};
+    gethostname(buf, sizeof buf - 1);
+    std::string h = buf;
+    for (char& c : h) {
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_') {
+        c = '_';
+      }
+    }
+    return h.empty() ? std::string("_") : h;
+  }();
+  return tag;
+}
+
+// The pid of a temporary file ".tmp-<host>-<pid>-<random>.safetensors" of
+// this host whose process is gone; 0 otherwise.
+pid_t dead_writer(const std::string& name) {
+  const std::string head = ".tmp-", tail = ".safetensors";
+  if (name.size() <= head.size() + tail.size() || name.compare(0, head.size(), head) != 0 ||
+      name.compare(name.size() - tail.size(), tail.size(), tail) != 0) {
+    return 0;
+  }
+  const std::string mid = name.substr(head.size(), name.size() - head.size() - tail.size());
+  const size_t r = mid.rfind('-');
+  const size_t p = r == std::string::npos || r == 0 ? std::string::npos : mid.rfind('-', r - 1);
+  if (p == std::string::npos || mid.substr(0, p) != host_tag()) {
+    return 0;
+  }
+  long long pid = 0;
+  const char* first = mid.data() + p + 1;
+  auto [end, ec] = std::from_chars(first, mid.data() + r, pid);
+  if (ec != std::errc() || end != mid.data() + r || pid <= 0 || pid == getpid()) {
+    return 0;
+  }
+  const bool alive = ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM;
+  return alive ? 0 : static_cast<pid_t>(pid);
+}
+
+void check_hash(const std::string& path, uint64_t got) {
+  const std::string name = file_name(path);
+  if (name.compare(17, 16, hex(got)) != 0) {
+    throw ValueError(kDisk, "file contents hashing to " + name.substr(17, 16), hex(got));
+  }
+}
+
+// The whole file at `path`, which the index says is `bytes` long; false if
+// it is gone.
+bool read_whole(const std::string& path, int64_t bytes, std::string& out) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) {
+    if (errno == ENOENT) {
+      return false;
+    }
+    throw ValueError(kDisk, "a readable file", std::strerror(errno));
+  }
+  struct stat st {};
+  const bool sized = ::fstat(fd, &st) == 0;
+  if (!sized || st.st_size != bytes) {
+    ::close(fd);
+    throw ValueError(kDisk, std::to_string(bytes) + " bytes, as indexed",
+                     sized ? std::to_string(st.st_size) + " bytes" : std::string(std::strerror(errno)));
+  }
+  out.resize(static_cast<size_t>(bytes));
+  size_t at = 0;
+  while (at < out.size()) {
+    const ssize_t n = ::read(fd, out.data() + at, out.size() - at);
+    if (n <= 0) {
+      ::close(fd);
+      throw ValueError(kDisk, std::to_string(bytes) + " bytes", "a short read at " + std::to_string(at));
+    }
+    at += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  return true;
+}
 
 // Live tiers, for flush_disk_tiers.
 std::mutex registry_mutex;
@@ -130,19 +240,108 @@ void flush_disk_tiers() {
   }
 }
 
+DiskTier::DiskTier(std::string dir, int64_t max_bytes) : dir_(std::move(dir)), max_bytes_(max_bytes) {
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  if (!fs::is_directory(dir_, ec)) {
+    throw ValueError(kDisk, "a directory it can create or use", "'" + dir_ + "'");
+  }
+  scan();
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().insert(this);
+}
+
 DiskTier::~DiskTier() {
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
     registry().erase(this);
   }
+  close();
+}
+
+// Delete the temporary files of writers that are gone, then index the
+// directory.
+void DiskTier::scan() {
+  std::error_code ec;
+  std::vector<std::string> dead;
+  for (const auto& e : fs::directory_iterator(dir_, ec)) {
+    const std::string name = e.path().filename().string();
+    if (e.is_regular_file(ec) && dead_writer(name) != 0) {
+      dead.push_back(e.path().string());
+    }
+  }
+  std::sort(dead.begin(), dead.end());
+  for (const auto& path : dead) {
+    fs::remove(path, ec);
+    note(file_name(path), "removed, left by a process that is gone");
+  }
+  sync();
+}
+
+void DiskTier::sync() {
+  struct stat st {};
+  if (::stat(dir_.c_str(), &st) != 0) {
+    return;
+  }
+  const int64_t stamp = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    if (stamp == dir_stamp_) {
+      return;
+    }
+    // A directory's mtime ticks coarsely: a change within the same tick
+    // after this listing would leave it as it is. Only an mtime a second
+    // old is trusted to mean "nothing since".
+    const bool settled = std::time(nullptr) - static_cast<int64_t>(st.st_mtim.tv_sec) > 1;
+    dir_stamp_ = settled ? stamp : -1;
   }
-  work_.notify_all();
-  if (writer_.joinable()) {
-    writer_.join(); // after the queue is written
+  std::error_code ec;
+  std::vector<std::pair<fs::file_time_type, std::string>> files;
+  std::set<std::string> listed;
+  for (const auto& e : fs::directory_iterator(dir_, ec)) {
+    if (is_entry_name(e.path().filename().string()) && e.is_regular_file(ec)) {
+      files.emplace_back(e.last_write_time(ec), e.path().string());
+      listed.insert(e.path().string());
+    }
   }
+  std::sort(files.begin(), files.end()); // oldest first
+  std::vector<std::string> fresh;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<Key> gone;
+    std::set<std::string> known;
+    for (const Key& k : order_) {
+      const std::string& path = index_.get(k.model, k.tokens)->path;
+      if (listed.count(path)) {
+        known.insert(path);
+      } else if (!fs::exists(path, ec)) { // not one committed since the listing
+        gone.push_back(k);
+      }
+    }
+    for (const Key& k : gone) {
+      remove(k.model, k.tokens, false); // deleted by another process
+    }
+    for (const auto& [_, path] : files) {
+      if (!known.count(path)) {
+        fresh.push_back(path);
+      }
+    }
+  }
+  for (const auto& path : fresh) {
+    try {
+      Found f = read_entry(path);
+      std::lock_guard<std::mutex> lock(mutex_);
+      add(std::move(f));
+    } catch (const CacheError& e) {
+      if (fs::exists(path, ec)) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        note(file_name(path), e.what());
+        fs::remove(path, ec);
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  evict();
 }
 
 int64_t DiskTier::nbytes() const {
@@ -182,11 +381,11 @@ void DiskTier::write(
     bool trimmable,
     PreparedFile file) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (has(model, tokens)) {
+  if (closed_ || has(model, tokens)) {
     return;
   }
-  if (!writer_.joinable()) {
-    writer_ = std::thread([this] { run(); });
+  if (!writer_) {
+    writer_ = std::make_unique<std::thread>([this] { run(); });
   }
   queued_.insert(key_hash(model, tokens));
   queue_.push_back({{model, tokens}, type, trimmable, std::move(file)});
@@ -196,6 +395,28 @@ void DiskTier::write(
 void DiskTier::flush() {
   std::unique_lock<std::mutex> lock(mutex_);
   idle_.wait(lock, [this] { return queue_.empty() && !busy_; });
+}
+
+int64_t DiskTier::close() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (closed_) {
+    idle_.wait(lock, [this] { return queue_.empty() && !busy_; });
+    return written_;
+  }
+  closed_ = stop_ = true;
+  work_.notify_all();
+  std::unique_ptr<std::thread> writer = std::move(writer_);
+  lock.unlock();
+  if (writer) {
+    writer->join(); // after the queue is written
+  }
+  lock.lock();
+  return written_;
+}
+
+bool DiskTier::closed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closed_;
 }
 
 // The writer thread: each queued file to a temporary name, then indexed
@@ -211,10 +432,10 @@ void DiskTier::run() {
     queue_.pop_front();
     busy_ = true;
     lock.unlock();
-    const std::string tmp = temp_path();
-    std::string error, path;
+    std::string tmp, error, path;
     int64_t bytes = -1;
     try {
+      tmp = create_temp();
       write_prepared(tmp, std::move(job.file));
       // Named by model and tokens, and by a hash of the file as written.
       path = (fs::path(dir_) / (hex(key_hash(job.key.model, job.key.tokens)) + "-" +
@@ -227,54 +448,32 @@ void DiskTier::run() {
       }
     } catch (const std::exception& e) {
       error = e.what();
-      std::remove(tmp.c_str());
+      if (!tmp.empty()) {
+        std::remove(tmp.c_str());
+      }
     }
     lock.lock();
     queued_.erase(key_hash(job.key.model, job.key.tokens));
+    const std::string file =
+        tmp.empty() ? hex(key_hash(job.key.model, job.key.tokens)) + "-*.safetensors" : file_name(tmp);
     if (!error.empty()) {
-      note("not written: " + error);
+      note(file, "not written: " + error);
     } else {
       try {
         commit(job, tmp, path, bytes);
       } catch (const std::exception& e) {
-        note(std::string("not written: ") + e.what());
+        note(file, std::string("not written: ") + e.what());
       }
     }
+    lock.unlock();
+    sync(); // other processes' files count toward max_bytes too
+    lock.lock();
     busy_ = false;
     idle_.notify_all();
   }
 }
 
-DiskTier::DiskTier(std::string dir, int64_t max_bytes) : dir_(std::move(dir)), max_bytes_(max_bytes) {
-  std::error_code ec;
-  fs::create_directories(dir_, ec);
-  if (!fs::is_directory(dir_, ec)) {
-    throw ValueError(kDisk, "a directory it can create or use", "'" + dir_ + "'");
-  }
-  std::vector<std::pair<fs::file_time_type, std::string>> files;
-  for (const auto& e : fs::directory_iterator(dir_, ec)) {
-    const std::string name = e.path().filename().string();
-    if (e.is_regular_file(ec) && name.size() == 45 && name.compare(33, 12, ".safetensors") == 0) {
-      files.emplace_back(e.last_write_time(ec), e.path().string());
-    }
-  }
-  std::sort(files.begin(), files.end());
-  for (const auto& [_, path] : files) {
-    try {
-      index_file(path);
-    } catch (const CacheError& e) {
-      note(e.what());
-    }
-  }
-  while (bytes_ > max_bytes_ && !order_.empty()) {
-    Key k = order_.front();
-    remove(k.model, k.tokens, true);
-  }
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  registry().insert(this);
-}
-
-void DiskTier::index_file(const std::string& path) {
+DiskTier::Found DiskTier::read_entry(const std::string& path) {
   SafetensorsHeader h = read_safetensors_header(path);
   // The user metadata of mlx-lm 0.32's layout: keys "0.<key>".
   Metadata m;
@@ -286,24 +485,40 @@ void DiskTier::index_file(const std::string& path) {
   if (get(m, "kvcore.entry") != "1") {
     throw ValueError(kDisk, "kvcore.entry 1", "'" + get(m, "kvcore.entry").substr(0, 40) + "'");
   }
-  const std::string model = get(m, "kvcore.model");
-  Tokens tokens = parse_tokens(m);
+  Found f{get(m, "kvcore.model"), parse_tokens(m), {}};
   const std::string type = get(m, "kvcore.type");
   const auto& o = cache_type_order();
   if (std::find(o.begin(), o.end(), type) == o.end() && type != checkpoint_type()) {
     throw ValueError(kDisk, "a cache type", "'" + type.substr(0, 40) + "'");
   }
-  const std::string name = fs::path(path).filename().string();
-  if (name.substr(0, 16) != hex(key_hash(model, tokens))) {
+  const std::string name = file_name(path);
+  if (name.substr(0, 16) != hex(key_hash(f.model, f.tokens))) {
     throw ValueError(kDisk, "a file named for its model and tokens", "'" + name + "'");
   }
-  if (contains(model, tokens)) {
-    remove(model, tokens, true); // an older file of the same entry
+  f.entry = Entry{path, type, get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes)};
+  return f;
+}
+
+void DiskTier::add(Found f) {
+  if (const Entry* held = index_.get(f.model, f.tokens)) {
+    if (held->path == f.entry.path) {
+      return;
+    }
+    // Two files of one entry (a copy, or another writer's version): the
+    // newer replaces the older only if it passes its hash check.
+    check_hash(f.entry.path, file_hash(f.entry.path));
+    remove(f.model, f.tokens, true);
   }
-  Entry e{path, type, get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes)};
-  bytes_ += e.bytes;
-  index_.add(model, tokens, std::move(e));
-  order_.push_back({model, std::move(tokens)});
+  bytes_ += f.entry.bytes;
+  index_.add(f.model, f.tokens, std::move(f.entry));
+  order_.push_back({std::move(f.model), std::move(f.tokens)});
+}
+
+void DiskTier::evict() {
+  while (bytes_ > max_bytes_ && !order_.empty()) {
+    Key k = order_.front();
+    remove(k.model, k.tokens, true);
+  }
 }
 
 Metadata DiskTier::metadata(
@@ -337,10 +552,24 @@ void DiskTier::check_entry(const Metadata& m, const std::string& model, const To
   }
 }
 
-std::string DiskTier::temp_path() const {
-  return (fs::path(dir_) / (".tmp-" + hex(reinterpret_cast<uintptr_t>(this)) + "-" +
-                            std::to_string(temp_counter++) + ".safetensors"))
-      .string();
+// A new, empty temporary file of this process, named so that no other
+// process (forked, or run with the same addresses) picks the same name.
+std::string DiskTier::create_temp() const {
+  std::random_device random;
+  for (int attempt = 0;; ++attempt) {
+    const uint64_t token = (static_cast<uint64_t>(random()) << 32) ^ random();
+    const std::string path = (fs::path(dir_) / (".tmp-" + host_tag() + "-" + std::to_string(getpid()) +
+                                                "-" + hex(token) + ".safetensors"))
+                                 .string();
+    const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY, 0644);
+    if (fd >= 0) {
+      ::close(fd);
+      return path;
+    }
+    if (errno != EEXIST || attempt == 8) {
+      throw ValueError(kDisk, "a temporary file it can create", std::string(std::strerror(errno)));
+    }
+  }
 }
 
 void DiskTier::commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes) {
@@ -357,35 +586,45 @@ void DiskTier::commit(const Job& job, const std::string& written, const std::str
   fs::rename(written, path, ec);
   if (ec) {
     fs::remove(written, ec);
-    throw ValueError(kDisk, "a file it can rename", "'" + written + "'");
+    throw ValueError(kDisk, "a file it can rename", ec.message());
   }
+  ++written_;
   bytes_ += bytes;
   index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes});
   order_.push_back({model, tokens});
-  while (bytes_ > max_bytes_ && !order_.empty()) {
-    Key k = order_.front();
-    remove(k.model, k.tokens, true);
-  }
+  evict();
 }
 
-std::string DiskTier::checked_path(const std::string& model, const Tokens& tokens) const {
+std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const Tokens& tokens) {
   const std::optional<Entry> e = entry(model, tokens);
   if (!e) {
-    throw ValueError(kDisk, "an indexed entry", "none");
+    return std::nullopt;
   }
-  const std::string path = e->path;
-  const std::string name = fs::path(path).filename().string();
-  const std::string got = hex(file_hash(path));
-  if (name.compare(17, 16, got) != 0) {
-    throw ValueError(kDisk, "file contents hashing to " + name.substr(17, 16), got + " in '" + path + "'");
+  auto bytes = std::make_shared<std::string>();
+  try {
+    if (!read_whole(e->path, e->bytes, *bytes)) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const Entry* now = index_.get(model, tokens);
+      if (now != nullptr && now->path == e->path) {
+        remove(model, tokens, false); // another process deleted it: a miss
+      }
+      return std::nullopt;
+    }
+    check_hash(e->path, bytes_hash(*bytes));
+    LoadedPromptCache loaded = load_prompt_cache_bytes(std::move(bytes));
+    check_entry(loaded.metadata, model, tokens);
+    return loaded;
+  } catch (const std::exception& ex) {
+    refuse(model, tokens, ex.what());
+    return std::nullopt;
   }
-  return path;
 }
 
 void DiskTier::refuse(const std::string& model, const Tokens& tokens, const std::string& why) {
   std::lock_guard<std::mutex> lock(mutex_);
-  note(why);
-  remove(model, tokens, false);
+  const Entry* e = index_.get(model, tokens);
+  note(e != nullptr ? file_name(e->path) : hex(key_hash(model, tokens)) + "-*.safetensors", why);
+  remove(model, tokens, true);
 }
 
 void DiskTier::remove(const std::string& model, const Tokens& tokens, bool delete_file) {
@@ -405,8 +644,8 @@ void DiskTier::remove(const std::string& model, const Tokens& tokens, bool delet
   }
 }
 
-void DiskTier::note(std::string why) {
-  errors_.push_back(std::move(why));
+void DiskTier::note(const std::string& file, const std::string& why) {
+  errors_.push_back(file + ": " + why.substr(0, why.find('\n')));
   if (errors_.size() > kMaxErrors) {
     errors_.pop_front();
   }

@@ -7,11 +7,14 @@
 #include <cstring>
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <unordered_map>
 
 #include <mlx/io.h>
+#include <mlx/io/load.h>
 #include <mlx/transforms.h>
 #include <mlx/ops.h>
 
@@ -64,6 +67,23 @@ struct File {
   File& operator=(const File&) = delete;
 };
 
+/// The length of the JSON header from a file's first 8 bytes, within the
+/// file's size and kMaxHeaderBytes.
+uint64_t header_length(const unsigned char* head, uint64_t size) {
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) {
+    n = (n << 8) | head[i];
+  }
+  uint64_t limit = std::min(size - 8, kMaxHeaderBytes);
+  if (n > limit) {
+    throw ValueError(kLoad, "a header of at most " + std::to_string(limit) + " bytes",
+                     "a header length of " + std::to_string(n));
+  }
+  return n;
+}
+
+SafetensorsHeader parse_header(const std::string& raw, uint64_t size);
+
 } // namespace
 
 SafetensorsHeader read_safetensors_header(const std::string& path) {
@@ -81,19 +101,27 @@ SafetensorsHeader read_safetensors_header(const std::string& path) {
   if (size < 8 || std::fread(head, 1, 8, file.f) != 8) {
     throw ValueError(kLoad, "a safetensors file (8-byte header length)", std::to_string(size) + " bytes");
   }
-  uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) {
-    n = (n << 8) | head[i];
-  }
-  uint64_t limit = std::min(size - 8, kMaxHeaderBytes);
-  if (n > limit) {
-    throw ValueError(kLoad, "a header of at most " + std::to_string(limit) + " bytes",
-                     "a header length of " + std::to_string(n));
-  }
+  const uint64_t n = header_length(head, size);
   std::string raw(n, '\0');
   if (n > 0 && std::fread(raw.data(), 1, n, file.f) != n) {
     throw ValueError(kLoad, "a header of " + std::to_string(n) + " bytes", "a short read");
   }
+  return parse_header(raw, size);
+}
+
+SafetensorsHeader parse_safetensors_header(const std::string& bytes) {
+  const uint64_t size = bytes.size();
+  if (size < 8) {
+    throw ValueError(kLoad, "a safetensors file (8-byte header length)", std::to_string(size) + " bytes");
+  }
+  const uint64_t n = header_length(reinterpret_cast<const unsigned char*>(bytes.data()), size);
+  return parse_header(bytes.substr(8, n), size);
+}
+
+namespace {
+
+SafetensorsHeader parse_header(const std::string& raw, uint64_t size) {
+  const uint64_t n = raw.size();
   json::Value doc = json::parse(raw, kLoad);
   if (!doc.is_object()) {
     throw ValueError(kLoad, "a JSON object as header", doc.kind());
@@ -191,8 +219,6 @@ SafetensorsHeader read_safetensors_header(const std::string& path) {
   }
   return out;
 }
-
-namespace {
 
 // --- paths to trees ----------------------------------------------------------
 
@@ -700,12 +726,15 @@ void save_prompt_cache(const std::string& path, const PromptCache& caches, const
   write_prepared(path, prepare_prompt_cache(caches, metadata));
 }
 
-PromptCacheStates load_prompt_cache_states(const std::string& path) {
-  SafetensorsHeader header = read_safetensors_header(path);
+namespace {
+
+/// The states of a file whose header was checked, from mlx's reading of it.
+PromptCacheStates states_of(
+    const SafetensorsHeader& header,
+    const std::function<std::unordered_map<std::string, mx::array>()>& read) {
   std::map<std::string, StateValue> arrays;
   try {
-    auto [loaded, meta] = mx::load_safetensors(path);
-    for (auto& [name, a] : loaded) {
+    for (auto& [name, a] : read()) {
       arrays.emplace(name, std::move(a));
     }
   } catch (const CacheError&) {
@@ -718,6 +747,82 @@ PromptCacheStates load_prompt_cache_states(const std::string& path) {
   auto marker = meta.find("2.0");
   bool current = marker != meta.end() && marker->second.empty();
   return current ? load_current(std::move(arrays), meta) : load_meta_state(std::move(arrays), meta);
+}
+
+/// mlx's reader over bytes in memory.
+class BytesReader : public mx::io::Reader {
+ public:
+  explicit BytesReader(std::shared_ptr<const std::string> bytes) : bytes_(std::move(bytes)) {}
+  bool is_open() const override {
+    return true;
+  }
+  bool good() const override {
+    return at_ <= bytes_->size();
+  }
+  size_t tell() override {
+    return at_;
+  }
+  void seek(int64_t off, std::ios_base::seekdir way) override {
+    const int64_t base = way == std::ios_base::beg ? 0
+        : way == std::ios_base::end                ? static_cast<int64_t>(bytes_->size())
+                                                   : static_cast<int64_t>(at_);
+    at_ = static_cast<size_t>(std::max<int64_t>(0, base + off));
+  }
+  void read(char* data, size_t n) override {
+    read(data, n, at_);
+    at_ += n;
+  }
+  void read(char* data, size_t n, size_t offset) override {
+    if (offset > bytes_->size() || n > bytes_->size() - offset) {
+      throw ValueError(kLoad, std::to_string(n) + " bytes at " + std::to_string(offset),
+                       "a file of " + std::to_string(bytes_->size()));
+    }
+    std::memcpy(data, bytes_->data() + offset, n);
+  }
+  std::string label() const override {
+    return "bytes in memory";
+  }
+
+ private:
+  std::shared_ptr<const std::string> bytes_;
+  size_t at_ = 0;
+};
+
+void collect_arrays(const StateValue& v, std::vector<mx::array>& out) {
+  if (v.is_array()) {
+    out.push_back(v.as_array());
+  } else if (v.is_list()) {
+    for (const auto& x : v.as_list()) {
+      collect_arrays(x, out);
+    }
+  }
+}
+
+} // namespace
+
+PromptCacheStates load_prompt_cache_states(const std::string& path) {
+  SafetensorsHeader header = read_safetensors_header(path);
+  return states_of(header, [&] { return mx::load_safetensors(path).first; });
+}
+
+LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> bytes) {
+  SafetensorsHeader header = parse_safetensors_header(*bytes);
+  PromptCacheStates states = states_of(header, [&] {
+    return mx::load_safetensors(std::make_shared<BytesReader>(bytes)).first;
+  });
+  LoadedPromptCache out;
+  std::vector<mx::array> arrays;
+  for (const auto& layer : states.layers) {
+    out.caches.push_back(cache_from_state(layer.name, layer.state));
+    collect_arrays(cache_state(*out.caches.back()), arrays);
+  }
+  try {
+    mx::eval(arrays);
+  } catch (const std::exception& e) {
+    throw ValueError(kLoad, "a readable safetensors file", std::string("mlx: ") + e.what());
+  }
+  out.metadata = std::move(states.metadata);
+  return out;
 }
 
 LoadedPromptCache load_prompt_cache(const std::string& path) {

@@ -123,9 +123,7 @@ PreparedFile PromptCacheOps::prepare(const PromptCache& caches, const Metadata& 
   return prepare_prompt_cache(caches, metadata);
 }
 
-PromptCache PromptCacheOps::load(const std::string& path, const std::string& model, const Tokens& tokens) {
-  LoadedPromptCache loaded = load_prompt_cache(path);
-  DiskTier::check_entry(loaded.metadata, model, tokens);
+PromptCache PromptCacheOps::from_file(LoadedPromptCache loaded) {
   return std::move(loaded.caches);
 }
 

@@ -1,4 +1,5 @@
-// A seeded mutation fuzzer of load_prompt_cache. Valid prompt-cache files
+// A seeded mutation fuzzer of load_prompt_cache (and of
+// load_prompt_cache_bytes, which must agree with it). Valid prompt-cache files
 // (kvcore's own, of every class, and some of mlx-lm's) are mutated byte by
 // byte and through their JSON header; loading each must give caches or a
 // kvcore::CacheError, never another exception or a crash. What loads is
@@ -16,6 +17,8 @@
 #include <climits>
 #include <cstring>
 #include <iostream>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -377,20 +380,42 @@ void run_one(const std::string& bytes, const std::string& dir, uint64_t seed, in
   auto path = dir + "/fuzz.safetensors";
   kvtest::write_bytes(path, bytes);
   LoadedPromptCache loaded;
+  // The same bytes loaded from memory (the disk tier's way) must give the
+  // same outcome: the same error, or the same caches.
+  g_stage = "load_prompt_cache_bytes";
+  std::optional<LoadedPromptCache> in_memory;
+  std::string memory_error;
+  try {
+    in_memory = load_prompt_cache_bytes(std::make_shared<const std::string>(bytes));
+  } catch (const CacheError& e) {
+    memory_error = e.what();
+  }
   g_stage = "load_prompt_cache";
   try {
     loaded = load_prompt_cache(path);
-  } catch (const CacheError&) {
+  } catch (const CacheError& e) {
     ++n.load_errors;
+    if (in_memory || memory_error != e.what()) {
+      throw Failure{"from memory: " + (in_memory ? std::string("loaded") : memory_error) +
+                    "; from the file: " + e.what()};
+    }
     return;
   }
   ++n.loaded;
+  if (!in_memory) {
+    throw Failure{"loads from the file but not from memory: " + memory_error};
+  }
   StateValue::List states;
   g_stage = "cache_state and eval";
   for (auto& c : loaded.caches) {
     auto s = cache_state(*c);
     eval_all(s);
     states.push_back(s);
+  }
+  std::string differs;
+  if (in_memory->metadata != loaded.metadata ||
+      !kvtest::same_state(StateValue(states), kvtest::states_of(in_memory->caches), &differs)) {
+    throw Failure{"loaded from memory differently from the file " + differs};
   }
   for (auto& c : loaded.caches) exercise(*c, n, seed * 7919 + i);
   // What loaded saves, and loads again the same.

@@ -120,15 +120,23 @@ TEST(lru_disk_tier_survives_a_restart) {
     lru.insert_cache("m", a, token_layers(a));
     lru.insert_cache("m", b, token_layers(b));
     CHECK_EQ(lru.size(), 1);
+    CHECK_EQ(lru.close(), 2);
     CHECK_EQ(lru.disk_size(), 2);
+    lru.insert_cache("m", {7, 7}, token_layers({7, 7})); // closed: memory only
+    CHECK_EQ(lru.close(), 2);
   }
   PromptCacheLRU lru(4, PromptCacheLRU::kUnlimited, true, dir);
   CHECK_EQ(lru.disk_size(), 2);
   auto [c, rest] = lru.fetch_nearest_cache("m", a);
   CHECK(c.has_value() && rest.empty());
   CHECK_EQ(offset_of(*c), 5);
+  // Loaded, checked and evaluated on this thread: nothing lazy is kept.
+  const auto& kv = dynamic_cast<const KVCache&>(*(*c)[0]);
+  CHECK(kv.keys()->is_available() && kv.values()->is_available());
   auto [none, all] = lru.fetch_nearest_cache("other", a);
   CHECK(!none.has_value());
+  CHECK(lru.disk_errors().empty());
+  CHECK_EQ(lru.close(), 0);
   std::filesystem::remove_all(dir);
 }
 

@@ -1378,12 +1378,30 @@ class LRUPromptCache:
 
     @property
     def disk_errors(self) -> list[str]:
-        """Why files were skipped, refused or not written, latest last."""
+        """
+        Why files were refused, removed or not written, latest last: one line each, ``"<file name>: <reason>"``.
+        """
 
     def flush(self) -> None:
         """
         Wait until the disk tier has written every entry inserted so far (files are written on a thread of the disk tier's own).
         """
+
+    def close(self) -> int:
+        """
+        Write what is queued for the disk tier and stop its writer.
+
+        From then on the cache serves and stores in memory only.
+
+        Returns:
+            int: How many files the disk tier wrote (0 without one);
+            later calls return the same.
+        """
+
+    def __enter__(self) -> LRUPromptCache: ...
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        """close()."""
 
     @property
     def share(self) -> bool: ...

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -20,18 +21,26 @@ namespace kvcore {
 /// The files of a disk tier. Each entry is a prompt-cache file in kvcore's
 /// checked format whose metadata names its model, tokens, cache type and
 /// whether it can be trimmed; its name is a hash of model and tokens and a
-/// 64-bit hash of the whole file, checked before the file is loaded. A
-/// directory is read at construction (headers only); files that do not
-/// parse or do not name an entry are skipped, and so is a file that later
-/// fails its check: it is never served. Files past `max_bytes` go oldest
-/// first. The hash catches truncated and altered files, not a forger who
-/// recomputes it: whoever can write the directory is trusted that far.
+/// 64-bit hash of the whole file. A directory is read at construction
+/// (headers only) and again whenever it changed (sync(): several processes
+/// may share one directory, each seeing the others' files and bounding them
+/// all by `max_bytes`): files that do not parse or do not name an entry are
+/// refused, and so is a file that later fails its checks; a refused file is
+/// noted in errors() and deleted, never served. Files past `max_bytes` go
+/// oldest first. The hash catches truncated and altered files, not a forger
+/// who recomputes it: whoever can write the directory is trusted that far.
+///
+/// A load reads the file into memory once, hashes those bytes and parses
+/// the caches from them, evaluated on the loading thread: what was checked
+/// is what is served, and it refers to no file and no thread's stream.
 ///
 /// Files are written by a thread of the tier's own (write() queues them),
 /// so a caller pays for preparing a file's arrays, not for the disk. Every
-/// call may come from any thread (one internal lock). Destruction, and
-/// flush_disk_tiers(), wait for queued files; a process killed first loses
-/// them (and leaves a ".tmp-" file, which is never indexed).
+/// call may come from any thread (one internal lock). close(), destruction
+/// and flush_disk_tiers() wait for queued files. A file is written under a
+/// temporary name ".tmp-<host>-<pid>-<random>.safetensors", then renamed: a
+/// process killed first leaves only that, which the next tier opened on the
+/// directory deletes once no process of that pid is alive on this host.
 class DiskTier {
  public:
   struct Entry {
@@ -53,7 +62,7 @@ class DiskTier {
   int64_t max_bytes() const {
     return max_bytes_;
   }
-  /// Bytes and entries of the files written so far.
+  /// Bytes and entries of the files indexed.
   int64_t nbytes() const;
   int64_t size() const;
   /// fn(index) under the tier's lock; the index maps model name and tokens
@@ -80,8 +89,8 @@ class DiskTier {
 
   /// Queue an entry's file (prepare_prompt_cache*) to be written, then
   /// indexed, deleting the oldest files past max_bytes (a file larger than
-  /// max_bytes is not kept). Nothing if the entry is on disk or queued. A
-  /// write that fails is noted in errors().
+  /// max_bytes is not kept). Nothing if the entry is on disk or queued, or
+  /// the tier is closed. A write that fails is noted in errors().
   void write(
       const std::string& model,
       const Tokens& tokens,
@@ -90,14 +99,28 @@ class DiskTier {
       PreparedFile file);
   /// Wait until every queued file is written or refused.
   void flush();
+  /// Write what is queued, stop the writer and write nothing more; returns
+  /// how many files this tier wrote. Later calls return the same.
+  int64_t close();
+  bool closed() const;
 
-  /// The path of the entry at (model, tokens) once its file passes its
-  /// hash check; ValueError otherwise (the caller refuse()s it).
-  std::string checked_path(const std::string& model, const Tokens& tokens) const;
-  /// Take an entry out of the index (its file failed to load), noting why.
+  /// The caches of the entry at (model, tokens), checked (see above) and
+  /// evaluated. nullopt when it is not indexed, when its file is gone
+  /// (another process deleted it: a miss), or when it fails a check (then
+  /// it is refused: noted, unindexed and deleted).
+  std::optional<LoadedPromptCache> load(const std::string& model, const Tokens& tokens);
+  /// Refuse the entry at (model, tokens): note why, unindex it and delete
+  /// its file.
   void refuse(const std::string& model, const Tokens& tokens, const std::string& why);
 
-  /// Why files were skipped, refused or not written, latest last (at most 64).
+  /// Index the files other processes wrote since the directory last
+  /// changed, unindex those they deleted, then delete the oldest past
+  /// max_bytes, whoever wrote them. The writer calls it after each file;
+  /// a stat of the directory when nothing changed.
+  void sync();
+
+  /// Why files were refused, removed or not written, latest last (at most
+  /// 64), one line each: "<file name>: <reason>".
   std::vector<std::string> errors() const;
 
  private:
@@ -111,17 +134,28 @@ class DiskTier {
     bool trimmable;
     PreparedFile file;
   };
-  void index_file(const std::string& path);
+  struct Found {
+    std::string model;
+    Tokens tokens;
+    Entry entry;
+  };
+  void scan();
+  /// The entry a file's header names; throws ValueError.
+  static Found read_entry(const std::string& path);
+  void add(Found f); // lock held
+  void evict(); // down to max_bytes, oldest first; lock held
   bool has(const std::string& model, const Tokens& tokens) const; // on disk or queued; lock held
   void run();
-  std::string temp_path() const;
+  std::string create_temp() const;
   void commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes);
   void remove(const std::string& model, const Tokens& tokens, bool delete_file);
-  void note(std::string why);
+  void note(const std::string& file, const std::string& why);
 
   std::string dir_;
   int64_t max_bytes_;
   int64_t bytes_ = 0;
+  int64_t written_ = 0;
+  int64_t dir_stamp_ = -1; // the directory's mtime when last synced
   PromptTrie<std::string, Entry> index_;
   std::deque<Key> order_; // oldest first
   std::deque<std::string> errors_;
@@ -131,7 +165,8 @@ class DiskTier {
   std::set<uint64_t> queued_; // hashes of queued keys
   bool busy_ = false;
   bool stop_ = false;
-  std::thread writer_; // started by the first write()
+  bool closed_ = false;
+  std::unique_ptr<std::thread> writer_; // started by the first write()
 };
 
 /// Wait until every live DiskTier has written what is queued (Python calls

@@ -54,6 +54,11 @@ struct LoadedPromptCache {
 /// malformed file; see the top of this header for what is checked.
 LoadedPromptCache load_prompt_cache(const std::string& path);
 
+/// load_prompt_cache from a file's bytes in memory: every array is read
+/// from `bytes` and the caches are evaluated on the calling thread before
+/// this returns, so nothing refers to a file or to this thread's stream.
+LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> bytes);
+
 // The layer below, for callers whose caches are not C++ objects (the
 // Python package saves Python caches' states through it).
 
@@ -112,5 +117,7 @@ struct SafetensorsHeader {
 
 /// The checked safetensors header of `path`; reads nothing past it.
 SafetensorsHeader read_safetensors_header(const std::string& path);
+/// The checked safetensors header of a whole file's bytes.
+SafetensorsHeader parse_safetensors_header(const std::string& bytes);
 
 } // namespace kvcore

@@ -39,12 +39,11 @@ namespace kvcore {
 ///   // ... and fresh caches from those arrays: plain KVCaches, or a copy of
 ///   // `rest` with its empty KVCaches filled in order.
 ///   static Caches build(std::vector<LayerKV> layers, int offset, const Caches* rest);
-///   // For the disk tier: a stable name of the model, and the caches to
-///   // and from a prompt-cache file (load checks that the file's metadata
-///   // names `model` and `tokens`, throwing otherwise).
+///   // For the disk tier: a stable name of the model, the caches to a
+///   // prompt-cache file, and the caches of a file the tier loaded.
 ///   static std::string model_name(const Model&);
 ///   static PreparedFile prepare(const Caches&, const Metadata&);
-///   static Caches load(const std::string& path, const std::string& model, const Tokens& tokens);
+///   static Caches from_file(LoadedPromptCache loaded);
 /// and `Mutex` serializes every call (lock()/unlock()), so any calls may
 /// run concurrently from several threads.
 ///
@@ -66,7 +65,8 @@ namespace kvcore {
 /// file there (DiskTier, on a thread of its own: the insert prepares the
 /// file's arrays, the disk is not waited for), so entries outlive eviction
 /// and the process; a fetch that disk covers better than memory loads from
-/// it.
+/// it. Processes sharing one directory see each other's files (a fetch
+/// first syncs the tier). close() writes the queue and stops the writer.
 ///
 /// Prefill checkpoints (insert_checkpoint) are snapshots of caches that
 /// cannot be trimmed (a rotating window after it wraps, state-space
@@ -122,7 +122,8 @@ class LRUPromptCache {
     auto m = nearest(trie_, model, tokens, [](const Entry& e) {
       return e.trimmable;
     });
-    if (disk_) {
+    if (disk_ && !disk_->closed()) {
+      disk_->sync(); // files other processes wrote or deleted
       const std::string name = Ops::model_name(model);
       auto d = disk_->with_index([&](const PromptTrie<std::string, DiskTier::Entry>& index) {
         return nearest(index, name, tokens, [](const DiskTier::Entry& e) { return e.trimmable; });
@@ -235,26 +236,40 @@ class LRUPromptCache {
   std::string disk_dir() const {
     return disk_ ? disk_->dir() : std::string();
   }
-  /// Entries and bytes of the disk tier's files, once what is queued is
-  /// written.
+  /// Entries and bytes of the disk tier's files (other processes' too),
+  /// once what is queued is written.
   int64_t disk_size() const {
-    flush();
+    sync_disk();
     return disk_ ? disk_->size() : 0;
   }
   int64_t disk_nbytes() const {
-    flush();
+    sync_disk();
     return disk_ ? disk_->nbytes() : 0;
   }
-  /// Why disk files were skipped, refused or not written, latest last.
+  /// Why disk files were refused, removed or not written, latest last:
+  /// "<file name>: <reason>" each.
   std::vector<std::string> disk_errors() const {
     flush();
     return disk_ ? disk_->errors() : std::vector<std::string>{};
+  }
+  /// flush(), then see what other processes did in the directory.
+  void sync_disk() const {
+    flush();
+    if (disk_ && !disk_->closed()) {
+      disk_->sync();
+    }
   }
   /// Wait until the disk tier has written every entry inserted so far.
   void flush() const {
     if (disk_) {
       disk_->flush();
     }
+  }
+  /// Write what is queued for disk and stop the disk tier's writer; from
+  /// then on only memory is used. Returns how many files the tier wrote
+  /// (0 without one); later calls return the same.
+  int64_t close() {
+    return disk_ ? disk_->close() : 0;
   }
   int64_t max_size() const {
     return max_size_;
@@ -345,7 +360,7 @@ class LRUPromptCache {
       rest.reset();
     }
     const bool trimmable = entry.trimmable;
-    if (to_disk && disk_) {
+    if (to_disk && disk_ && !disk_->closed()) {
       write_through(model, tokens, caches, cache_type, trimmable);
     }
     if (!entry.span.leaf) {
@@ -443,15 +458,19 @@ class LRUPromptCache {
   }
 
   /// The caches of disk match d, kept in memory again, less d.trim tokens;
-  /// nullopt (the file refused and skipped) if its checks fail.
+  /// nullopt if its file is gone or refused (see DiskTier::load).
   std::optional<Caches> load_from_disk(const Model& model, const std::string& name, const Match& d) {
     const std::optional<DiskTier::Entry> info = disk_->entry(name, d.key);
     if (!info) {
       return std::nullopt;
     }
+    std::optional<LoadedPromptCache> file = disk_->load(name, d.key);
+    if (!file) {
+      return std::nullopt;
+    }
     Caches loaded;
     try {
-      loaded = Ops::load(disk_->checked_path(name, d.key), name, d.key);
+      loaded = Ops::from_file(std::move(*file));
     } catch (const std::exception& e) {
       disk_->refuse(name, d.key, e.what());
       return std::nullopt;

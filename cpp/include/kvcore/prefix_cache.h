@@ -61,7 +61,7 @@ struct PromptCacheOps {
     return model;
   }
   static PreparedFile prepare(const PromptCache& caches, const Metadata& metadata);
-  static PromptCache load(const std::string& path, const std::string& model, const Tokens& tokens);
+  static PromptCache from_file(LoadedPromptCache loaded);
 };
 
 /// The server's prompt cache for C++: finished per-layer caches by model
