@@ -957,11 +957,26 @@ def op_filter(case):
     arg = mx.array(keep) if ep.chance(0.3) else keep
     if pending(case):
         forget_twin(case, "filter with right padding pending")
-    if case.r is not None and c.keys is None and isinstance(c, kvcore.BatchKVCache):
+    if case.r is not None and c.keys is None and isinstance(
+            c, (kvcore.BatchKVCache, kvcore.QuantizedBatchKVCache)):
         # kvcore keeps an empty batch's padding (still to be written);
-        # mlx-lm shifts it away and fails on the next update.
+        # mlx-lm shifts it away, takes _idx below zero and fails on the next
+        # update. The twin starts again from kvcore's rows.
         case.ep.ok(f"filter({keep})", lambda: c.filter(arg))
-        case.resync()
+        case.r = ref.BatchKVCache(c.left_padding.tolist())
+        case.r.offset = mx.array(c.offset)
+        case.check(f"filter({keep})")
+    elif (case.r is not None and isinstance(c, (kvcore.BatchKVCache, kvcore.QuantizedBatchKVCache))
+          and min(c.left_padding[i].item() for i in keep) > c._idx):
+        # Every kept row's padding reaches past _idx (a trim went below it):
+        # mlx-lm shifts by the padding and takes _idx below zero; kvcore
+        # shifts by what the buffer holds.
+        case.ep.ok(f"filter({keep})", lambda: c.filter(arg))
+        if case.mode == "same":
+            case.resync()
+            case.check(f"filter({keep})")
+        else:
+            forget_twin(case, "filter past _idx")
     else:
         case.good(f"filter({keep})", lambda c: c.filter(arg))
     case.g["B"] = len(keep)
@@ -991,6 +1006,11 @@ def op_extract(case):
     i = ep.rng.randrange(batch_size(c))
     if c.keys is None:
         case.bad(f"extract({i}) of an empty batch", lambda c: c.extract(i))
+        return
+    if "max_size" in case.g and c.offset[i].item() < 0:
+        # A row still inside its padding: mlx-lm makes a RotatingKVCache of
+        # negative offset; kvcore refuses.
+        case.bad(f"extract({i}) of a row of offset {c.offset[i].item()}", lambda c: c.extract(i))
         return
     one = case.good(f"extract({i})", lambda c: c.extract(i), compare=False)
     if case.r is not None and case.mode == "same":
@@ -1173,13 +1193,13 @@ def arrays_episode(ep):
 
     def op_set():
         i = ep.rng.randrange(n)
-        v = slot(i, g["B"])
+        v = slot(i, case.c.batch_size)
         case.good(f"c[{i}] = rows", lambda c: c.__setitem__(i, v))
 
     def op_filter_rows():
-        keep = sorted(ep.rng.sample(range(g["B"]), ep.rng.randrange(1, g["B"] + 1)))
+        B = case.c.batch_size
+        keep = sorted(ep.rng.sample(range(B), ep.rng.randrange(1, B + 1)))
         case.good(f"filter({keep})", lambda c: c.filter(keep))
-        g["B"] = len(keep)
 
     def op_extend_rows():
         rows = ep.pick([1, 2])
@@ -1187,10 +1207,9 @@ def arrays_episode(ep):
         if all(x is None for x in o.cache) and all(x is None for x in case.c.cache):
             return
         case.good(f"extend(ArraysCache of {rows} rows)", lambda c: c.extend(o), lambda r: r.extend(ro))
-        g["B"] = case.c.batch_size
 
     def op_extract_row():
-        i = ep.rng.randrange(g["B"])
+        i = ep.rng.randrange(case.c.batch_size)
         if any(x is None for x in case.c.cache):
             # kvcore keeps None slots; mlx-lm fails on them.
             case.ep.ok(f"extract({i}) with a None slot", lambda: case.c.extract(i))
@@ -1199,7 +1218,7 @@ def arrays_episode(ep):
         Case(ep, one, case.r.extract(i), "same", g).check(f"extract({i})")
 
     def op_prepare_rows():
-        lengths = [ep.pick([1, 2, 3]) for _ in range(g["B"])]
+        lengths = [ep.pick([1, 2, 3]) for _ in range(case.c.batch_size)]
         case.good(f"prepare(lengths={lengths})", lambda c: c.prepare(lengths=lengths))
 
     def op_advance():
@@ -1217,17 +1236,18 @@ def arrays_episode(ep):
         Case(ep, m, ref.ArraysCache.merge(rs), "same", g).check("merge")
 
     def bad_set():
+        B = case.c.batch_size
         i, v, what = ep.pick([
-            (n, slot(0, g["B"]), f"c[{n}] = rows"),
-            (-n - 1, slot(0, g["B"]), f"c[{-n - 1}] = rows"),
-            ("0", slot(0, g["B"]), "c['0'] = rows"),
+            (n, slot(0, B), f"c[{n}] = rows"),
+            (-n - 1, slot(0, B), f"c[{-n - 1}] = rows"),
+            ("0", slot(0, B), "c['0'] = rows"),
             (0, "x", "c[0] = 'x'"),
             (0, [1.0], "c[0] = [1.0]"),
         ])
         case.bad(what, lambda c: c.__setitem__(i, v), allow=())
 
     def bad_rows():
-        B = g["B"]
+        B = case.c.batch_size
         c = case.c
         holds_rows = any(x is not None for x in c.cache) or c.left_padding is not None \
             or c.lengths is not None
