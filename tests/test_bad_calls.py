@@ -1891,3 +1891,16 @@ def test_tokens_that_are_not_a_sequence_are_a_cache_type_error():
         with pytest.raises(kvcore.CacheTypeError, match="tokens as a list of ints but got int"):
             call()
     assert len(lru) == 0 and lru.n_checkpoints == 0
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: kvcore.KVCache(), "KVCache.update_and_fetch"),
+    (lambda: kvcore.KVCache(capacity=4), "KVCache.update_and_fetch"),
+    (lambda: kvcore.BatchKVCache([0]), "BatchKVCache.update_and_fetch"),
+], ids=["KVCache", "KVCache(capacity)", "BatchKVCache"])
+def test_growth_past_the_memory_limit_names_the_call(memory_limit, make, name):
+    # The message named the internal helper ("[grow_to] ...").
+    c = make()
+    big = mx.zeros((1, 1, 2**27, 32))  # lazy: never evaluated
+    e = unchanged(c, lambda: c.update_and_fetch(big, big), kvcore.CacheValueError)
+    assert str(e).startswith(f"[{name}] expected an allocation within mlx's memory limit")

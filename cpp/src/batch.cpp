@@ -362,7 +362,7 @@ std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(
   constexpr const char* ctx = "BatchKVCache.update_and_fetch";
   check_update(ctx, keys, values);
   const int S = keys.shape(2), prev = idx_;
-  auto kv = write_grown(keys_, values_, keys, values, prev, [&] {
+  auto kv = write_grown(ctx, keys_, values_, keys, values, prev, [&] {
     return check_size(ctx, "step", this->step(), 1);
   });
   keys_ = std::move(kv.first);
