@@ -84,21 +84,28 @@ void bind_arrays(nb::module_& m) {
            [](const C& c, nb::handle idx) { return to_py(c.get(int_arg("ArraysCache", "idx", idx))); },
            "idx"_a, nb::sig("def __getitem__(self, idx: int) -> mlx.core.array | None"))
       .def("__setitem__",
-           [](C& c, nb::handle idx, OptionalArray v) {
-             c.set(int_arg("ArraysCache", "idx", idx), std::move(v));
+           [](C& c, nb::handle idx, nb::handle v) {
+             c.set(int_arg("ArraysCache", "idx", idx),
+                   optional_array_param(v, "ArraysCache", "__setitem__", "value"));
            },
-           "idx"_a, "value"_a.none())
+           "idx"_a, "value"_a.none(),
+           nb::sig("def __setitem__(self, idx: int, value: mlx.core.array | None) -> None"))
       .def_prop_rw(
           "cache", [](const C& c) { return slots_to_py(c.cache()); },
           [](C& c, nb::handle h) { c.set_cache(slots_from_py("ArraysCache.cache", h)); },
           "The slots, as a new list.")
       .def_prop_rw(
           "left_padding", [](const C& c) { return to_py(c.left_padding()); },
-          [](C& c, OptionalArray v) { c.set_left_padding(std::move(v)); },
+          [](C& c, nb::handle v) {
+            c.set_left_padding(optional_array_param(v, "ArraysCache", "left_padding", "left_padding"));
+          },
           nb::arg("value").none())
       .def_prop_rw(
           "lengths", [](const C& c) { return to_py(c.lengths()); },
-          [](C& c, OptionalArray v) { c.set_lengths(std::move(v)); }, nb::arg("value").none())
+          [](C& c, nb::handle v) {
+            c.set_lengths(optional_array_param(v, "ArraysCache", "lengths", "lengths"));
+          },
+          nb::arg("value").none())
       .def_prop_ro("batch_size", &C::batch_size)
       .def_prop_rw(
           "state",
@@ -123,7 +130,9 @@ void bind_arrays(nb::module_& m) {
              c.filter(rows ? *rows : mx::zeros({0}, mx::int32));
            },
            "batch_indices"_a, "Keep only these rows, in place.")
-      .def("extend", &C::extend, "other"_a, "Append the other cache's rows, in place.")
+      .def("extend", [](C& c, nb::handle other) { c.extend(other_param<C>(other, "ArraysCache")); },
+           "other"_a, nb::sig("def extend(self, other: ArraysCache) -> None"),
+           "Append the other cache's rows, in place.")
       .def("extract",
            [](nb::handle self, nb::handle idx) {
              auto& c = *nb::inst_ptr<C>(self);

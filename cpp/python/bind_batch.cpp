@@ -77,9 +77,11 @@ void def_batch_api(nb::class_<T>& cls) {
                    [](T& c, nb::handle v) { c.set_idx(int_arg(c.name(), "_idx", v)); })
       .def("finalize", &T::finalize)
       .def("filter",
-           [](T& c, nb::handle idx) { c.filter(*int_list("filter", "batch_indices", idx)); },
+           [](T& c, nb::handle idx) { c.filter(int_list_required("filter", "batch_indices", idx)); },
            "batch_indices"_a, "Keep only these rows, in place.")
-      .def("extend", &T::extend, "other"_a, "Append the other cache's rows, in place.");
+      .def("extend", [](T& c, nb::handle other) { c.extend(other_param<T>(other, c.name())); },
+           "other"_a, nb::sig("def extend(self, other: typing.Self) -> None"),
+           "Append the other cache's rows, in place.");
 }
 
 } // namespace
@@ -103,7 +105,7 @@ void bind_batch(nb::module_& m) {
       "Full-attention cache for a batch of left-padded sequences.");
   b.def("__init__",
         [](BatchKVCache* self, nb::handle left_padding) {
-          new (self) PyCache<BatchKVCache>(*int_list("BatchKVCache", "left_padding", left_padding));
+          new (self) PyCache<BatchKVCache>(int_list_required("BatchKVCache", "left_padding", left_padding));
         },
         "left_padding"_a, nb::sig("def __init__(self, left_padding: list[int]) -> None"),
         R"pbdoc(
@@ -169,7 +171,7 @@ void bind_batch(nb::module_& m) {
         [](BatchRotatingKVCache* self, nb::handle max_size, nb::handle left_padding) {
           constexpr const char* ctx = "BatchRotatingKVCache";
           new (self) PyCache<BatchRotatingKVCache>(int_arg(ctx, "max_size", max_size),
-                                                   *int_list(ctx, "left_padding", left_padding));
+                                                   int_list_required(ctx, "left_padding", left_padding));
         },
         "max_size"_a, "left_padding"_a,
         nb::sig("def __init__(self, max_size: int, left_padding: list[int]) -> None"));
@@ -196,7 +198,14 @@ void bind_batch(nb::module_& m) {
                    [](BatchRotatingKVCache& c, nb::handle v) {
                      c.set_offset_in_ring(int_arg("BatchRotatingKVCache._offset", "_offset", v));
                    })
-      .def_prop_rw("rotated", &BatchRotatingKVCache::rotated, &BatchRotatingKVCache::set_rotated)
+      .def_prop_rw("rotated", &BatchRotatingKVCache::rotated,
+                   [](BatchRotatingKVCache& c, nb::handle v) {
+                     if (!PyBool_Check(v.ptr())) {
+                       throw ValueError("BatchRotatingKVCache.rotated", "rotated as a bool",
+                                        nb::cast<std::string>(nb::repr(v)));
+                     }
+                     c.set_rotated(v.ptr() == Py_True);
+                   })
       .def_prop_ro("_lengths", [](const BatchRotatingKVCache& c) { return to_py(c.lengths()); })
       .def("extract",
            [](const BatchRotatingKVCache& c, nb::handle idx) {

@@ -181,6 +181,9 @@ Tokens tokens_arg(const char* ctx, nb::handle h) {
   }
   nb::object seq = nb::borrow(h);
   if (!nb::isinstance<nb::list>(h) && !nb::isinstance<nb::tuple>(h)) {
+    if (!PyIter_Check(h.ptr()) && !nb::hasattr(h, "__iter__")) {
+      throw TypeError(ctx, "tokens as a list of ints", py_type_name(h));
+    }
     seq = nb::list(seq); // any iterable of ints
   }
   // The items in place (a list or tuple), not through an iterator: a 32k

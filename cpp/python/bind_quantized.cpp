@@ -34,7 +34,7 @@ void bind_quantized(nb::module_& m) {
               capacity (int, optional): Tokens to allocate room for at the
                 first update.
         )pbdoc")
-      .def("update_and_fetch", &QuantizedKVCache::update_and_fetch, "keys"_a, "values"_a,
+      .def("update_and_fetch", &update_param<QuantizedKVCache>, "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
                    "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
                    "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),

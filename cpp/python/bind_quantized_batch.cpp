@@ -13,7 +13,7 @@ constexpr const char* kTripleSig =
 // What both quantized batch caches show Python.
 template <class T>
 void def_quantized_batch_api(nb::class_<T>& cls) {
-  cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
+  cls.def("update_and_fetch", &update_param<T>, "keys"_a, "values"_a,
           nb::sig(("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> "
                    "tuple[" + std::string(kTripleSig) + ", " + kTripleSig + "]").c_str()),
           R"pbdoc(
@@ -51,9 +51,10 @@ void def_quantized_batch_api(nb::class_<T>& cls) {
            "Drop up to ``n`` tokens from the end; returns how many were dropped.")
       .def("finalize", &T::finalize, "Roll right-padded rows to end at the write position.")
       .def("filter",
-           [](T& c, nb::handle idx) { c.filter(*int_list("filter", "batch_indices", idx)); },
+           [](T& c, nb::handle idx) { c.filter(int_list_required("filter", "batch_indices", idx)); },
            "batch_indices"_a, "Keep only these rows, in place.")
-      .def("extend", &T::extend, "other"_a,
+      .def("extend", [](T& c, nb::handle other) { c.extend(other_param<T>(other, c.name())); },
+           "other"_a, nb::sig("def extend(self, other: typing.Self) -> None"),
            "Append the other cache's rows (quantized alike), in place.")
       .def("_assign", [](T& self, const T& other) { self = other; }, "other"_a,
            "Take other's contents (a staged copy), as one step.")
@@ -80,7 +81,7 @@ void bind_quantized_batch(nb::module_& m) {
          [](QB* self, nb::handle left_padding, nb::handle group_size, nb::handle bits) {
            constexpr const char* ctx = "QuantizedBatchKVCache";
            auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-           new (self) PyCache<QB>(*int_list(ctx, "left_padding", left_padding), ks, vs);
+           new (self) PyCache<QB>(int_list_required(ctx, "left_padding", left_padding), ks, vs);
          },
          "left_padding"_a, "group_size"_a = 64, "bits"_a = 8,
          nb::sig("def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None"),
@@ -157,7 +158,7 @@ void bind_quantized_batch(nb::module_& m) {
            constexpr const char* ctx = "QuantizedBatchRotatingKVCache";
            auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
            new (self) PyCache<QR>(int_arg(ctx, "max_size", max_size),
-                                  *int_list(ctx, "left_padding", left_padding), ks, vs);
+                                  int_list_required(ctx, "left_padding", left_padding), ks, vs);
          },
          "max_size"_a, "left_padding"_a, "group_size"_a = 64, "bits"_a = 8,
          nb::sig("def __init__(self, max_size: int, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None"),

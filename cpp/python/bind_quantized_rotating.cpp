@@ -123,7 +123,7 @@ void bind_quantized_rotating(nb::module_& m) {
               bits (int | tuple): 2, 3, 4, 5, 6 or 8; or a ``(keys,
                 values)`` pair, e.g. ``(8, 4)``.
         )pbdoc")
-      .def("update_and_fetch", &C::update_and_fetch, "keys"_a, "values"_a,
+      .def("update_and_fetch", &update_param<C>, "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
                    "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
                    "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),

@@ -24,6 +24,13 @@ namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
 
+// Every nb::handle parameter of kvcore's bindings goes to a checker that
+// refuses None with a typed kvcore error (or takes it where mlx-lm does).
+// Without this, nanobind refuses None itself with an untyped TypeError
+// before the checker runs (std::optional parameters are marked the same way).
+template <>
+struct nanobind::detail::has_arg_defaults<nanobind::handle> : std::true_type {};
+
 namespace kvcore::py {
 
 /// A Python state (mlx arrays, numbers, strings, None in lists and
@@ -242,6 +249,45 @@ inline std::string path_arg(const char* ctx, const char* what, nb::handle h) {
   return nb::cast<std::string>(s);
 }
 
+/// An mlx array argument; anything else is a kvcore.CacheTypeError naming
+/// the call (`cls.method`) and the argument, not nanobind's overload error.
+inline const mx::array& array_param(nb::handle h, const char* cls, const char* method,
+                                    const char* what) {
+  mx::array* a = nullptr;
+  if (!nb::try_cast<mx::array*>(h, a, false) || a == nullptr) {
+    throw TypeError(std::string(cls) + "." + method, std::string(what) + " as an mlx array",
+                    py_type_name(h));
+  }
+  return *a;
+}
+
+/// As array_param, with None for "no array".
+inline OptionalArray optional_array_param(nb::handle h, const char* cls, const char* method,
+                                          const char* what) {
+  if (h.is_none()) {
+    return std::nullopt;
+  }
+  return array_param(h, cls, method, what);
+}
+
+/// The other cache of an extend: a T, else a kvcore.CacheTypeError.
+template <class T>
+T& other_param(nb::handle h, const char* cls) {
+  T* p = nullptr;
+  if (!nb::try_cast<T*>(h, p, false) || p == nullptr) {
+    throw TypeError(std::string(cls) + ".extend", std::string("other as a kvcore ") + cls,
+                    py_type_name(h));
+  }
+  return *p;
+}
+
+/// update_and_fetch(keys, values) of a cache T, its arrays checked as above.
+template <class T>
+auto update_param(T& c, nb::handle keys, nb::handle values) {
+  return c.update_and_fetch(array_param(keys, c.name(), "update_and_fetch", "keys"),
+                            array_param(values, c.name(), "update_and_fetch", "values"));
+}
+
 nb::object to_py(const OptionalQuantized& q);
 OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handle h);
 
@@ -254,6 +300,15 @@ nb::object spec_to_py(int keys, int values);
 /// A list of ints from Python (a list, a tuple or a 1-D integer mx.array),
 /// or nullopt for None.
 std::optional<std::vector<int>> int_list(const char* ctx, const char* what, nb::handle h);
+
+/// int_list where None is refused too.
+inline std::vector<int> int_list_required(const char* ctx, const char* what, nb::handle h) {
+  if (h.is_none()) {
+    throw ValueError(ctx, std::string(what) + " as a list of ints", "None");
+  }
+  return *int_list(ctx, what, h);
+}
+
 /// An mlx array argument, refused with a typed error otherwise.
 mx::array array_arg(const char* ctx, const char* what, nb::handle h);
 
@@ -275,20 +330,24 @@ void bind_prefix(nb::module_& m);
 template <class T>
 void def_buffer_api(nb::class_<T>& cls, int default_step) {
   cls.attr("step") = default_step;
-  cls.def("update_and_fetch", &T::update_and_fetch, "keys"_a, "values"_a,
+  cls.def("update_and_fetch", &update_param<T>, "keys"_a, "values"_a,
           nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: "
                   "mlx.core.array) -> tuple[mlx.core.array, mlx.core.array]"),
           kUpdateDoc)
       .def("keys_and_values", &T::keys_and_values, "The cached keys and values.")
       .def_prop_rw(
           "keys", [](const T& c) { return to_py(c.keys()); },
-          [](T& c, OptionalArray a) { c.set_keys(std::move(a)); },
+          [](T& c, nb::handle a) { c.set_keys(optional_array_param(a, c.name(), "keys", "keys")); },
           nb::for_getter(nb::sig("def keys(self, /) -> mlx.core.array | None")),
+          nb::for_setter(nb::sig("def keys(self, keys: mlx.core.array | None, /) -> None")),
           nb::arg("keys").none(), "The keys buffer, or None before the first update.")
       .def_prop_rw(
           "values", [](const T& c) { return to_py(c.values()); },
-          [](T& c, OptionalArray a) { c.set_values(std::move(a)); },
+          [](T& c, nb::handle a) {
+            c.set_values(optional_array_param(a, c.name(), "values", "values"));
+          },
           nb::for_getter(nb::sig("def values(self, /) -> mlx.core.array | None")),
+          nb::for_setter(nb::sig("def values(self, values: mlx.core.array | None, /) -> None")),
           nb::arg("values").none(),
           "The values buffer, or None before the first update.")
       .def_prop_ro("nbytes", &T::nbytes, "Bytes held by the keys and values.")

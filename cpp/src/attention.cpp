@@ -18,8 +18,8 @@ mx::array quantized_attention(
     QuantSpec value_spec) {
   constexpr const char* ctx = "quantized_attention";
   check_specs(ctx, key_spec, value_spec);
-  check_triple(ctx, "keys", keys);
-  check_triple(ctx, "values", values);
+  check_triple(ctx, "keys", keys, key_spec);
+  check_triple(ctx, "values", values, value_spec);
   if (queries.ndim() != 4) {
     throw ValueError(ctx, "queries of rank 4 (B, n_q_heads, L, D)", shape_str(queries.shape()));
   }

@@ -81,6 +81,9 @@ void check_rows(const char* ctx, const char* what, const mx::array& v) {
   if (v.ndim() != 1) {
     throw ValueError(ctx, std::string(what) + " of rank 1 (B,)", "shape " + shape_str(v.shape()));
   }
+  if (!mx::issubdtype(v.dtype(), mx::integer)) {
+    throw ValueError(ctx, std::string(what) + " of an integer dtype", dtype_str(v.dtype()));
+  }
 }
 
 std::vector<int> check_indices(const char* ctx, const std::vector<int>& idx, int B) {
@@ -359,7 +362,7 @@ std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(
   constexpr const char* ctx = "BatchKVCache.update_and_fetch";
   check_update(ctx, keys, values);
   const int S = keys.shape(2), prev = idx_;
-  auto kv = write_grown(keys_, values_, keys, values, prev, [&] {
+  auto kv = write_grown(ctx, keys_, values_, keys, values, prev, [&] {
     return check_size(ctx, "step", this->step(), 1);
   });
   keys_ = std::move(kv.first);
@@ -428,7 +431,12 @@ int BatchKVCache::trim(int n) {
 }
 
 Mask BatchKVCache::make_mask(int N, bool, std::optional<int> window_size) const {
-  check_batch("BatchKVCache.make_mask");
+  constexpr const char* ctx = "BatchKVCache.make_mask";
+  check_batch(ctx);
+  check_size(ctx, "N", N);
+  if (window_size) {
+    check_size(ctx, "window_size", *window_size);
+  }
   return create_causal_mask(N, idx_, window_size, std::nullopt, left_padding());
 }
 
@@ -703,6 +711,9 @@ void BatchRotatingKVCache::prepare(
   }
   bool pad_right = right_padding && !right_padding->empty() &&
       *std::max_element(right_padding->begin(), right_padding->end()) > 0;
+  if (right_padding) {
+    check_count(ctx, "right paddings", right_padding->size(), rows());
+  }
   if (pad_right) {
     if (!lengths) {
       throw ValueError(ctx, "lengths with right_padding", "None");
@@ -758,6 +769,9 @@ Mask BatchRotatingKVCache::make_mask(
   constexpr const char* ctx = "BatchRotatingKVCache.make_mask";
   check_batch(ctx);
   check_size(ctx, "N", N);
+  if (window_size) {
+    check_size(ctx, "window_size", *window_size);
+  }
   auto lp = left_padding();
   int window = (window_size && *window_size) ? *window_size : max_size_;
   int offset = std::min(max_size_ - 1, offset_in_ring_);
@@ -792,6 +806,10 @@ void BatchRotatingKVCache::filter(const std::vector<int>& indices) {
 }
 
 void BatchRotatingKVCache::extend(BatchRotatingKVCache& other) {
+  if (other.max_size_ != max_size_) {
+    throw ValueError("BatchRotatingKVCache.extend", "a batch of max_size " + std::to_string(max_size_),
+                     "max_size " + std::to_string(other.max_size_));
+  }
   // A row with no lengths pending rolls by nothing: its lengths are its offset.
   auto pending = concat_rows(lengths_, offset(), other.lengths_, other.offset());
   if (!keys_ && !other.keys_) {

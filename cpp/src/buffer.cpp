@@ -215,6 +215,7 @@ mx::array seq_zeros(const mx::array& like, int n) {
 }
 
 mx::array grow_to(
+    const char* ctx,
     const std::optional<mx::array>& buf,
     const mx::array& like,
     int prev,
@@ -229,11 +230,11 @@ mx::array grow_to(
   }
   const int kept_len = kept ? kept->shape(2) : 0;
   added = std::max(added, 1LL * capacity - kept_len);
-  check_size("grow_to", "buffer growth", added);
-  check_size("grow_to", "buffer length", 1LL * kept_len + added);
+  check_size(ctx, "buffer growth", added);
+  check_size(ctx, "buffer length", 1LL * kept_len + added);
   double bytes = double(kept_len + added) * like.shape(0) * like.shape(1) * like.shape(3) *
       like.itemsize();
-  check_memory("grow_to", std::to_string(kept_len + added) + " tokens", bytes);
+  check_memory(ctx, std::to_string(kept_len + added) + " tokens", bytes);
   auto fresh = seq_zeros(like, static_cast<int>(added));
   if (!kept) {
     return fresh;

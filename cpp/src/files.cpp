@@ -701,7 +701,14 @@ PreparedFile prepare_prompt_cache_states(const std::vector<NamedState>& layers, 
 }
 
 void write_prepared(const std::string& path, PreparedFile file) {
-  mx::save_safetensors(path, std::move(file.arrays), std::move(file.metadata));
+  try {
+    mx::save_safetensors(path, std::move(file.arrays), std::move(file.metadata));
+  } catch (const CacheError&) {
+    throw;
+  } catch (const std::exception& e) {
+    // mlx's own error (a missing directory, a full disk) as kvcore's.
+    throw RuntimeError("save_prompt_cache", "a file it can write at " + path, e.what());
+  }
 }
 
 void save_prompt_cache_states(

@@ -77,7 +77,7 @@ std::pair<mx::array, mx::array> SequenceCache::write_at(
   }
   check_size(ctx, "offset + S", 1LL * offset_ + keys.shape(2));
   await_buffer_release(capacity_, keys_.has_value(), keys.shape(2));
-  return write_grown(keys_, values_, keys, values, prev, [&] {
+  return write_grown(ctx, keys_, values_, keys, values, prev, [&] {
     return check_size(ctx, "step", this->step(), 1);
   }, capacity_);
 }

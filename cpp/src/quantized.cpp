@@ -42,9 +42,9 @@ void check_triple_fits(
   check_fits(ctx, what, std::get<2>(x), std::get<2>(buf));
 }
 
-void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
-  const auto& w = std::get<0>(q);
-  for (const auto* a : {&std::get<0>(q), &std::get<1>(q), &std::get<2>(q)}) {
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q, QuantSpec spec) {
+  const auto& [w, scales, biases] = q;
+  for (const auto* a : {&w, &scales, &biases}) {
     if (a->ndim() != 4 || a->shape(0) != w.shape(0) || a->shape(1) != w.shape(1) ||
         a->shape(2) != w.shape(2)) {
       throw ValueError(
@@ -56,6 +56,22 @@ void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
   }
   if (w.dtype() != mx::uint32) {
     throw ValueError(ctx, std::string(what) + " weights of dtype uint32", dtype_str(w.dtype()));
+  }
+  // The head dim the weights pack at `bits` is the one the scales and
+  // biases cover in groups of `group_size`.
+  const long long dim = static_cast<long long>(w.shape(3)) * 32 / spec.bits;
+  if (scales.shape(3) != biases.shape(3) || dim * spec.bits != 32LL * w.shape(3) ||
+      static_cast<long long>(scales.shape(3)) * spec.group_size != dim) {
+    throw ValueError(
+        ctx,
+        std::string(what) + " weights, scales and biases of one head dim at bits " +
+            std::to_string(spec.bits) + " and group_size " + std::to_string(spec.group_size),
+        "shapes " + shape_str(w.shape()) + ", " + shape_str(scales.shape()) + ", " +
+            shape_str(biases.shape()));
+  }
+  if (scales.dtype() != biases.dtype() || !mx::issubdtype(scales.dtype(), mx::floating)) {
+    throw ValueError(ctx, std::string(what) + " scales and biases of one float dtype",
+                     dtype_str(scales.dtype()) + " and " + dtype_str(biases.dtype()));
   }
 }
 
@@ -74,13 +90,18 @@ void check_specs(const char* ctx, QuantSpec keys, QuantSpec values) {
   check_quantization(ctx, values.group_size, values.bits);
 }
 
-void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values) {
+void check_triples(
+    const char* ctx,
+    const OptionalQuantized& keys,
+    const OptionalQuantized& values,
+    QuantSpec key_spec,
+    QuantSpec value_spec) {
   if (keys.has_value() != values.has_value()) {
     throw ValueError(ctx, "keys and values both set or both None", "only one set");
   }
   if (keys) {
-    check_triple(ctx, "keys", *keys);
-    check_triple(ctx, "values", *values);
+    check_triple(ctx, "keys", *keys, key_spec);
+    check_triple(ctx, "values", *values, value_spec);
   }
 }
 
@@ -148,8 +169,8 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
   }
   auto [qk, qv] = quantize_kv(ctx, keys, values, key_spec_, value_spec_);
   if (keys_) {
-    check_triple(ctx, "keys", *keys_);
-    check_triple(ctx, "values", *values_);
+    check_triple(ctx, "keys", *keys_, key_spec_);
+    check_triple(ctx, "values", *values_, value_spec_);
     check_triple_fits(ctx, "keys", qk, *keys_);
     check_triple_fits(ctx, "values", qv, *values_);
     check_offset_fits(ctx, std::get<0>(*keys_), prev);
@@ -278,7 +299,7 @@ void QuantizedKVCache::set(
     QuantSpec value_spec) {
   constexpr const char* ctx = "QuantizedKVCache.state";
   check_specs(ctx, key_spec, value_spec);
-  check_triples(ctx, keys, values);
+  check_triples(ctx, keys, values, key_spec, value_spec);
   int len = 0;
   if (keys) {
     len = std::get<0>(*keys).shape(2);

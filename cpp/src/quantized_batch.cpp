@@ -53,7 +53,7 @@ void QuantizedBatchCache<Batch>::set_parts(
     QuantSpec value_spec,
     Assign assign) {
   check_specs(ctx, key_spec, value_spec);
-  check_triples(ctx, keys, values);
+  check_triples(ctx, keys, values, key_spec, value_spec);
   staged([&](Batch& p, int i) { assign(p, nth(keys, i), nth(values, i), i); });
   key_spec_ = key_spec;
   value_spec_ = value_spec;

@@ -72,7 +72,7 @@ void QuantizedRotatingKVCache::set(
     QuantSpec value_spec) {
   constexpr const char* ctx = "QuantizedRotatingKVCache.state";
   check_specs(ctx, key_spec, value_spec);
-  check_triples(ctx, keys, values);
+  check_triples(ctx, keys, values, key_spec, value_spec);
   // Each ring validates its part; all three are replaced together.
   lockstep::staged(rings_, [&](RotatingKVCache& r, int i) {
     r.set(lockstep::nth(keys, i), lockstep::nth(values, i), offset, keep, max_size, idx);

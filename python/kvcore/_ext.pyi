@@ -95,14 +95,14 @@ class KVCache:
         """The keys buffer, or None before the first update."""
 
     @keys.setter
-    def keys(self, keys: mlx.core.array | None) -> None: ...
+    def keys(self, keys: mlx.core.array | None, /) -> None: ...
 
     @property
     def values(self, /) -> mlx.core.array | None:
         """The values buffer, or None before the first update."""
 
     @values.setter
-    def values(self, values: mlx.core.array | None) -> None: ...
+    def values(self, values: mlx.core.array | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -216,14 +216,14 @@ class ConcatenateKVCache:
         """The keys buffer, or None before the first update."""
 
     @keys.setter
-    def keys(self, keys: mlx.core.array | None) -> None: ...
+    def keys(self, keys: mlx.core.array | None, /) -> None: ...
 
     @property
     def values(self, /) -> mlx.core.array | None:
         """The values buffer, or None before the first update."""
 
     @values.setter
-    def values(self, values: mlx.core.array | None) -> None: ...
+    def values(self, values: mlx.core.array | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -321,14 +321,14 @@ class RotatingKVCache:
         """The keys buffer, or None before the first update."""
 
     @keys.setter
-    def keys(self, keys: mlx.core.array | None) -> None: ...
+    def keys(self, keys: mlx.core.array | None, /) -> None: ...
 
     @property
     def values(self, /) -> mlx.core.array | None:
         """The values buffer, or None before the first update."""
 
     @values.setter
-    def values(self, values: mlx.core.array | None) -> None: ...
+    def values(self, values: mlx.core.array | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -386,7 +386,7 @@ class RotatingKVCache:
         """Leading tokens that are never rotated out."""
 
     @keep.setter
-    def keep(self, arg: object, /) -> None: ...
+    def keep(self, arg: object | None, /) -> None: ...
 
     def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedRotatingKVCache:
         """
@@ -413,7 +413,7 @@ class RotatingKVCache:
         """Slots in the ring."""
 
     @max_size.setter
-    def max_size(self, arg: object, /) -> None: ...
+    def max_size(self, arg: object | None, /) -> None: ...
 
     @classmethod
     def from_state(cls, state: tuple) -> Self:
@@ -462,21 +462,21 @@ class QuantizedKVCache:
         """Tokens seen so far."""
 
     @offset.setter
-    def offset(self, arg: object, /) -> None: ...
+    def offset(self, arg: object | None, /) -> None: ...
 
     @property
     def keys(self) -> object:
         """The keys' ``(weights, scales, biases)`` buffers, or None."""
 
     @keys.setter
-    def keys(self, arg: object, /) -> None: ...
+    def keys(self, arg: object | None, /) -> None: ...
 
     @property
     def values(self) -> object:
         """The values' ``(weights, scales, biases)`` buffers, or None."""
 
     @values.setter
-    def values(self, arg: object, /) -> None: ...
+    def values(self, arg: object | None, /) -> None: ...
 
     @property
     def group_size(self) -> object:
@@ -491,7 +491,7 @@ class QuantizedKVCache:
         """Tokens the buffers get room for when next allocated."""
 
     @capacity.setter
-    def capacity(self, arg: object, /) -> None: ...
+    def capacity(self, arg: object | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int: ...
@@ -518,7 +518,7 @@ class QuantizedKVCache:
 
     def __copy__(self) -> object: ...
 
-    def __deepcopy__(self, memo: object) -> object: ...
+    def __deepcopy__(self, memo: object | None) -> object: ...
 
     @classmethod
     def from_state(cls, state: tuple) -> Self:
@@ -557,14 +557,14 @@ class ChunkedKVCache:
         """The keys buffer, or None before the first update."""
 
     @keys.setter
-    def keys(self, keys: mlx.core.array | None) -> None: ...
+    def keys(self, keys: mlx.core.array | None, /) -> None: ...
 
     @property
     def values(self, /) -> mlx.core.array | None:
         """The values buffer, or None before the first update."""
 
     @values.setter
-    def values(self, values: mlx.core.array | None) -> None: ...
+    def values(self, values: mlx.core.array | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -611,14 +611,14 @@ class ChunkedKVCache:
     def chunk_size(self) -> int: ...
 
     @chunk_size.setter
-    def chunk_size(self, arg: object, /) -> None: ...
+    def chunk_size(self, arg: object | None, /) -> None: ...
 
     @property
     def start_position(self) -> int:
         """Absolute position of the first token held."""
 
     @start_position.setter
-    def start_position(self, arg: object, /) -> None: ...
+    def start_position(self, arg: object | None, /) -> None: ...
 
     @property
     def state(self) -> tuple:
@@ -741,7 +741,7 @@ class QuantizedRotatingKVCache:
 
     def __copy__(self) -> object: ...
 
-    def __deepcopy__(self, memo: object) -> object: ...
+    def __deepcopy__(self, memo: object | None) -> object: ...
 
     @classmethod
     def from_state(cls, state: tuple) -> Self:
@@ -763,26 +763,26 @@ class ArraysCache:
 
     def __getitem__(self, idx: int) -> mlx.core.array | None: ...
 
-    def __setitem__(self, idx: object, value: mlx.core.array | None) -> None: ...
+    def __setitem__(self, idx: int, value: mlx.core.array | None) -> None: ...
 
     @property
     def cache(self) -> list:
         """The slots, as a new list."""
 
     @cache.setter
-    def cache(self, arg: object, /) -> None: ...
+    def cache(self, arg: object | None, /) -> None: ...
 
     @property
     def left_padding(self) -> object: ...
 
     @left_padding.setter
-    def left_padding(self, value: mlx.core.array | None) -> None: ...
+    def left_padding(self, value: object | None) -> None: ...
 
     @property
     def lengths(self) -> object: ...
 
     @lengths.setter
-    def lengths(self, value: mlx.core.array | None) -> None: ...
+    def lengths(self, value: object | None) -> None: ...
 
     @property
     def batch_size(self) -> int: ...
@@ -794,20 +794,20 @@ class ArraysCache:
     @state.setter
     def state(self, state: tuple, /) -> None: ...
 
-    def filter(self, batch_indices: object) -> None:
+    def filter(self, batch_indices: object | None) -> None:
         """Keep only these rows, in place."""
 
     def extend(self, other: ArraysCache) -> None:
         """Append the other cache's rows, in place."""
 
-    def extract(self, idx: object) -> object:
+    def extract(self, idx: object | None) -> object:
         """Row ``idx`` as a one-row cache."""
 
     def prepare(self, lengths: object | None = None, **kwargs) -> None: ...
 
     def finalize(self) -> None: ...
 
-    def advance(self, N: object) -> None: ...
+    def advance(self, N: object | None) -> None: ...
 
     def make_mask(self, N: int) -> mlx.core.array | None: ...
 
@@ -822,7 +822,7 @@ class ArraysCache:
 
     def __copy__(self) -> object: ...
 
-    def __deepcopy__(self, memo: object) -> object: ...
+    def __deepcopy__(self, memo: object | None) -> object: ...
 
     @classmethod
     def from_state(cls, state: tuple) -> Self:
@@ -876,14 +876,14 @@ class BatchKVCache:
         """The keys buffer, or None before the first update."""
 
     @keys.setter
-    def keys(self, keys: mlx.core.array | None) -> None: ...
+    def keys(self, keys: mlx.core.array | None, /) -> None: ...
 
     @property
     def values(self, /) -> mlx.core.array | None:
         """The values buffer, or None before the first update."""
 
     @values.setter
-    def values(self, values: mlx.core.array | None) -> None: ...
+    def values(self, values: mlx.core.array | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -912,28 +912,28 @@ class BatchKVCache:
         """Per-row positions (B,): tokens seen minus left padding."""
 
     @offset.setter
-    def offset(self, arg: object, /) -> None: ...
+    def offset(self, arg: object | None, /) -> None: ...
 
     @property
     def left_padding(self) -> mlx.core.array:
         """Per-row left padding (B,)."""
 
     @left_padding.setter
-    def left_padding(self, arg: object, /) -> None: ...
+    def left_padding(self, arg: object | None, /) -> None: ...
 
     def finalize(self) -> None: ...
 
-    def filter(self, batch_indices: object) -> None:
+    def filter(self, batch_indices: object | None) -> None:
         """Keep only these rows, in place."""
 
-    def extend(self, other: BatchKVCache) -> None:
+    def extend(self, other: Self) -> None:
         """Append the other cache's rows, in place."""
 
     def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None: ...
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mlx.core.array: ...
 
-    def extract(self, idx: object) -> object:
+    def extract(self, idx: object | None) -> object:
         """Row ``idx`` as a KVCache holding only its tokens."""
 
     @property
@@ -984,14 +984,14 @@ class BatchRotatingKVCache:
         """The keys buffer, or None before the first update."""
 
     @keys.setter
-    def keys(self, keys: mlx.core.array | None) -> None: ...
+    def keys(self, keys: mlx.core.array | None, /) -> None: ...
 
     @property
     def values(self, /) -> mlx.core.array | None:
         """The values buffer, or None before the first update."""
 
     @values.setter
-    def values(self, values: mlx.core.array | None) -> None: ...
+    def values(self, values: mlx.core.array | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -1020,21 +1020,21 @@ class BatchRotatingKVCache:
         """Per-row positions (B,): tokens seen minus left padding."""
 
     @offset.setter
-    def offset(self, arg: object, /) -> None: ...
+    def offset(self, arg: object | None, /) -> None: ...
 
     @property
     def left_padding(self) -> mlx.core.array:
         """Per-row left padding (B,)."""
 
     @left_padding.setter
-    def left_padding(self, arg: object, /) -> None: ...
+    def left_padding(self, arg: object | None, /) -> None: ...
 
     def finalize(self) -> None: ...
 
-    def filter(self, batch_indices: object) -> None:
+    def filter(self, batch_indices: object | None) -> None:
         """Keep only these rows, in place."""
 
-    def extend(self, other: BatchRotatingKVCache) -> None:
+    def extend(self, other: Self) -> None:
         """Append the other cache's rows, in place."""
 
     def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None: ...
@@ -1048,9 +1048,9 @@ class BatchRotatingKVCache:
     def rotated(self) -> bool: ...
 
     @rotated.setter
-    def rotated(self, arg: bool, /) -> None: ...
+    def rotated(self, arg: object | None, /) -> None: ...
 
-    def extract(self, idx: object) -> object:
+    def extract(self, idx: object | None) -> object:
         """Row ``idx`` as a RotatingKVCache."""
 
     @property
@@ -1143,17 +1143,17 @@ class QuantizedBatchKVCache:
     def finalize(self) -> None:
         """Roll right-padded rows to end at the write position."""
 
-    def filter(self, batch_indices: object) -> None:
+    def filter(self, batch_indices: object | None) -> None:
         """Keep only these rows, in place."""
 
-    def extend(self, other: QuantizedBatchKVCache) -> None:
+    def extend(self, other: Self) -> None:
         """Append the other cache's rows (quantized alike), in place."""
 
     def __repr__(self) -> str: ...
 
     def __copy__(self) -> object: ...
 
-    def __deepcopy__(self, memo: object) -> object: ...
+    def __deepcopy__(self, memo: object | None) -> object: ...
 
     def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None:
         """As BatchKVCache.prepare."""
@@ -1161,7 +1161,7 @@ class QuantizedBatchKVCache:
     def make_mask(self, N: int, return_array: bool = False, **kwargs) -> mlx.core.array:
         """The attention mask for ``N`` new tokens, as BatchKVCache's."""
 
-    def extract(self, idx: object) -> object:
+    def extract(self, idx: object | None) -> object:
         """Row ``idx`` as a QuantizedKVCache holding only its tokens."""
 
     @property
@@ -1254,17 +1254,17 @@ class QuantizedBatchRotatingKVCache:
     def finalize(self) -> None:
         """Roll right-padded rows to end at the write position."""
 
-    def filter(self, batch_indices: object) -> None:
+    def filter(self, batch_indices: object | None) -> None:
         """Keep only these rows, in place."""
 
-    def extend(self, other: QuantizedBatchRotatingKVCache) -> None:
+    def extend(self, other: Self) -> None:
         """Append the other cache's rows (quantized alike), in place."""
 
     def __repr__(self) -> str: ...
 
     def __copy__(self) -> object: ...
 
-    def __deepcopy__(self, memo: object) -> object: ...
+    def __deepcopy__(self, memo: object | None) -> object: ...
 
     def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None:
         """As BatchRotatingKVCache.prepare."""
@@ -1280,7 +1280,7 @@ class QuantizedBatchRotatingKVCache:
     def rotated(self) -> bool:
         """Whether the ring has wrapped."""
 
-    def extract(self, idx: object) -> object:
+    def extract(self, idx: object | None) -> object:
         """Row ``idx`` as a QuantizedRotatingKVCache."""
 
     @property
@@ -1323,16 +1323,16 @@ class PromptTrie:
 
     def __init__(self) -> None: ...
 
-    def add(self, model: object | None, tokens: object, value: object | None) -> object:
+    def add(self, model: object | None, tokens: object | None, value: object | None) -> object:
         """Store value at tokens; returns the value it replaced, or None."""
 
-    def get(self, model: object | None, tokens: object) -> object:
+    def get(self, model: object | None, tokens: object | None) -> object:
         """The value at exactly tokens (KeyError if none)."""
 
-    def pop(self, model: object | None, tokens: object) -> object:
+    def pop(self, model: object | None, tokens: object | None) -> object:
         """Remove and return the value at exactly tokens."""
 
-    def pop_prefixes(self, model: object | None, tokens: object) -> list:
+    def pop_prefixes(self, model: object | None, tokens: object | None) -> list:
         """Remove the values at proper prefixes of tokens: [(length, value)]."""
 
 class LRUPromptCache:
@@ -1417,13 +1417,13 @@ class LRUPromptCache:
     def max_checkpoints(self) -> int: ...
 
     @max_checkpoints.setter
-    def max_checkpoints(self, arg: object, /) -> None: ...
+    def max_checkpoints(self, arg: object | None, /) -> None: ...
 
     @property
     def checkpoint_every(self) -> int: ...
 
     @checkpoint_every.setter
-    def checkpoint_every(self, arg: object, /) -> None: ...
+    def checkpoint_every(self, arg: object | None, /) -> None: ...
 
     @property
     def nbytes(self) -> int:
@@ -1433,13 +1433,13 @@ class LRUPromptCache:
     def max_size(self) -> object: ...
 
     @max_size.setter
-    def max_size(self, arg: object, /) -> None: ...
+    def max_size(self, arg: object | None, /) -> None: ...
 
     @property
     def max_bytes(self) -> object: ...
 
     @max_bytes.setter
-    def max_bytes(self, arg: object, /) -> None: ...
+    def max_bytes(self, arg: object | None, /) -> None: ...
 
     def insert_cache(self, model: object, tokens: list[int], prompt_cache: list, *, cache_type: str = 'assistant') -> None:
         """Store a prompt cache for tokens, then evict to the limits."""

@@ -75,9 +75,11 @@ mx::array seq_zeros(const mx::array& like, int n);
 /// Make room for S more tokens after prev in a step-grown buffer, the way
 /// mlx-lm's KVCache does: keep buf[..., :prev, :] and append zeros in whole
 /// steps. A capacity larger than that makes the buffer capacity long at
-/// once, so filling it later never copies it. Throws ValueError when the
-/// new buffer could not fit in mlx's memory limit.
+/// once, so filling it later never copies it. Throws ValueError (under
+/// ctx, the caller's name) when the new buffer could not fit in mlx's
+/// memory limit.
 mx::array grow_to(
+    const char* ctx,
     const std::optional<mx::array>& buf,
     const mx::array& like,
     int prev,
@@ -95,6 +97,7 @@ inline bool needs_growth(const std::optional<mx::array>& buf, int prev, int S) {
 /// (for a Python cache it reads a Python attribute). Changes nothing.
 template <class StepFn>
 std::pair<mx::array, mx::array> write_grown(
+    const char* ctx,
     const OptionalArray& keys_buf,
     const OptionalArray& values_buf,
     const mx::array& keys,
@@ -106,8 +109,8 @@ std::pair<mx::array, mx::array> write_grown(
   if (needs_growth(keys_buf, prev, S)) {
     const int n = step();
     return {
-        seq_write(grow_to(keys_buf, keys, prev, S, n, capacity), keys, prev),
-        seq_write(grow_to(values_buf, values, prev, S, n, capacity), values, prev)};
+        seq_write(grow_to(ctx, keys_buf, keys, prev, S, n, capacity), keys, prev),
+        seq_write(grow_to(ctx, values_buf, values, prev, S, n, capacity), values, prev)};
   }
   return {seq_write(*keys_buf, keys, prev), seq_write(*values_buf, values, prev)};
 }

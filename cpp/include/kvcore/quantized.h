@@ -18,8 +18,10 @@ struct QuantSpec {
   int bits = 8;
 };
 
-/// A triple's arrays are rank 4 and share (B, H, S); weights are uint32.
-void check_triple(const char* ctx, const char* what, const QuantizedArrays& q);
+/// A triple's arrays are rank 4 and share (B, H, S); weights are uint32;
+/// the weights (packed at spec.bits) and the scales and biases (one per
+/// spec.group_size) cover one head dim; scales and biases share a float dtype.
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q, QuantSpec spec);
 
 /// Each array of x fits the matching buffer of buf along the sequence axis
 /// (check_fits: B, H, last dim and dtype).
@@ -39,8 +41,13 @@ std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
 void check_quantization(const char* ctx, int group_size, int bits);
 /// check_quantization for the keys' and the values' settings.
 void check_specs(const char* ctx, QuantSpec keys, QuantSpec values);
-/// Both triples set or both None, each consistent (check_triple).
-void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values);
+/// Both triples set or both None, each consistent with its spec (check_triple).
+void check_triples(
+    const char* ctx,
+    const OptionalQuantized& keys,
+    const OptionalQuantized& values,
+    QuantSpec key_spec,
+    QuantSpec value_spec);
 
 /// Quantize (..., D) along the last axis, validating D, the settings and
 /// the dtype: float16, bfloat16 or float32 (the caches store any dtype;
