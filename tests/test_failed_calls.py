@@ -120,7 +120,7 @@ def test_quantized_capacity_past_the_memory_limit_is_refused(memory_limit_100mb,
 
 def test_kv_capacity_past_the_memory_limit_is_refused(memory_limit_100mb):
     c = kvcore.KVCache(capacity=10**6)
-    with pytest.raises(kvcore.CacheValueError, match=r"\[grow_to\] expected an allocation within mlx's memory "
+    with pytest.raises(kvcore.CacheValueError, match=r"\[KVCache.update_and_fetch\] expected an allocation within mlx's memory "
                                                      r"limit of 104857600 bytes .* but got 1000000 tokens"):
         c.update_and_fetch(kv(D=64, S=1), kv(D=64, S=1))
     assert c.offset == 0 and c.keys is None
