@@ -354,23 +354,24 @@ def test_right_padding_follows_filter():
     assert_states_equal(one.state, b.state)
 
 
+def right_padded_then_extended(mod):
+    """A right-padded batch of two extended by a batch of one."""
+    b = mod.BatchKVCache(left_padding=[0, 0])
+    b.prepare(right_padding=[1, 0])
+    b.update_and_fetch(kv(B=2, S=3, D=2), kv(B=2, S=3, D=2))
+    o = mod.BatchKVCache(left_padding=[0])
+    o.update_and_fetch(kv(B=1, S=3, D=2, start=50), kv(B=1, S=3, D=2, start=50))
+    b.extend(o)
+    return b, o
+
+
 def test_right_padding_follows_extend():
     # mlx-lm: a broadcast error in finalize().
-    theirs = ref.BatchKVCache(left_padding=[0, 0])
-    theirs.prepare(right_padding=[1, 0])
-    theirs.update_and_fetch(kv(B=2, S=3, D=2), kv(B=2, S=3, D=2))
-    other = ref.BatchKVCache(left_padding=[0])
-    other.update_and_fetch(kv(B=1, S=3, D=2, start=50), kv(B=1, S=3, D=2, start=50))
-    theirs.extend(other)
+    theirs, _ = right_padded_then_extended(ref)
     with pytest.raises(ValueError, match="broadcast"):
         theirs.finalize()
 
-    b = kvcore.BatchKVCache(left_padding=[0, 0])
-    b.prepare(right_padding=[1, 0])
-    b.update_and_fetch(kv(B=2, S=3, D=2), kv(B=2, S=3, D=2))
-    o = kvcore.BatchKVCache(left_padding=[0])
-    o.update_and_fetch(kv(B=1, S=3, D=2, start=50), kv(B=1, S=3, D=2, start=50))
-    b.extend(o)
+    b, o = right_padded_then_extended(kvcore)
     b.finalize()
     assert b.offset.tolist() == [2, 3, 3] and b.left_padding.tolist() == [1, 0, 0]
     # Row 0 rolled by its padding; the extended row untouched.

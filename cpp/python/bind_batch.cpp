@@ -32,10 +32,9 @@ std::optional<std::vector<int>> int_list(const char* ctx, const char* what, nb::
 }
 
 mx::array array_arg(const char* ctx, const char* what, nb::handle h) {
-  mx::array* a = nullptr;
-  if (!nb::try_cast<mx::array*>(h, a, false) || !a) {
-    throw ValueError(ctx, std::string(what) + " as an mlx array",
-                     nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+  mx::array* a = as_array(h);
+  if (a == nullptr) {
+    throw ValueError(ctx, std::string(what) + " as an mlx array", py_type_name(h));
   }
   return *a;
 }

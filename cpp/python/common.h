@@ -242,19 +242,21 @@ inline std::string path_arg(const char* ctx, const char* what, nb::handle h) {
       !nb::hasattr(h.type(), "__fspath__")) {
     throw ValueError(ctx, std::string(what) + " as str, bytes or os.PathLike", py_type_name(h));
   }
-  nb::object s = nb::module_::import_("os").attr("fsdecode")(h);
-  if (!PyUnicode_Check(s.ptr())) {
-    throw ValueError(ctx, std::string(what) + " whose __fspath__ gives str or bytes", py_type_name(s));
-  }
-  return nb::cast<std::string>(s);
+  return nb::cast<std::string>(nb::module_::import_("os").attr("fsdecode")(h));
+}
+
+/// h as an mlx array, or nullptr when it is not one.
+inline mx::array* as_array(nb::handle h) {
+  mx::array* a = nullptr;
+  return nb::try_cast<mx::array*>(h, a, false) ? a : nullptr;
 }
 
 /// An mlx array argument; anything else is a kvcore.CacheTypeError naming
 /// the call (`cls.method`) and the argument, not nanobind's overload error.
 inline const mx::array& array_param(nb::handle h, const char* cls, const char* method,
                                     const char* what) {
-  mx::array* a = nullptr;
-  if (!nb::try_cast<mx::array*>(h, a, false) || a == nullptr) {
+  mx::array* a = as_array(h);
+  if (a == nullptr) {
     throw TypeError(std::string(cls) + "." + method, std::string(what) + " as an mlx array",
                     py_type_name(h));
   }
