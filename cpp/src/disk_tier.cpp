@@ -79,7 +79,7 @@ int64_t mtime_ns(const std::string& path) {
 int64_t touch(const std::string& path) {
   const struct timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
   ::utimensat(AT_FDCWD, path.c_str(), times, 0);
-  return now_ns();
+  return mtime_ns(path); // the filesystem's clock, as other processes see it
 }
 
 // An entry's file name: "<16 hex>-<16 hex>.safetensors".
@@ -819,7 +819,7 @@ void DiskTier::commit(const Job& job, const std::string& written, const std::str
       throw ValueError(kDisk, "a file it can rename", ec.message());
     }
     ++written_;
-    add_block(path, *job.block, bytes, now_ns());
+    add_block(path, *job.block, bytes, mtime_ns(path));
     evict();
     return;
   }
@@ -842,7 +842,7 @@ void DiskTier::commit(const Job& job, const std::string& written, const std::str
   ++written_;
   bytes_ += bytes;
   link(job.chain, +1);
-  index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes, job.chain, now_ns()});
+  index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes, job.chain, mtime_ns(path)});
   order_.push_back({model, tokens});
   if (job.trimmable && job.type != checkpoint_type()) {
     // As in memory: a trimmable entry serves its prefixes, whose files go.
