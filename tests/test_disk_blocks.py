@@ -74,6 +74,10 @@ def test_a_growing_conversation_writes_each_block_once(tmp_path):
     assert written <= 1.1 * final
     assert dir_bytes(tmp_path) <= 1.05 * final
     assert lru.disk_nbytes == dir_bytes(tmp_path)
+    # Served after a restart, its tail holding no keys (a whole last block).
+    got, rest = kvcore.LRUPromptCache(disk_dir=tmp_path).fetch_nearest_cache(MODEL, toks + [7])
+    assert rest == [7]
+    assert_same(got, kv_caches(toks, dim=64))
 
 
 def test_shared_prefixes_are_stored_once(tmp_path):

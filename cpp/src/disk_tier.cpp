@@ -630,8 +630,19 @@ void DiskTier::add_block(const std::string& path, BlockHeader h, int64_t bytes, 
   auto it = blocks_.find(h.chain);
   std::error_code ec;
   if (it != blocks_.end()) {
-    if (it->second.path != path && fs::exists(it->second.path, ec)) {
-      fs::remove(path, ec); // another copy of a block held (its bits may differ)
+    // Two files of one block (writers whose bits differ): every process
+    // keeps the one whose name sorts first and deletes the other.
+    Block& held = it->second;
+    if (held.path != path && fs::exists(held.path, ec)) {
+      if (file_name(path) < file_name(held.path)) {
+        fs::remove(held.path, ec);
+        bytes_ += bytes - held.bytes;
+        held.path = path;
+        held.bytes = bytes;
+        held.used = used;
+      } else {
+        fs::remove(path, ec);
+      }
     }
     return;
   }
