@@ -170,7 +170,7 @@ def test_blocks_memory_holds_are_not_read_again(tmp_path):
     got, rest = lru.fetch_nearest_cache(MODEL, a)
     assert rest == []
     assert_same(got, kv_caches(a))
-    assert lru.disk_errors == []
+    assert lru.disk_errors == [] and lru.disk_blocks_read == 0
     # Without them in memory, the block is read, refused and never served.
     fresh = kvcore.LRUPromptCache(disk_dir=tmp_path)
     got, rest = fresh.fetch_nearest_cache(MODEL, a)
@@ -288,6 +288,7 @@ def test_two_processes_serve_each_others_blocks(tmp_path):
     got, rest = lru.fetch_nearest_cache(MODEL, b)  # its blocks, without a restart
     assert rest == []
     assert_same(got, kv_caches(b))
+    assert lru.disk_blocks_read == 4
     lru.insert_cache(MODEL, a, kv_caches(a))
     lru.flush()
     assert lru.disk_blocks == 3 + 1 + 1

@@ -423,6 +423,8 @@ void bind_prefix(nb::module_& m) {
                    "Entries on disk (once queued files are written).")
       .def_prop_ro("disk_blocks", &PyLRU::disk_blocks, nb::call_guard<nb::gil_scoped_release>(),
                    "Blocks on disk (once queued files are written).")
+      .def_prop_ro("disk_blocks_read", &PyLRU::disk_blocks_read, nb::call_guard<nb::gil_scoped_release>(),
+                   "Blocks read from disk and served (those memory held are not read).")
       .def_prop_ro("disk_block_tokens", &PyLRU::disk_block_tokens, "Tokens per disk block (0: whole files).")
       .def_prop_ro("disk_nbytes", &PyLRU::disk_nbytes, nb::call_guard<nb::gil_scoped_release>(),
                    "Bytes of the disk tier's files (once queued files are written).")

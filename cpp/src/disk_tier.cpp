@@ -392,6 +392,11 @@ int64_t DiskTier::block_count() const {
   return static_cast<int64_t>(blocks_.size());
 }
 
+int64_t DiskTier::blocks_read() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_read_;
+}
+
 bool DiskTier::has_block(uint64_t chain) const {
   std::lock_guard<std::mutex> lock(mutex_);
   return blocks_.count(chain) > 0 || queued_blocks_.count(chain) > 0;
@@ -962,6 +967,7 @@ std::optional<std::vector<std::vector<LayerKV>>> DiskTier::load_blocks(
     }
     const int64_t used = touch(path);
     std::lock_guard<std::mutex> lock(mutex_);
+    ++blocks_read_;
     if (auto it = blocks_.find(want.chain); it != blocks_.end()) {
       it->second.used = used;
     }

@@ -129,8 +129,10 @@ class DiskTier {
       const Chain& chain,
       int64_t first,
       int64_t count);
-  /// Blocks and their bytes indexed.
+  /// Blocks indexed.
   int64_t block_count() const;
+  /// Blocks load_blocks read from files (and served).
+  int64_t blocks_read() const;
 
   /// Queue an entry's file (prepare_prompt_cache*) to be written, then
   /// indexed, deleting the oldest files past max_bytes (a file larger than
@@ -216,6 +218,7 @@ class DiskTier {
   int64_t max_bytes_;
   int64_t bytes_ = 0;
   int64_t written_ = 0;
+  int64_t blocks_read_ = 0;
   int64_t dir_stamp_ = -1; // the directory's mtime when last synced
   PromptTrie<std::string, Entry> index_;
   std::deque<Key> order_; // oldest first

@@ -253,6 +253,11 @@ class LRUPromptCache {
     sync_disk();
     return disk_ ? disk_->block_count() : 0;
   }
+  /// Blocks this cache read from disk and served (blocks memory held
+  /// are not read).
+  int64_t disk_blocks_read() const {
+    return disk_ ? disk_->blocks_read() : 0;
+  }
   /// Tokens per disk block (0: entries as whole files).
   int disk_block_tokens() const {
     return block_tokens_;
