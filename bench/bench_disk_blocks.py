@@ -281,7 +281,7 @@ def main():
     print(f"time to first token after a restart, {args.ttft_tokens} tokens", flush=True)
     med, seq, nbytes, sizes = ttft(args.ttft_tokens, args.repeats)
     lines += [f"## Time to first token after a restart, {args.ttft_tokens}-token prompt",
-              "Random Llama-shaped model (4 layers, hidden 256, 2 KV heads x 64, float16 caches); the request is the "
+              "Random Llama-shaped model (4 layers, hidden 256, 2 KV heads x 64; its float32 weights make float32 caches); the request is the "
               "stored prompt plus one token. From disk: a new LRUPromptCache on the directory (its scan included), "
               "fetch_nearest_cache, then the first token. Cold: the files' pages dropped with "
               f"posix_fadvise(DONTNEED) first. Median of {args.repeats}.", "",

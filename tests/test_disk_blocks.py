@@ -121,6 +121,24 @@ def test_served_from_blocks_as_memory_serves(tmp_path, hybrid_caches):
         assert disk.disk_errors == []
 
 
+def test_a_prompt_sharing_part_of_a_chain_reads_only_its_blocks(tmp_path):
+    long = prompt(6 * B + 9)
+    with kvcore.LRUPromptCache(disk_dir=tmp_path) as w:
+        w.insert_cache(MODEL, long, kv_caches(long))
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    q = long[: B + 20] + [1, 2, 3]
+    got, rest = lru.fetch_nearest_cache(MODEL, q)
+    assert rest == [1, 2, 3] and lru.disk_blocks_read == 2
+    assert_same(got, kv_caches(long[: B + 20]))
+    # The part read is kept in memory and serves again; all of it is read when needed.
+    got, rest = lru.fetch_nearest_cache(MODEL, long[: 2 * B] + [5])
+    assert rest == [5] and lru.disk_blocks_read == 2
+    assert_same(got, kv_caches(long[: 2 * B]))
+    got, rest = lru.fetch_nearest_cache(MODEL, long)
+    assert rest == [] and lru.disk_blocks_read == 2 + 4  # the first two from memory
+    assert_same(got, kv_caches(long))
+
+
 def test_whole_entry_files_are_read(tmp_path):
     toks = prompt(2 * B + 5)
     with kvcore.LRUPromptCache(disk_dir=tmp_path, disk_block_tokens=0) as w:

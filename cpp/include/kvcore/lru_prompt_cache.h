@@ -528,10 +528,11 @@ class LRUPromptCache {
       return std::nullopt;
     }
     Caches loaded;
+    size_t held = d.key.size(); // the tokens `loaded` holds
     try {
       loaded = Ops::from_file(std::move(*file));
       if (info->chain.blocks > 0) {
-        std::optional<Caches> joined = join_blocks(model, name, d, *info, loaded, m);
+        std::optional<Caches> joined = join_blocks(model, name, d, *info, loaded, m, &held);
         if (!joined) {
           return std::nullopt;
         }
@@ -542,24 +543,28 @@ class LRUPromptCache {
       return std::nullopt;
     }
     Caches out = Ops::copy(loaded);
-    if (d.trim > 0) {
-      Ops::trim(out, d.trim);
+    if (held > d.covered) {
+      Ops::trim(out, static_cast<int>(held - d.covered));
     }
-    insert_locked(model, d.key, std::move(loaded), info->type, false);
+    insert_locked(model, Tokens(d.key.begin(), d.key.begin() + static_cast<long>(held)), std::move(loaded),
+                  info->type, false);
     return out;
   }
 
   /// A tail's caches with its chain's keys and values before its own: the
   /// blocks memory match m covers from memory, the others read from disk.
-  /// nullopt if a block is missing or refused; throws if the tail does not
-  /// fit its chain.
+  /// Where d is trimmed within the chain and the tail holds only KVCaches,
+  /// only the blocks d covers are read and the tail is left: `held` is set
+  /// to the tokens the caches hold. nullopt if a block is missing or
+  /// refused; throws if the tail does not fit its chain.
   std::optional<Caches> join_blocks(
       const Model& model,
       const std::string& name,
       const Match& d,
       const DiskTier::Entry& info,
       const Caches& tail,
-      const std::optional<Match>& m) {
+      const std::optional<Match>& m,
+      size_t* held_tokens) {
     const DiskTier::Chain& c = info.chain;
     const int bt = c.block_tokens;
     std::vector<LayerKV> tail_layers;
@@ -579,10 +584,17 @@ class LRUPromptCache {
         from_memory = std::min<int64_t>(c.blocks, std::min<int64_t>(mo, static_cast<int64_t>(m->covered)) / bt);
       }
     }
-    auto blocks = disk_->load_blocks(name, d.key, c, from_memory, c.blocks);
+    int64_t count = c.blocks;
+    if (!rest && d.covered <= static_cast<size_t>(c.blocks * bt)) {
+      count = std::max<int64_t>(1, (static_cast<int64_t>(d.covered) + bt - 1) / bt);
+      r = 0; // the tail's tokens are not needed
+    }
+    from_memory = std::min(from_memory, count);
+    auto blocks = disk_->load_blocks(name, d.key, c, from_memory, count);
     if (!blocks) {
       return std::nullopt;
     }
+    *held_tokens = static_cast<size_t>(count * bt + r);
     std::vector<LayerKV> layers;
     std::vector<mx::array> all;
     for (size_t l = 0; l < tail_layers.size(); ++l) {
@@ -606,7 +618,7 @@ class LRUPromptCache {
       all.push_back(layers.back().values);
     }
     mx::eval(all);
-    return Ops::build(std::move(layers), static_cast<int>(c.blocks * bt + r), rest ? &*rest : nullptr);
+    return Ops::build(std::move(layers), static_cast<int>(count * bt + r), rest ? &*rest : nullptr);
   }
 
   static int type_index(const std::string& t) {
