@@ -323,3 +323,30 @@ def test_two_processes_serve_each_others_blocks(tmp_path):
     assert rest == []
     assert_same(got, kv_caches(c))
     assert lru.disk_errors == []
+
+
+def test_a_full_disk_ends_block_writes_with_an_error_and_memory_serves(tmp_path):
+    # RLIMIT_FSIZE makes writes past 20000 bytes fail (EFBIG), as a full disk fails with ENOSPC:
+    # the blocks are not written, so neither is the tail that would follow them.
+    code = (
+        "import resource, os, kvcore\n"
+        "from test_disk_blocks import kv_caches, prompt, MODEL, B\n"
+        "from test_disk_faults import assert_same\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "lru = kvcore.LRUPromptCache(disk_dir=sys.argv[1])\n"
+        "toks = prompt(2 * B + 5)\n"
+        "lru.insert_cache(MODEL, toks, kv_caches(toks, dim=16))\n"
+        "lru.flush()\n"
+        "got, rest = lru.fetch_nearest_cache(MODEL, toks)\n"
+        "assert rest == []\n"
+        "assert_same(got, kv_caches(toks, dim=16))\n"
+        "print(os.listdir(sys.argv[1]))\n"
+        "for e in lru.disk_errors: print(e)\n"
+    )
+    out = run_python(code, check=False, args=[str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    files, *errors = out.stdout.splitlines()
+    assert files == "[]"
+    assert len(errors) == 3
+    assert all(e.startswith(".tmp-") and ": not written: [write] Unable to write" in e for e in errors[:2]), errors
+    assert errors[2].startswith(".tmp-") and "expected its 2 blocks on disk but got a chain with a hole" in errors[2]
