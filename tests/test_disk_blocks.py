@@ -100,14 +100,19 @@ def test_shared_prefixes_are_stored_once(tmp_path):
 def test_served_from_blocks_as_memory_serves(tmp_path, hybrid_caches):
     make = hybrid if hybrid_caches else kv_caches
     base = prompt(3 * B + 40)
-    entries = [base, base[: 2 * B] + prompt(50, seed=7), base[:B] + prompt(2 * B, seed=8)]
+    # The last entry's caches hold one token fewer than its key (as a server stores
+    # prompt and reply before the reply's last token is run).
+    other = prompt(4 * B, seed=10)
+    entries = [base, base[: 2 * B] + prompt(50, seed=7), base[:B] + prompt(2 * B, seed=8), other + [3]]
     memory = kvcore.LRUPromptCache(max_size=100)
     with kvcore.LRUPromptCache(disk_dir=tmp_path) as w:
         for toks in entries:
-            w.insert_cache(MODEL, toks, make(toks))
-            memory.insert_cache(MODEL, toks, make(toks))
-    assert len(blocks(tmp_path)) == 3 + 1 + 1  # the shared first blocks once
-    queries = entries + [base + [1, 2], base[: 2 * B + 10] + [5], base[: B + 3], prompt(300, seed=9)]
+            held = toks[:-1] if toks[-1] == 3 else toks
+            w.insert_cache(MODEL, toks, make(held))
+            memory.insert_cache(MODEL, toks, make(held))
+    assert len(blocks(tmp_path)) == 3 + 1 + 1 + 4  # the shared first blocks once
+    queries = entries + [base + [1, 2], base[: 2 * B + 10] + [5], base[: B + 3], prompt(300, seed=9),
+                         other[: B + 7] + [4], other[:B] + [4], other + [4]]
     for q in queries:
         disk = kvcore.LRUPromptCache(disk_dir=tmp_path)  # after a restart: all from disk
         got, rest = disk.fetch_nearest_cache(MODEL, q)
@@ -118,6 +123,8 @@ def test_served_from_blocks_as_memory_serves(tmp_path, hybrid_caches):
             assert_same(got, want)
             if not hybrid_caches:
                 assert_same(got, kv_caches(q[: got[0].offset]))
+        if q == other[:B] + [4] and not hybrid_caches:
+            assert disk.disk_blocks_read == 1  # only the block it needs
         assert disk.disk_errors == []
 
 

@@ -528,11 +528,12 @@ class LRUPromptCache {
       return std::nullopt;
     }
     Caches loaded;
-    size_t held = d.key.size(); // the tokens `loaded` holds
+    size_t held = d.key.size(); // the tokens `loaded` is kept in memory for
+    int trim = d.trim; // and how many of them to trim to serve
     try {
       loaded = Ops::from_file(std::move(*file));
       if (info->chain.blocks > 0) {
-        std::optional<Caches> joined = join_blocks(model, name, d, *info, loaded, m, &held);
+        std::optional<Caches> joined = join_blocks(model, name, d, *info, loaded, m, &held, &trim);
         if (!joined) {
           return std::nullopt;
         }
@@ -543,8 +544,8 @@ class LRUPromptCache {
       return std::nullopt;
     }
     Caches out = Ops::copy(loaded);
-    if (held > d.covered) {
-      Ops::trim(out, static_cast<int>(held - d.covered));
+    if (trim > 0) {
+      Ops::trim(out, trim);
     }
     insert_locked(model, Tokens(d.key.begin(), d.key.begin() + static_cast<long>(held)), std::move(loaded),
                   info->type, false);
@@ -555,8 +556,9 @@ class LRUPromptCache {
   /// blocks memory match m covers from memory, the others read from disk.
   /// Where d is trimmed within the chain and the tail holds only KVCaches,
   /// only the blocks d covers are read and the tail is left: `held` is set
-  /// to the tokens the caches hold. nullopt if a block is missing or
-  /// refused; throws if the tail does not fit its chain.
+  /// to the tokens the caches hold, `trim` to what leaves the offset d's
+  /// trim would. nullopt if a block is missing or refused; throws if the
+  /// tail does not fit its chain.
   std::optional<Caches> join_blocks(
       const Model& model,
       const std::string& name,
@@ -564,7 +566,8 @@ class LRUPromptCache {
       const DiskTier::Entry& info,
       const Caches& tail,
       const std::optional<Match>& m,
-      size_t* held_tokens) {
+      size_t* held_tokens,
+      int* trim) {
     const DiskTier::Chain& c = info.chain;
     const int bt = c.block_tokens;
     std::vector<LayerKV> tail_layers;
@@ -585,16 +588,19 @@ class LRUPromptCache {
       }
     }
     int64_t count = c.blocks;
-    if (!rest && d.covered <= static_cast<size_t>(c.blocks * bt)) {
-      count = std::max<int64_t>(1, (static_cast<int64_t>(d.covered) + bt - 1) / bt);
+    // The offset served: the entry's, less d's trim (mlx-lm trims by tokens).
+    const int64_t serve = c.blocks * bt + r - d.trim;
+    if (!rest && d.trim > 0 && serve >= 0 && serve <= c.blocks * bt) {
+      count = std::max<int64_t>(1, (serve + bt - 1) / bt);
       r = 0; // the tail's tokens are not needed
+      *held_tokens = static_cast<size_t>(count * bt);
+      *trim = static_cast<int>(count * bt - serve);
     }
     from_memory = std::min(from_memory, count);
     auto blocks = disk_->load_blocks(name, d.key, c, from_memory, count);
     if (!blocks) {
       return std::nullopt;
     }
-    *held_tokens = static_cast<size_t>(count * bt + r);
     std::vector<LayerKV> layers;
     std::vector<mx::array> all;
     for (size_t l = 0; l < tail_layers.size(); ++l) {
