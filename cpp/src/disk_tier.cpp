@@ -19,7 +19,6 @@
 #include <unistd.h>
 
 #include "kvcore/errors.h"
-#include "kvcore/buffer.h"
 
 namespace kvcore {
 
@@ -33,31 +32,11 @@ constexpr size_t kMaxErrors = 64;
 // removed (their writer died, or another process evicted them).
 constexpr int64_t kOrphanNs = 30ll * 1000000000;
 
-std::string hex(uint64_t v) {
-  return hex16(v);
-}
-
 uint64_t key_hash(const std::string& model, const Tokens& tokens) {
   DiskHasher h;
   h.add(model.data(), model.size());
   h.add(tokens.data(), tokens.size() * sizeof(int64_t));
   return h.h;
-}
-
-uint64_t bytes_hash(const std::string& bytes) {
-  return disk_bytes_hash(bytes);
-}
-
-uint64_t file_hash(const std::string& path) {
-  return disk_file_hash(path);
-}
-
-std::string get(const Metadata& m, const std::string& key) {
-  return meta_get(m, key);
-}
-
-Tokens parse_tokens(const Metadata& m) {
-  return kvcore::parse_tokens(m, "kvcore.tokens");
 }
 
 int64_t now_ns() {
@@ -84,11 +63,11 @@ int64_t touch(const std::string& path) {
 
 // An entry's file name: "<16 hex>-<16 hex>.safetensors".
 bool is_entry_name(const std::string& name) {
-  auto hex16 = [&](size_t at) {
+  auto hex_at = [&](size_t at) {
     return std::all_of(name.begin() + at, name.begin() + at + 16,
                        [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; });
   };
-  return name.size() == 45 && hex16(0) && name[16] == '-' && hex16(17) &&
+  return name.size() == 45 && hex_at(0) && name[16] == '-' && hex_at(17) &&
       name.compare(33, 12, ".safetensors") == 0;
 }
 
@@ -138,8 +117,8 @@ pid_t dead_writer(const std::string& name) {
 
 void check_hash(const std::string& path, uint64_t got) {
   const std::string name = file_name(path);
-  if (name.compare(17, 16, hex(got)) != 0) {
-    throw ValueError(kDisk, "file contents hashing to " + name.substr(17, 16), hex(got));
+  if (name.compare(17, 16, hex16(got)) != 0) {
+    throw ValueError(kDisk, "file contents hashing to " + name.substr(17, 16), hex16(got));
   }
 }
 
@@ -307,7 +286,7 @@ void DiskTier::sync() {
       uint64_t chain = 0, hash = 0;
       parse_block_name(file_name(path), &chain, &hash);
       if (chain != h.chain) {
-        throw ValueError(kDisk, "a block file named for its chain " + hex(h.chain), "'" + file_name(path) + "'");
+        throw ValueError(kDisk, "a block file named for its chain " + hex16(h.chain), "'" + file_name(path) + "'");
       }
       headers.emplace_back(std::move(h), path);
     } catch (const CacheError& e) {
@@ -488,9 +467,9 @@ void DiskTier::run() {
       write_prepared(tmp, std::move(job.file));
       // Named by model and tokens (or a block's chain), and by a hash of
       // the file as written.
-      const uint64_t h = file_hash(tmp);
+      const uint64_t h = disk_file_hash(tmp);
       const std::string name = job.block ? block_file_name(job.block->chain, h)
-                                         : hex(key_hash(job.key.model, job.key.tokens)) + "-" + hex(h) +
+                                         : hex16(key_hash(job.key.model, job.key.tokens)) + "-" + hex16(h) +
               ".safetensors";
       path = (fs::path(dir_) / name).string();
       std::error_code ec;
@@ -511,8 +490,8 @@ void DiskTier::run() {
       queued_.erase(key_hash(job.key.model, job.key.tokens));
     }
     const std::string file = !tmp.empty() ? file_name(tmp)
-        : job.block                       ? "blk-" + hex(job.block->chain) + "-*.safetensors"
-                                          : hex(key_hash(job.key.model, job.key.tokens)) + "-*.safetensors";
+        : job.block                       ? "blk-" + hex16(job.block->chain) + "-*.safetensors"
+                                          : hex16(key_hash(job.key.model, job.key.tokens)) + "-*.safetensors";
     if (!error.empty()) {
       note(file, "not written: " + error);
     } else {
@@ -539,24 +518,24 @@ DiskTier::Found DiskTier::read_entry(const std::string& path) {
       m[k.substr(2)] = v;
     }
   }
-  const std::string version = get(m, "kvcore.entry");
+  const std::string version = meta_get(m, "kvcore.entry");
   if (version != "1" && version != "2") {
     throw ValueError(kDisk, "kvcore.entry 1 or 2", "'" + version.substr(0, 40) + "'");
   }
-  Found f{get(m, "kvcore.model"), parse_tokens(m), {}};
-  const std::string type = get(m, "kvcore.type");
+  Found f{meta_get(m, "kvcore.model"), parse_tokens(m, "kvcore.tokens"), {}};
+  const std::string type = meta_get(m, "kvcore.type");
   const auto& o = cache_type_order();
   if (std::find(o.begin(), o.end(), type) == o.end() && type != checkpoint_type()) {
     throw ValueError(kDisk, "a cache type", "'" + type.substr(0, 40) + "'");
   }
-  f.entry = Entry{path, type, get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes), {},
+  f.entry = Entry{path, type, meta_get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes), {},
                   mtime_ns(path)};
   if (version == "2") { // a tail after a chain of blocks
     Chain& c = f.entry.chain;
     c.blocks = meta_int(m, "kvcore.blocks");
     const int64_t bt = meta_int(m, "kvcore.block_tokens");
-    c.layout = get(m, "kvcore.layout");
-    const std::string last = get(m, "kvcore.chain");
+    c.layout = meta_get(m, "kvcore.layout");
+    const std::string last = meta_get(m, "kvcore.chain");
     auto [end, ec] = std::from_chars(last.data(), last.data() + last.size(), c.last, 16);
     if (c.blocks < 1 || bt < 1 || bt > (1 << 16) || last.size() != 16 || ec != std::errc() ||
         end != last.data() + last.size()) {
@@ -567,7 +546,7 @@ DiskTier::Found DiskTier::read_entry(const std::string& path) {
     return f; // named for its tokens once resolve() has them
   }
   const std::string name = file_name(path);
-  if (name.substr(0, 16) != hex(key_hash(f.model, f.tokens))) {
+  if (name.substr(0, 16) != hex16(key_hash(f.model, f.tokens))) {
     throw ValueError(kDisk, "a file named for its model and tokens", "'" + name + "'");
   }
   return f;
@@ -588,7 +567,7 @@ bool DiskTier::resolve(Found& f) const {
     const BlockHeader& h = it->second.header;
     if (h.index != i || h.model != f.model || h.layout != c.layout || h.block_tokens != c.block_tokens) {
       throw ValueError(kDisk, "a chain of " + std::to_string(c.blocks) + " blocks of its model and layout",
-                       "block " + hex(at) + " at index " + std::to_string(h.index));
+                       "block " + hex16(at) + " at index " + std::to_string(h.index));
     }
     parts.push_back(&h.tokens);
     at = h.parent;
@@ -599,7 +578,7 @@ bool DiskTier::resolve(Found& f) const {
   }
   all.insert(all.end(), f.tokens.begin(), f.tokens.end());
   const std::string name = file_name(f.entry.path);
-  if (name.substr(0, 16) != hex(key_hash(f.model, all))) {
+  if (name.substr(0, 16) != hex16(key_hash(f.model, all))) {
     throw ValueError(kDisk, "a file named for its model and tokens", "'" + name + "'");
   }
   f.tokens = std::move(all);
@@ -622,7 +601,7 @@ void DiskTier::add(Found f) {
     }
     // Two files of one entry (a copy, or another writer's version): the
     // newer replaces the older only if it passes its hash check.
-    check_hash(f.entry.path, file_hash(f.entry.path));
+    check_hash(f.entry.path, disk_file_hash(f.entry.path));
     remove(f.model, f.tokens, true);
   }
   bytes_ += f.entry.bytes;
@@ -762,24 +741,24 @@ Metadata DiskTier::metadata(
   if (chain.blocks > 0) {
     m["kvcore.blocks"] = std::to_string(chain.blocks);
     m["kvcore.block_tokens"] = std::to_string(chain.block_tokens);
-    m["kvcore.chain"] = hex(chain.last);
+    m["kvcore.chain"] = hex16(chain.last);
     m["kvcore.layout"] = chain.layout;
   }
   return m;
 }
 
 void DiskTier::check_entry(const Metadata& m, const std::string& model, const Tokens& tokens, const Chain& chain) {
-  if (get(m, "kvcore.model") != model) {
+  if (meta_get(m, "kvcore.model") != model) {
     throw ValueError(kDisk, "an entry of model " + model.substr(0, 80),
-                     "one of " + get(m, "kvcore.model").substr(0, 80));
+                     "one of " + meta_get(m, "kvcore.model").substr(0, 80));
   }
   const size_t skip = static_cast<size_t>(chain.blocks * chain.block_tokens);
   if (skip > tokens.size() ||
-      parse_tokens(m) != Tokens(tokens.begin() + static_cast<long>(skip), tokens.end())) {
+      parse_tokens(m, "kvcore.tokens") != Tokens(tokens.begin() + static_cast<long>(skip), tokens.end())) {
     throw ValueError(kDisk, "the entry's " + std::to_string(tokens.size()) + " tokens", "other tokens");
   }
   if (chain.blocks == 0) {
-    if (get(m, "kvcore.entry") != "1") {
+    if (meta_get(m, "kvcore.entry") != "1") {
       throw ValueError(kDisk, "a whole entry", "a tail");
     }
     return;
@@ -790,10 +769,10 @@ void DiskTier::check_entry(const Metadata& m, const std::string& model, const To
     at = block_chain(at, model, chain.layout, chain.block_tokens, tokens.data() + i * chain.block_tokens,
                      static_cast<size_t>(chain.block_tokens));
   }
-  if (get(m, "kvcore.entry") != "2" || meta_int(m, "kvcore.blocks") != chain.blocks ||
-      meta_int(m, "kvcore.block_tokens") != chain.block_tokens || get(m, "kvcore.layout") != chain.layout ||
-      get(m, "kvcore.chain") != hex(at)) {
-    throw ValueError(kDisk, "a tail after chain " + hex(at), "'" + get(m, "kvcore.chain").substr(0, 40) + "'");
+  if (meta_get(m, "kvcore.entry") != "2" || meta_int(m, "kvcore.blocks") != chain.blocks ||
+      meta_int(m, "kvcore.block_tokens") != chain.block_tokens || meta_get(m, "kvcore.layout") != chain.layout ||
+      meta_get(m, "kvcore.chain") != hex16(at)) {
+    throw ValueError(kDisk, "a tail after chain " + hex16(at), "'" + meta_get(m, "kvcore.chain").substr(0, 40) + "'");
   }
 }
 
@@ -804,7 +783,7 @@ std::string DiskTier::create_temp() const {
   for (int attempt = 0;; ++attempt) {
     const uint64_t token = (static_cast<uint64_t>(random()) << 32) ^ random();
     const std::string path = (fs::path(dir_) / (".tmp-" + host_tag() + "-" + std::to_string(getpid()) +
-                                                "-" + hex(token) + ".safetensors"))
+                                                "-" + hex16(token) + ".safetensors"))
                                  .string();
     const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY, 0644);
     if (fd >= 0) {
@@ -891,7 +870,7 @@ std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const 
       }
       return std::nullopt;
     }
-    check_hash(e->path, bytes_hash(*bytes));
+    check_hash(e->path, disk_bytes_hash(*bytes));
     LoadedPromptCache loaded = load_prompt_cache_bytes(std::move(bytes));
     check_entry(loaded.metadata, model, tokens, e->chain);
     const int64_t used = touch(e->path);
@@ -978,7 +957,7 @@ std::optional<std::vector<std::vector<LayerKV>>> DiskTier::load_blocks(
 void DiskTier::refuse(const std::string& model, const Tokens& tokens, const std::string& why) {
   std::lock_guard<std::mutex> lock(mutex_);
   const Entry* e = index_.get(model, tokens);
-  note(e != nullptr ? file_name(e->path) : hex(key_hash(model, tokens)) + "-*.safetensors", why);
+  note(e != nullptr ? file_name(e->path) : hex16(key_hash(model, tokens)) + "-*.safetensors", why);
   remove(model, tokens, true);
 }
 
