@@ -48,6 +48,11 @@ def entry_files(d):
     return sorted(f for f in os.listdir(d) if f.endswith(".safetensors") and not f.startswith(".tmp-"))
 
 
+def tail_files(d):
+    """Entries' files: whole ones and tails, not their chains' blocks."""
+    return [f for f in entry_files(d) if not f.startswith("blk-")]
+
+
 def temp_files(d):
     return sorted(f for f in os.listdir(d) if f.startswith(".tmp-"))
 
@@ -284,8 +289,8 @@ while True:
 def test_a_process_killed_at_any_moment_leaves_nothing_served_wrong(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r})\n" + WRITE_FOREVER,
                           str(tmp_path)])
-    try:  # killed once it has written a few files and is writing another
-        while len(entry_files(tmp_path)) < 3 or not temp_files(tmp_path):
+    try:  # killed once it has written a few entries and is writing another file
+        while len(tail_files(tmp_path)) < 3 or not temp_files(tmp_path):
             assert p.poll() is None
             threading.Event().wait(0.001)
     finally:
@@ -305,6 +310,7 @@ def test_a_process_killed_at_any_moment_leaves_nothing_served_wrong(tmp_path):
         i += 1
     assert found == lru.disk_size >= 3
     assert [e for e in lru.disk_errors if "gone" not in e] == []
+    assert any(f.startswith("blk-") for f in entry_files(tmp_path))  # the KVCache layer's blocks
 
 
 def test_a_full_disk_ends_writes_with_an_error_and_serving_goes_on(tmp_path):

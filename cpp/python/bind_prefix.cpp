@@ -362,8 +362,14 @@ void bind_prefix(nb::module_& m) {
                                "inserted evicted first.");
   lru.def("__init__",
           [](PyLRU* self, nb::handle max_size, nb::handle max_bytes, bool share, nb::handle disk_dir,
-             nb::handle disk_bytes, nb::handle max_checkpoints, nb::handle checkpoint_every) {
+             nb::handle disk_bytes, nb::handle max_checkpoints, nb::handle checkpoint_every,
+             nb::handle disk_block_tokens) {
             constexpr const char* ctx = "LRUPromptCache";
+            const int64_t bt = limit_arg(ctx, "disk_block_tokens", disk_block_tokens);
+            if (bt < 0 || bt > (1 << 16)) {
+              throw ValueError(ctx, "disk_block_tokens from 0 to 65536", std::to_string(bt));
+            }
+            const int block_tokens = static_cast<int>(bt);
             std::string dir;
             if (!disk_dir.is_none()) {
               dir = path_arg(ctx, "disk_dir", disk_dir);
@@ -374,15 +380,15 @@ void bind_prefix(nb::module_& m) {
             new (self) PyLRU(limit_arg(ctx, "max_size", max_size), limit_arg(ctx, "max_bytes", max_bytes),
                              share, dir, limit_arg(ctx, "disk_bytes", disk_bytes),
                              limit_arg(ctx, "max_checkpoints", max_checkpoints),
-                             limit_arg(ctx, "checkpoint_every", checkpoint_every));
+                             limit_arg(ctx, "checkpoint_every", checkpoint_every), block_tokens);
           },
           "max_size"_a = 10, "max_bytes"_a = nb::int_(1).attr("__lshift__")(63), nb::kw_only(),
           "share"_a = true, "disk_dir"_a.none() = nb::none(),
           "disk_bytes"_a = nb::int_(1).attr("__lshift__")(63), "max_checkpoints"_a = 8,
-          "checkpoint_every"_a = 0,
+          "checkpoint_every"_a = 0, "disk_block_tokens"_a = 256,
           nb::sig("def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, "
                   "disk_dir: str | bytes | os.PathLike | None = None, disk_bytes: int = 1 << 63, "
-                  "max_checkpoints: int = 8, checkpoint_every: int = 0) -> None"),
+                  "max_checkpoints: int = 8, checkpoint_every: int = 0, disk_block_tokens: int = 256) -> None"),
           R"pbdoc(
             Args:
                 max_size (int): Entries kept.
@@ -394,23 +400,35 @@ void bind_prefix(nb::module_& m) {
                     (default). ``False`` holds every entry's caches as
                     given, as mlx-lm does.
                 disk_dir (str | bytes | os.PathLike | None): A directory for the disk
-                    tier: every inserted entry is also written there as a
-                    checked prompt-cache file, and a fetch that a file covers
-                    better than memory loads it (after a restart too).
-                    Entries are keyed by ``repr(model)``; files that fail
-                    their checks are skipped (``disk_errors``).
-                disk_bytes (int): Bytes of files kept; the oldest go first.
+                    tier: every inserted entry is also written there, its
+                    plain ``KVCache`` layers' keys and values as blocks of
+                    ``disk_block_tokens`` tokens (each written once, shared
+                    by every entry through it) and the rest as a checked
+                    prompt-cache file; a fetch that disk covers better than
+                    memory loads it (after a restart too, and from other
+                    processes on the directory). Entries are keyed by
+                    ``repr(model)``; files that fail their checks are
+                    deleted, never served (``disk_errors``).
+                disk_bytes (int): Bytes of files kept, by every process on
+                    the directory together; least recently used go first.
                 max_checkpoints (int): Prefill checkpoints kept (see
                     ``insert_checkpoint``); 0 keeps none.
                 checkpoint_every (int): The fewest tokens between a
                     checkpoint and the stored prefix before it (0: every
                     prefill chunk boundary offered).
+                disk_block_tokens (int): Tokens per disk block; 0 writes
+                    each entry as one whole file.
           )pbdoc")
       .def_prop_ro("disk_dir", [](const PyLRU& c) -> nb::object {
         return c.disk_dir().empty() ? nb::none() : nb::object(nb::str(c.disk_dir().c_str()));
       })
       .def_prop_ro("disk_size", &PyLRU::disk_size, nb::call_guard<nb::gil_scoped_release>(),
                    "Entries on disk (once queued files are written).")
+      .def_prop_ro("disk_blocks", &PyLRU::disk_blocks, nb::call_guard<nb::gil_scoped_release>(),
+                   "Blocks on disk (once queued files are written).")
+      .def_prop_ro("disk_blocks_read", &PyLRU::disk_blocks_read, nb::call_guard<nb::gil_scoped_release>(),
+                   "Blocks read from disk and served (those memory held are not read).")
+      .def_prop_ro("disk_block_tokens", &PyLRU::disk_block_tokens, "Tokens per disk block (0: whole files).")
       .def_prop_ro("disk_nbytes", &PyLRU::disk_nbytes, nb::call_guard<nb::gil_scoped_release>(),
                    "Bytes of the disk tier's files (once queued files are written).")
       .def_prop_ro("disk_errors", &PyLRU::disk_errors, nb::call_guard<nb::gil_scoped_release>(),

@@ -9,6 +9,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <system_error>
 
@@ -26,119 +27,47 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kDisk = "LRUPromptCache disk tier";
-constexpr size_t kTokensPerKey = 2048; // keeps each metadata string short
 constexpr size_t kMaxErrors = 64;
-
-// A 64-bit hash of bytes, 8 at a time (corruption, not adversaries).
-struct Hasher {
-  uint64_t h = 0x243F6A8885A308D3ull;
-  void add(const void* data, size_t n) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      uint64_t w;
-      std::memcpy(&w, p + i, 8);
-      mix(w);
-    }
-    uint64_t tail = 0;
-    std::memcpy(&tail, p + i, n - i);
-    mix(tail ^ (static_cast<uint64_t>(n - i) << 56));
-  }
-  void mix(uint64_t w) {
-    h = (h ^ w) * 0x9E3779B97F4A7C15ull;
-    h ^= h >> 29;
-  }
-};
-
-std::string hex(uint64_t v) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
-  return buf;
-}
+// A tail whose blocks are not indexed this long after it was first seen is
+// removed (their writer died, or another process evicted them).
+constexpr int64_t kOrphanNs = 30ll * 1000000000;
 
 uint64_t key_hash(const std::string& model, const Tokens& tokens) {
-  Hasher h;
+  DiskHasher h;
   h.add(model.data(), model.size());
   h.add(tokens.data(), tokens.size() * sizeof(int64_t));
   return h.h;
 }
 
-// A file's hash is taken over blocks of one size, whether streamed from
-// disk or over bytes in memory: a file always hashes the same.
-constexpr size_t kHashBlock = 1 << 20;
-
-uint64_t bytes_hash(const std::string& bytes) {
-  Hasher h;
-  for (size_t at = 0, n = kHashBlock; n == kHashBlock; at += n) { // a last, short block, maybe empty
-    n = std::min(kHashBlock, bytes.size() - at);
-    h.add(bytes.data() + at, n);
-  }
-  return h.h;
+int64_t now_ns() {
+  struct timespec ts {};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
-// The hash of a whole file, streamed.
-uint64_t file_hash(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw ValueError(kDisk, "a readable file", "'" + path + "'");
+int64_t mtime_ns(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return -1;
   }
-  Hasher h;
-  std::vector<char> buf(kHashBlock);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    h.add(buf.data(), static_cast<size_t>(in.gcount()));
-  }
-  return h.h;
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
 }
 
-std::string get(const Metadata& m, const std::string& key) {
-  auto it = m.find(key);
-  if (it == m.end()) {
-    throw ValueError(kDisk, "metadata '" + key + "'", "none");
-  }
-  return it->second;
-}
-
-int64_t parse_int(const std::string& s, const char* what) {
-  int64_t v = 0;
-  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc() || end != s.data() + s.size()) {
-    throw ValueError(kDisk, std::string(what) + " as an integer", "'" + s.substr(0, 40) + "'");
-  }
-  return v;
-}
-
-Tokens parse_tokens(const Metadata& m) {
-  const int64_t n = parse_int(get(m, "kvcore.tokens"), "kvcore.tokens");
-  if (n < 0 || static_cast<uint64_t>(n) > kMaxEntries * kTokensPerKey) {
-    throw ValueError(kDisk, "a token count", std::to_string(n));
-  }
-  Tokens out;
-  for (size_t chunk = 0; out.size() < static_cast<size_t>(n); ++chunk) {
-    const std::string s = get(m, "kvcore.tokens." + std::to_string(chunk));
-    size_t at = 0;
-    while (at < s.size()) {
-      size_t comma = s.find(',', at);
-      if (comma == std::string::npos) {
-        comma = s.size();
-      }
-      out.push_back(parse_int(s.substr(at, comma - at), "a token"));
-      at = comma + 1;
-    }
-    if (s.empty() || out.size() > static_cast<size_t>(n)) {
-      throw ValueError(kDisk, std::to_string(n) + " tokens", "a malformed token list");
-    }
-  }
-  return out;
+// Mark a file used: its mtime, which every process sharing the directory
+// sees, is when it was last read.
+int64_t touch(const std::string& path) {
+  const struct timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
+  ::utimensat(AT_FDCWD, path.c_str(), times, 0);
+  return mtime_ns(path); // the filesystem's clock, as other processes see it
 }
 
 // An entry's file name: "<16 hex>-<16 hex>.safetensors".
 bool is_entry_name(const std::string& name) {
-  auto hex16 = [&](size_t at) {
+  auto hex_at = [&](size_t at) {
     return std::all_of(name.begin() + at, name.begin() + at + 16,
                        [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; });
   };
-  return name.size() == 45 && hex16(0) && name[16] == '-' && hex16(17) &&
+  return name.size() == 45 && hex_at(0) && name[16] == '-' && hex_at(17) &&
       name.compare(33, 12, ".safetensors") == 0;
 }
 
@@ -188,8 +117,8 @@ pid_t dead_writer(const std::string& name) {
 
 void check_hash(const std::string& path, uint64_t got) {
   const std::string name = file_name(path);
-  if (name.compare(17, 16, hex(got)) != 0) {
-    throw ValueError(kDisk, "file contents hashing to " + name.substr(17, 16), hex(got));
+  if (name.compare(17, 16, hex16(got)) != 0) {
+    throw ValueError(kDisk, "file contents hashing to " + name.substr(17, 16), hex16(got));
   }
 }
 
@@ -291,21 +220,27 @@ void DiskTier::sync() {
     }
     // A directory's mtime ticks coarsely: a change within the same tick
     // after this listing would leave it as it is. Only an mtime a second
-    // old is trusted to mean "nothing since".
+    // old is trusted to mean "nothing since"; so is a listing that left
+    // no tail waiting for its blocks.
     const bool settled = std::time(nullptr) - static_cast<int64_t>(st.st_mtim.tv_sec) > 1;
     dir_stamp_ = settled ? stamp : -1;
   }
   std::error_code ec;
-  std::vector<std::pair<fs::file_time_type, std::string>> files;
+  std::vector<std::pair<fs::file_time_type, std::string>> files, block_files;
   std::set<std::string> listed;
   for (const auto& e : fs::directory_iterator(dir_, ec)) {
-    if (is_entry_name(e.path().filename().string()) && e.is_regular_file(ec)) {
+    const std::string name = e.path().filename().string();
+    uint64_t chain = 0, hash = 0;
+    if (is_entry_name(name) && e.is_regular_file(ec)) {
       files.emplace_back(e.last_write_time(ec), e.path().string());
+      listed.insert(e.path().string());
+    } else if (parse_block_name(name, &chain, &hash) && e.is_regular_file(ec)) {
+      block_files.emplace_back(e.last_write_time(ec), e.path().string());
       listed.insert(e.path().string());
     }
   }
   std::sort(files.begin(), files.end()); // oldest first
-  std::vector<std::string> fresh;
+  std::vector<std::string> fresh, fresh_blocks;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<Key> gone;
@@ -321,20 +256,78 @@ void DiskTier::sync() {
     for (const Key& k : gone) {
       remove(k.model, k.tokens, false); // deleted by another process
     }
+    std::vector<uint64_t> gone_blocks;
+    for (const auto& [chain, b] : blocks_) {
+      if (listed.count(b.path)) {
+        known.insert(b.path);
+      } else if (!fs::exists(b.path, ec)) {
+        gone_blocks.push_back(chain);
+      }
+    }
+    for (uint64_t c : gone_blocks) {
+      remove_block(c, false);
+    }
     for (const auto& [_, path] : files) {
       if (!known.count(path)) {
         fresh.push_back(path);
       }
+    }
+    for (const auto& [_, path] : block_files) {
+      if (!known.count(path)) {
+        fresh_blocks.push_back(path);
+      }
+    }
+  }
+  // Blocks first, parents before children, then the tails over them.
+  std::vector<std::pair<BlockHeader, std::string>> headers;
+  for (const auto& path : fresh_blocks) {
+    try {
+      BlockHeader h = read_block_header(path);
+      uint64_t chain = 0, hash = 0;
+      parse_block_name(file_name(path), &chain, &hash);
+      if (chain != h.chain) {
+        throw ValueError(kDisk, "a block file named for its chain " + hex16(h.chain), "'" + file_name(path) + "'");
+      }
+      headers.emplace_back(std::move(h), path);
+    } catch (const CacheError& e) {
+      if (fs::exists(path, ec)) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        note(file_name(path), e.what());
+        fs::remove(path, ec);
+      }
+    }
+  }
+  std::sort(headers.begin(), headers.end(),
+            [](const auto& a, const auto& b) { return a.first.index < b.first.index; });
+  for (auto& [h, path] : headers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    struct stat bs {};
+    if (::stat(path.c_str(), &bs) == 0) {
+      add_block(path, std::move(h), static_cast<int64_t>(bs.st_size), mtime_ns(path));
     }
   }
   for (const auto& path : fresh) {
     try {
       Found f = read_entry(path);
       std::lock_guard<std::mutex> lock(mutex_);
+      if (!resolve(f)) {
+        // Its blocks are not all here: written by a process still writing
+        // them, or gone; look again next time, and delete it once it is old.
+        auto [it, first] = orphans_.emplace(path, now_ns());
+        dir_stamp_ = -1;
+        if (!first && now_ns() - it->second > kOrphanNs) {
+          note(file_name(path), "removed: its chain of blocks is not on disk");
+          fs::remove(path, ec);
+          orphans_.erase(it);
+        }
+        continue;
+      }
+      orphans_.erase(path);
       add(std::move(f));
     } catch (const CacheError& e) {
       if (fs::exists(path, ec)) {
         std::lock_guard<std::mutex> lock(mutex_);
+        orphans_.erase(path);
         note(file_name(path), e.what());
         fs::remove(path, ec);
       }
@@ -373,13 +366,48 @@ std::vector<std::string> DiskTier::errors() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return {errors_.begin(), errors_.end()};
 }
+int64_t DiskTier::block_count() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int64_t>(blocks_.size());
+}
+
+int64_t DiskTier::blocks_read() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_read_;
+}
+
+bool DiskTier::has_block(uint64_t chain) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_.count(chain) > 0 || queued_blocks_.count(chain) > 0;
+}
+
+void DiskTier::write_block(const BlockHeader& header, const std::vector<LayerKV>& rows) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closed_ || blocks_.count(header.chain) || queued_blocks_.count(header.chain)) {
+      return;
+    }
+  }
+  PreparedFile file = prepare_block(header, rows); // mlx ops, on the caller's thread
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_ || !queued_blocks_.insert(header.chain).second) {
+    return;
+  }
+  if (!writer_) {
+    writer_ = std::make_unique<std::thread>([this] { run(); });
+  }
+  Job job{{header.model, {}}, "", false, std::move(file), {}, header};
+  queue_.push_back(std::move(job));
+  work_.notify_one();
+}
 
 void DiskTier::write(
     const std::string& model,
     const Tokens& tokens,
     const std::string& type,
     bool trimmable,
-    PreparedFile file) {
+    PreparedFile file,
+    const Chain& chain) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (closed_ || has(model, tokens)) {
     return;
@@ -388,7 +416,7 @@ void DiskTier::write(
     writer_ = std::make_unique<std::thread>([this] { run(); });
   }
   queued_.insert(key_hash(model, tokens));
-  queue_.push_back({{model, tokens}, type, trimmable, std::move(file)});
+  queue_.push_back({{model, tokens}, type, trimmable, std::move(file), chain, std::nullopt});
   work_.notify_one();
 }
 
@@ -437,10 +465,13 @@ void DiskTier::run() {
     try {
       tmp = create_temp();
       write_prepared(tmp, std::move(job.file));
-      // Named by model and tokens, and by a hash of the file as written.
-      path = (fs::path(dir_) / (hex(key_hash(job.key.model, job.key.tokens)) + "-" +
-                                hex(file_hash(tmp)) + ".safetensors"))
-                 .string();
+      // Named by model and tokens (or a block's chain), and by a hash of
+      // the file as written.
+      const uint64_t h = disk_file_hash(tmp);
+      const std::string name = job.block ? block_file_name(job.block->chain, h)
+                                         : hex16(key_hash(job.key.model, job.key.tokens)) + "-" + hex16(h) +
+              ".safetensors";
+      path = (fs::path(dir_) / name).string();
       std::error_code ec;
       bytes = static_cast<int64_t>(fs::file_size(tmp, ec));
       if (ec) {
@@ -453,9 +484,14 @@ void DiskTier::run() {
       }
     }
     lock.lock();
-    queued_.erase(key_hash(job.key.model, job.key.tokens));
-    const std::string file =
-        tmp.empty() ? hex(key_hash(job.key.model, job.key.tokens)) + "-*.safetensors" : file_name(tmp);
+    if (job.block) {
+      queued_blocks_.erase(job.block->chain);
+    } else {
+      queued_.erase(key_hash(job.key.model, job.key.tokens));
+    }
+    const std::string file = !tmp.empty() ? file_name(tmp)
+        : job.block                       ? "blk-" + hex16(job.block->chain) + "-*.safetensors"
+                                          : hex16(key_hash(job.key.model, job.key.tokens)) + "-*.safetensors";
     if (!error.empty()) {
       note(file, "not written: " + error);
     } else {
@@ -482,21 +518,80 @@ DiskTier::Found DiskTier::read_entry(const std::string& path) {
       m[k.substr(2)] = v;
     }
   }
-  if (get(m, "kvcore.entry") != "1") {
-    throw ValueError(kDisk, "kvcore.entry 1", "'" + get(m, "kvcore.entry").substr(0, 40) + "'");
+  const std::string version = meta_get(m, "kvcore.entry");
+  if (version != "1" && version != "2") {
+    throw ValueError(kDisk, "kvcore.entry 1 or 2", "'" + version.substr(0, 40) + "'");
   }
-  Found f{get(m, "kvcore.model"), parse_tokens(m), {}};
-  const std::string type = get(m, "kvcore.type");
+  Found f{meta_get(m, "kvcore.model"), parse_tokens(m, "kvcore.tokens"), {}};
+  const std::string type = meta_get(m, "kvcore.type");
   const auto& o = cache_type_order();
   if (std::find(o.begin(), o.end(), type) == o.end() && type != checkpoint_type()) {
     throw ValueError(kDisk, "a cache type", "'" + type.substr(0, 40) + "'");
   }
+  f.entry = Entry{path, type, meta_get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes), {},
+                  mtime_ns(path)};
+  if (version == "2") { // a tail after a chain of blocks
+    Chain& c = f.entry.chain;
+    c.blocks = meta_int(m, "kvcore.blocks");
+    const int64_t bt = meta_int(m, "kvcore.block_tokens");
+    c.layout = meta_get(m, "kvcore.layout");
+    const std::string last = meta_get(m, "kvcore.chain");
+    auto [end, ec] = std::from_chars(last.data(), last.data() + last.size(), c.last, 16);
+    if (c.blocks < 1 || bt < 1 || bt > (1 << 16) || last.size() != 16 || ec != std::errc() ||
+        end != last.data() + last.size()) {
+      throw ValueError(kDisk, "a tail after a chain of at least one block",
+                       std::to_string(c.blocks) + " blocks ending '" + last.substr(0, 40) + "'");
+    }
+    c.block_tokens = static_cast<int>(bt);
+    return f; // named for its tokens once resolve() has them
+  }
   const std::string name = file_name(path);
-  if (name.substr(0, 16) != hex(key_hash(f.model, f.tokens))) {
+  if (name.substr(0, 16) != hex16(key_hash(f.model, f.tokens))) {
     throw ValueError(kDisk, "a file named for its model and tokens", "'" + name + "'");
   }
-  f.entry = Entry{path, type, get(m, "kvcore.trimmable") == "1", static_cast<int64_t>(h.file_bytes)};
   return f;
+}
+
+bool DiskTier::resolve(Found& f) const {
+  const Chain& c = f.entry.chain;
+  if (c.blocks == 0) {
+    return true;
+  }
+  std::vector<const Tokens*> parts;
+  uint64_t at = c.last;
+  for (int64_t i = c.blocks - 1; i >= 0; --i) {
+    auto it = blocks_.find(at);
+    if (it == blocks_.end()) {
+      return false;
+    }
+    const BlockHeader& h = it->second.header;
+    if (h.index != i || h.model != f.model || h.layout != c.layout || h.block_tokens != c.block_tokens) {
+      throw ValueError(kDisk, "a chain of " + std::to_string(c.blocks) + " blocks of its model and layout",
+                       "block " + hex16(at) + " at index " + std::to_string(h.index));
+    }
+    parts.push_back(&h.tokens);
+    at = h.parent;
+  }
+  Tokens all;
+  for (auto p = parts.rbegin(); p != parts.rend(); ++p) {
+    all.insert(all.end(), (*p)->begin(), (*p)->end());
+  }
+  all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+  const std::string name = file_name(f.entry.path);
+  if (name.substr(0, 16) != hex16(key_hash(f.model, all))) {
+    throw ValueError(kDisk, "a file named for its model and tokens", "'" + name + "'");
+  }
+  f.tokens = std::move(all);
+  return true;
+}
+
+void DiskTier::link(const Chain& c, int sign) {
+  if (c.blocks > 0) {
+    auto it = blocks_.find(c.last);
+    if (it != blocks_.end()) {
+      it->second.children += sign;
+    }
+  }
 }
 
 void DiskTier::add(Found f) {
@@ -506,18 +601,127 @@ void DiskTier::add(Found f) {
     }
     // Two files of one entry (a copy, or another writer's version): the
     // newer replaces the older only if it passes its hash check.
-    check_hash(f.entry.path, file_hash(f.entry.path));
+    check_hash(f.entry.path, disk_file_hash(f.entry.path));
     remove(f.model, f.tokens, true);
   }
   bytes_ += f.entry.bytes;
+  link(f.entry.chain, +1);
   index_.add(f.model, f.tokens, std::move(f.entry));
   order_.push_back({std::move(f.model), std::move(f.tokens)});
 }
 
+void DiskTier::add_block(const std::string& path, BlockHeader h, int64_t bytes, int64_t used) {
+  auto it = blocks_.find(h.chain);
+  std::error_code ec;
+  if (it != blocks_.end()) {
+    // Two files of one block (writers whose bits differ): every process
+    // keeps the one whose name sorts first and deletes the other.
+    Block& held = it->second;
+    if (held.path != path && fs::exists(held.path, ec)) {
+      if (file_name(path) < file_name(held.path)) {
+        fs::remove(held.path, ec);
+        bytes_ += bytes - held.bytes;
+        held.path = path;
+        held.bytes = bytes;
+        held.used = used;
+      } else {
+        fs::remove(path, ec);
+      }
+    }
+    return;
+  }
+  if (h.parent != 0) {
+    auto p = blocks_.find(h.parent);
+    if (p != blocks_.end()) {
+      ++p->second.children;
+    }
+  }
+  bytes_ += bytes;
+  const uint64_t chain = h.chain;
+  blocks_.emplace(chain, Block{path, std::move(h), bytes, used, 0});
+}
+
+void DiskTier::remove_block(uint64_t chain, bool delete_file) {
+  std::set<uint64_t> doomed{chain};
+  for (bool grew = true; grew;) { // what continues it
+    grew = false;
+    for (const auto& [c, b] : blocks_) {
+      if (!doomed.count(c) && doomed.count(b.header.parent)) {
+        doomed.insert(c);
+        grew = true;
+      }
+    }
+  }
+  std::vector<Key> tails;
+  for (const Key& k : order_) {
+    const Entry* e = index_.get(k.model, k.tokens);
+    if (e->chain.blocks > 0 && doomed.count(e->chain.last)) {
+      tails.push_back(k);
+    }
+  }
+  for (const Key& k : tails) {
+    remove(k.model, k.tokens, delete_file);
+  }
+  std::error_code ec;
+  for (uint64_t c : doomed) {
+    auto it = blocks_.find(c);
+    if (it == blocks_.end()) {
+      continue;
+    }
+    auto p = blocks_.find(it->second.header.parent);
+    if (p != blocks_.end() && !doomed.count(p->first)) {
+      --p->second.children;
+    }
+    bytes_ -= it->second.bytes;
+    if (delete_file) {
+      fs::remove(it->second.path, ec);
+    }
+    blocks_.erase(it);
+  }
+}
+
 void DiskTier::evict() {
-  while (bytes_ > max_bytes_ && !order_.empty()) {
-    Key k = order_.front();
-    remove(k.model, k.tokens, true);
+  std::set<std::string> restated;
+  while (bytes_ > max_bytes_ && (!order_.empty() || !blocks_.empty())) {
+    // The least recently used file that nothing continues: a tail, or a
+    // block no stored block or tail follows.
+    const Key* tail = nullptr;
+    int64_t oldest = std::numeric_limits<int64_t>::max();
+    for (const Key& k : order_) {
+      const Entry* e = index_.get(k.model, k.tokens);
+      if (e->used < oldest) {
+        oldest = e->used;
+        tail = &k;
+      }
+    }
+    std::optional<uint64_t> block;
+    for (const auto& [c, b] : blocks_) {
+      if (b.children <= 0 && b.used < oldest) {
+        oldest = b.used;
+        block = c;
+        tail = nullptr;
+      }
+    }
+    if (tail == nullptr && !block) {
+      return;
+    }
+    // Another process may have read it since it was indexed: look once.
+    const std::string path = block ? blocks_.at(*block).path : index_.get(tail->model, tail->tokens)->path;
+    const int64_t now = mtime_ns(path);
+    if (now > oldest && restated.insert(path).second) {
+      if (block) {
+        blocks_.at(*block).used = now;
+      } else {
+        const_cast<Entry*>(index_.get(tail->model, tail->tokens))->used = now;
+      }
+      continue;
+    }
+    if (block) {
+      remove_block(*block, true);
+    } else {
+      Key k = *tail;
+      remove(k.model, k.tokens, true);
+    }
   }
 }
 
@@ -525,30 +729,50 @@ Metadata DiskTier::metadata(
     const std::string& model,
     const Tokens& tokens,
     const std::string& type,
-    bool trimmable) {
+    bool trimmable,
+    const Chain& chain) {
   Metadata m;
-  m["kvcore.entry"] = "1";
+  m["kvcore.entry"] = chain.blocks > 0 ? "2" : "1";
   m["kvcore.model"] = model;
   m["kvcore.type"] = type;
   m["kvcore.trimmable"] = trimmable ? "1" : "0";
-  m["kvcore.tokens"] = std::to_string(tokens.size());
-  for (size_t at = 0, chunk = 0; at < tokens.size(); at += kTokensPerKey, ++chunk) {
-    std::string s;
-    for (size_t i = at; i < std::min(tokens.size(), at + kTokensPerKey); ++i) {
-      s += (i > at ? "," : "") + std::to_string(tokens[i]);
-    }
-    m["kvcore.tokens." + std::to_string(chunk)] = std::move(s);
+  const size_t skip = static_cast<size_t>(chain.blocks * chain.block_tokens);
+  put_tokens(m, "kvcore.tokens", Tokens(tokens.begin() + static_cast<long>(std::min(skip, tokens.size())), tokens.end()));
+  if (chain.blocks > 0) {
+    m["kvcore.blocks"] = std::to_string(chain.blocks);
+    m["kvcore.block_tokens"] = std::to_string(chain.block_tokens);
+    m["kvcore.chain"] = hex16(chain.last);
+    m["kvcore.layout"] = chain.layout;
   }
   return m;
 }
 
-void DiskTier::check_entry(const Metadata& m, const std::string& model, const Tokens& tokens) {
-  if (get(m, "kvcore.model") != model) {
+void DiskTier::check_entry(const Metadata& m, const std::string& model, const Tokens& tokens, const Chain& chain) {
+  if (meta_get(m, "kvcore.model") != model) {
     throw ValueError(kDisk, "an entry of model " + model.substr(0, 80),
-                     "one of " + get(m, "kvcore.model").substr(0, 80));
+                     "one of " + meta_get(m, "kvcore.model").substr(0, 80));
   }
-  if (parse_tokens(m) != tokens) {
+  const size_t skip = static_cast<size_t>(chain.blocks * chain.block_tokens);
+  if (skip > tokens.size() ||
+      parse_tokens(m, "kvcore.tokens") != Tokens(tokens.begin() + static_cast<long>(skip), tokens.end())) {
     throw ValueError(kDisk, "the entry's " + std::to_string(tokens.size()) + " tokens", "other tokens");
+  }
+  if (chain.blocks == 0) {
+    if (meta_get(m, "kvcore.entry") != "1") {
+      throw ValueError(kDisk, "a whole entry", "a tail");
+    }
+    return;
+  }
+  // The chain the tail names is the one these tokens hash to.
+  uint64_t at = 0;
+  for (int64_t i = 0; i < chain.blocks; ++i) {
+    at = block_chain(at, model, chain.layout, chain.block_tokens, tokens.data() + i * chain.block_tokens,
+                     static_cast<size_t>(chain.block_tokens));
+  }
+  if (meta_get(m, "kvcore.entry") != "2" || meta_int(m, "kvcore.blocks") != chain.blocks ||
+      meta_int(m, "kvcore.block_tokens") != chain.block_tokens || meta_get(m, "kvcore.layout") != chain.layout ||
+      meta_get(m, "kvcore.chain") != hex16(at)) {
+    throw ValueError(kDisk, "a tail after chain " + hex16(at), "'" + meta_get(m, "kvcore.chain").substr(0, 40) + "'");
   }
 }
 
@@ -559,7 +783,7 @@ std::string DiskTier::create_temp() const {
   for (int attempt = 0;; ++attempt) {
     const uint64_t token = (static_cast<uint64_t>(random()) << 32) ^ random();
     const std::string path = (fs::path(dir_) / (".tmp-" + host_tag() + "-" + std::to_string(getpid()) +
-                                                "-" + hex(token) + ".safetensors"))
+                                                "-" + hex16(token) + ".safetensors"))
                                  .string();
     const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY, 0644);
     if (fd >= 0) {
@@ -572,13 +796,35 @@ std::string DiskTier::create_temp() const {
   }
 }
 
+
 void DiskTier::commit(const Job& job, const std::string& written, const std::string& path, int64_t bytes) {
-  const std::string& model = job.key.model;
-  const Tokens& tokens = job.key.tokens;
   std::error_code ec;
   if (bytes < 0 || bytes > max_bytes_) {
     fs::remove(written, ec);
     return;
+  }
+  if (job.block) {
+    if (blocks_.count(job.block->chain)) { // another process wrote it meanwhile
+      fs::remove(written, ec);
+      return;
+    }
+    fs::rename(written, path, ec); // the same name holds the same bytes: replacing is safe
+    if (ec) {
+      fs::remove(written, ec);
+      throw ValueError(kDisk, "a file it can rename", ec.message());
+    }
+    ++written_;
+    add_block(path, *job.block, bytes, mtime_ns(path));
+    evict();
+    return;
+  }
+  const std::string& model = job.key.model;
+  const Tokens& tokens = job.key.tokens;
+  Found f{model, Tokens(tokens.begin() + static_cast<long>(job.chain.blocks * job.chain.block_tokens), tokens.end()),
+          Entry{path, job.type, job.trimmable, bytes, job.chain, now_ns()}};
+  if (!resolve(f)) {
+    fs::remove(written, ec);
+    throw ValueError(kDisk, "its " + std::to_string(job.chain.blocks) + " blocks on disk", "a chain with a hole");
   }
   if (index_.get(model, tokens) != nullptr) {
     remove(model, tokens, true);
@@ -590,8 +836,22 @@ void DiskTier::commit(const Job& job, const std::string& written, const std::str
   }
   ++written_;
   bytes_ += bytes;
-  index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes});
+  link(job.chain, +1);
+  index_.add(model, tokens, Entry{path, job.type, job.trimmable, bytes, job.chain, mtime_ns(path)});
   order_.push_back({model, tokens});
+  if (job.trimmable && job.type != checkpoint_type()) {
+    // As in memory: a trimmable entry serves its prefixes, whose files go.
+    std::vector<Tokens> prefixes;
+    for (const Key& k : order_) {
+      if (k.model == model && k.tokens.size() < tokens.size() &&
+          std::equal(k.tokens.begin(), k.tokens.end(), tokens.begin())) {
+        prefixes.push_back(k.tokens);
+      }
+    }
+    for (const Tokens& p : prefixes) {
+      remove(model, p, true);
+    }
+  }
   evict();
 }
 
@@ -610,9 +870,14 @@ std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const 
       }
       return std::nullopt;
     }
-    check_hash(e->path, bytes_hash(*bytes));
+    check_hash(e->path, disk_bytes_hash(*bytes));
     LoadedPromptCache loaded = load_prompt_cache_bytes(std::move(bytes));
-    check_entry(loaded.metadata, model, tokens);
+    check_entry(loaded.metadata, model, tokens, e->chain);
+    const int64_t used = touch(e->path);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (const Entry* now = index_.get(model, tokens); now != nullptr && now->path == e->path) {
+      const_cast<Entry*>(now)->used = used;
+    }
     return loaded;
   } catch (const std::exception& ex) {
     refuse(model, tokens, ex.what());
@@ -620,10 +885,79 @@ std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const 
   }
 }
 
+std::optional<std::vector<std::vector<LayerKV>>> DiskTier::load_blocks(
+    const std::string& model,
+    const Tokens& tokens,
+    const Chain& chain,
+    int64_t first,
+    int64_t count) {
+  const int bt = chain.block_tokens;
+  if (count > chain.blocks || static_cast<size_t>(count * bt) > tokens.size()) {
+    return std::nullopt;
+  }
+  std::vector<std::vector<LayerKV>> out;
+  uint64_t parent = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    BlockHeader want;
+    want.model = model;
+    want.layout = chain.layout;
+    want.block_tokens = bt;
+    want.index = j;
+    want.parent = parent;
+    want.tokens.assign(tokens.begin() + j * bt, tokens.begin() + (j + 1) * bt);
+    want.chain = block_chain(parent, model, chain.layout, bt, want.tokens.data(), want.tokens.size());
+    parent = want.chain;
+    if (j < first) {
+      continue;
+    }
+    std::string path;
+    int64_t size = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = blocks_.find(want.chain);
+      if (it == blocks_.end()) {
+        return std::nullopt; // a chain with a hole ends there
+      }
+      path = it->second.path;
+      size = it->second.bytes;
+    }
+    auto bytes = std::make_shared<std::string>();
+    try {
+      if (!read_whole(path, size, *bytes)) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = blocks_.find(want.chain);
+        if (it != blocks_.end() && it->second.path == path) {
+          remove_block(want.chain, false); // another process deleted it: a miss
+        }
+        return std::nullopt;
+      }
+      out.push_back(load_block_bytes(file_name(path), std::move(bytes), want));
+    } catch (const std::exception& ex) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      note(file_name(path), std::string(ex.what()));
+      auto it = blocks_.find(want.chain);
+      if (it != blocks_.end() && it->second.path == path) {
+        remove_block(want.chain, true);
+      } else {
+        std::error_code ec;
+        fs::remove(path, ec);
+      }
+      return std::nullopt;
+    }
+    const int64_t used = touch(path);
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++blocks_read_;
+    if (auto it = blocks_.find(want.chain); it != blocks_.end()) {
+      it->second.used = used;
+    }
+  }
+  return out;
+}
+
 void DiskTier::refuse(const std::string& model, const Tokens& tokens, const std::string& why) {
   std::lock_guard<std::mutex> lock(mutex_);
   const Entry* e = index_.get(model, tokens);
-  note(e != nullptr ? file_name(e->path) : hex(key_hash(model, tokens)) + "-*.safetensors", why);
+  note(e != nullptr ? file_name(e->path) : hex16(key_hash(model, tokens)) + "-*.safetensors", why);
   remove(model, tokens, true);
 }
 
@@ -633,6 +967,7 @@ void DiskTier::remove(const std::string& model, const Tokens& tokens, bool delet
     return;
   }
   bytes_ -= e->bytes;
+  link(e->chain, -1);
   auto it = std::find_if(order_.begin(), order_.end(),
                          [&](const Key& k) { return k.tokens == tokens && k.model == model; });
   if (it != order_.end()) {

@@ -1,5 +1,6 @@
 // A seeded mutation fuzzer of load_prompt_cache (and of
-// load_prompt_cache_bytes, which must agree with it). Valid prompt-cache files
+// load_prompt_cache_bytes, which must agree with it), then of the disk
+// tier's block files (load_block_bytes, read_block_header). Valid prompt-cache files
 // (kvcore's own, of every class, and some of mlx-lm's) are mutated byte by
 // byte and through their JSON header; loading each must give caches or a
 // kvcore::CacheError, never another exception or a crash. What loads is
@@ -452,6 +453,84 @@ std::vector<std::string> seeds(const std::string& dir) {
   return out;
 }
 
+// Block files: a chain of blocks over a few layouts, each with what a fetch
+// expects of it.
+struct BlockSeed {
+  std::string bytes;
+  BlockHeader header;
+};
+
+std::vector<BlockSeed> block_seeds(const std::string& dir) {
+  std::vector<BlockSeed> out;
+  int k = 0;
+  for (auto dtype : {mx::float16, mx::float32, mx::bfloat16}) {
+    for (int layers : {1, 2}) {
+      const int bt = 4 + 4 * (k % 2);
+      std::vector<LayerKV> rows;
+      for (int l = 0; l < layers; ++l) {
+        auto a = mx::astype(mx::reshape(mx::arange(2 * bt * 8), {1, 2, bt, 8}), dtype);
+        rows.push_back({a + l, a - l});
+      }
+      BlockHeader h;
+      h.model = "fuzz-model";
+      h.layout = block_layout(rows);
+      h.block_tokens = bt;
+      uint64_t parent = 0;
+      for (int64_t j = 0; j < 2; ++j) {
+        h.index = j;
+        h.parent = parent;
+        h.tokens.clear();
+        for (int t = 0; t < bt; ++t) h.tokens.push_back(1000 * k + j * bt + t);
+        h.chain = block_chain(parent, h.model, h.layout, bt, h.tokens.data(), h.tokens.size());
+        parent = h.chain;
+        auto path = dir + "/block" + std::to_string(k) + "_" + std::to_string(j) + ".safetensors";
+        write_prepared(path, prepare_block(h, rows));
+        out.push_back({kvtest::read_bytes(path), h});
+      }
+      ++k;
+    }
+  }
+  return out;
+}
+
+// A mutated block file must be refused with a kvcore error under its true
+// name, and under a name fixed up to its new hash must give the layout's
+// layers or a kvcore error; its header read from disk likewise.
+void run_block(const std::string& bytes, const BlockSeed& seed, const std::string& dir, Counts& n) {
+  const uint64_t original = disk_bytes_hash(seed.bytes);
+  g_stage = "load_block_bytes (its name)";
+  try {
+    load_block_bytes(block_file_name(seed.header.chain, original), std::make_shared<const std::string>(bytes),
+                     seed.header);
+    if (bytes != seed.bytes) throw Failure{"a changed block file loaded under its old name"};
+  } catch (const CacheError&) {
+    if (bytes == seed.bytes) throw Failure{"an unchanged block file refused"};
+  }
+  g_stage = "load_block_bytes (renamed to its hash)";
+  try {
+    auto layers = load_block_bytes(block_file_name(seed.header.chain, disk_bytes_hash(bytes)),
+                                   std::make_shared<const std::string>(bytes), seed.header);
+    if (block_layout(layers) != seed.header.layout) throw Failure{"a block of another layout loaded"};
+    for (const auto& l : layers) {
+      if (l.keys.shape(2) != seed.header.block_tokens) throw Failure{"a block of another length loaded"};
+      mx::eval({l.keys, l.values});
+    }
+    ++n.loaded;
+  } catch (const CacheError&) {
+    ++n.load_errors;
+  }
+  g_stage = "read_block_header";
+  auto path = dir + "/fuzz_block.safetensors";
+  kvtest::write_bytes(path, bytes);
+  try {
+    BlockHeader h = read_block_header(path);
+    if (h.chain != block_chain(h.parent, h.model, h.layout, h.block_tokens, h.tokens.data(), h.tokens.size())) {
+      throw Failure{"a block header whose chain does not hash"};
+    }
+  } catch (const CacheError&) {
+  }
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -489,6 +568,36 @@ int main(int argc, char** argv) {
       if (!keep_going) return 1;
     }
   }
+  const auto blocks = block_seeds(dir);
+  Counts nb;
+  for (int i = first; i < first + iterations / 3; ++i) {
+    Rng rng(seed * 2000003ull + static_cast<uint64_t>(i));
+    const BlockSeed& b = blocks[pick(rng, blocks.size())];
+    std::string what = "block " + std::to_string(b.header.index) + ":";
+    std::string f = b.bytes;
+    if (pick(rng, 20) > 0) { // 1 in 20 unchanged
+      size_t count = pick(rng, 10) < 7 ? 1 : 2 + pick(rng, 2);
+      for (size_t m = 0; m < count; ++m) f = mutate(rng, std::move(f), what);
+    }
+    std::string failure;
+    try {
+      run_block(f, b, dir, nb);
+    } catch (const Failure& e) {
+      failure = e.what;
+    } catch (const std::exception& e) {
+      failure = std::string("a non-kvcore exception: ") + e.what();
+    }
+    if (!failure.empty()) {
+      auto keep = "fuzz_block_failure_" + std::to_string(seed) + "_" + std::to_string(i) + ".safetensors";
+      kvtest::write_bytes(keep, f);
+      std::cerr << "FAIL seed " << seed << " block iteration " << i << " (" << what << ") in " << g_stage << ": "
+                << failure << "\n  the file: " << keep << "\n";
+      ++failures;
+      if (!keep_going) return 1;
+    }
+  }
+  std::cout << "fuzz_loader seed " << seed << ", " << iterations / 3 << " block files: " << nb.loaded
+            << " loaded under their new hash, " << nb.load_errors << " kvcore errors\n";
   std::cout << "fuzz_loader seed " << seed << ", " << iterations << " files: " << n.loaded << " loaded ok, "
             << n.load_errors << " kvcore errors; operations on loaded caches: " << n.op_ok << " ok, "
             << n.op_errors << " kvcore errors";

@@ -1340,7 +1340,7 @@ class LRUPromptCache:
     Finished prompt caches by model and tokens, least recently inserted evicted first.
     """
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | bytes | os.PathLike | None = None, disk_bytes: int = 1 << 63, max_checkpoints: int = 8, checkpoint_every: int = 0) -> None:
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, *, share: bool = True, disk_dir: str | bytes | os.PathLike | None = None, disk_bytes: int = 1 << 63, max_checkpoints: int = 8, checkpoint_every: int = 0, disk_block_tokens: int = 256) -> None:
         """
         Args:
             max_size (int): Entries kept.
@@ -1352,17 +1352,24 @@ class LRUPromptCache:
                 (default). ``False`` holds every entry's caches as
                 given, as mlx-lm does.
             disk_dir (str | bytes | os.PathLike | None): A directory for the disk
-                tier: every inserted entry is also written there as a
-                checked prompt-cache file, and a fetch that a file covers
-                better than memory loads it (after a restart too).
-                Entries are keyed by ``repr(model)``; files that fail
-                their checks are skipped (``disk_errors``).
-            disk_bytes (int): Bytes of files kept; the oldest go first.
+                tier: every inserted entry is also written there, its
+                plain ``KVCache`` layers' keys and values as blocks of
+                ``disk_block_tokens`` tokens (each written once, shared
+                by every entry through it) and the rest as a checked
+                prompt-cache file; a fetch that disk covers better than
+                memory loads it (after a restart too, and from other
+                processes on the directory). Entries are keyed by
+                ``repr(model)``; files that fail their checks are
+                deleted, never served (``disk_errors``).
+            disk_bytes (int): Bytes of files kept, by every process on
+                the directory together; least recently used go first.
             max_checkpoints (int): Prefill checkpoints kept (see
                 ``insert_checkpoint``); 0 keeps none.
             checkpoint_every (int): The fewest tokens between a
                 checkpoint and the stored prefix before it (0: every
                 prefill chunk boundary offered).
+            disk_block_tokens (int): Tokens per disk block; 0 writes
+                each entry as one whole file.
         """
 
     @property
@@ -1371,6 +1378,18 @@ class LRUPromptCache:
     @property
     def disk_size(self) -> int:
         """Entries on disk (once queued files are written)."""
+
+    @property
+    def disk_blocks(self) -> int:
+        """Blocks on disk (once queued files are written)."""
+
+    @property
+    def disk_blocks_read(self) -> int:
+        """Blocks read from disk and served (those memory held are not read)."""
+
+    @property
+    def disk_block_tokens(self) -> int:
+        """Tokens per disk block (0: whole files)."""
 
     @property
     def disk_nbytes(self) -> int:

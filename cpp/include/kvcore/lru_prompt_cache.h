@@ -18,6 +18,10 @@
 #include <utility>
 #include <vector>
 
+#include <mlx/ops.h>
+#include <mlx/transforms.h>
+
+#include "kvcore/buffer.h"
 #include "kvcore/disk_tier.h"
 #include "kvcore/errors.h"
 #include "kvcore/kv_store.h"
@@ -89,11 +93,13 @@ class LRUPromptCache {
       const std::string& disk_dir = "",
       int64_t disk_bytes = kUnlimited,
       int64_t max_checkpoints = 8,
-      int64_t checkpoint_every = 0)
+      int64_t checkpoint_every = 0,
+      int disk_block_tokens = 256)
       : max_size_(max_size),
         max_bytes_(max_bytes),
         max_checkpoints_(max_checkpoints),
         checkpoint_every_(checkpoint_every),
+        block_tokens_(std::max(0, disk_block_tokens)),
         share_(share) {
     if (!disk_dir.empty()) {
       disk_ = std::make_unique<DiskTier>(disk_dir, disk_bytes);
@@ -129,7 +135,7 @@ class LRUPromptCache {
         return nearest(index, name, tokens, [](const DiskTier::Entry& e) { return e.trimmable; });
       });
       if (d && (!m || d->covered > m->covered)) {
-        if (auto c = load_from_disk(model, name, *d)) {
+        if (auto c = load_from_disk(model, name, *d, m)) {
           return {std::move(*c), Tokens(tokens.begin() + static_cast<long>(d->covered), tokens.end())};
         }
       }
@@ -241,6 +247,20 @@ class LRUPromptCache {
   int64_t disk_size() const {
     sync_disk();
     return disk_ ? disk_->size() : 0;
+  }
+  /// Blocks of the disk tier's chains (other processes' too).
+  int64_t disk_blocks() const {
+    sync_disk();
+    return disk_ ? disk_->block_count() : 0;
+  }
+  /// Blocks this cache read from disk and served (blocks memory held
+  /// are not read).
+  int64_t disk_blocks_read() const {
+    return disk_ ? disk_->blocks_read() : 0;
+  }
+  /// Tokens per disk block (0: entries as whole files).
+  int disk_block_tokens() const {
+    return block_tokens_;
   }
   int64_t disk_nbytes() const {
     sync_disk();
@@ -437,8 +457,9 @@ class LRUPromptCache {
   }
 
   /// Queue caches to be written through to the disk tier unless it holds
-  /// the entry. A failure (disk full, a cache that cannot be saved) is
-  /// noted, not raised: the entry stays in memory.
+  /// the entry: the plain KVCache layers' whole blocks the tier lacks, then
+  /// a tail with the rest. A failure (disk full, a cache that cannot be
+  /// saved) is noted, not raised: the entry stays in memory.
   void write_through(
       const Model& model,
       const Tokens& tokens,
@@ -450,16 +471,54 @@ class LRUPromptCache {
       return;
     }
     try {
+      DiskTier::Chain chain;
+      std::optional<Caches> tail;
+      std::vector<LayerKV> layers;
+      int offset = 0;
+      std::optional<Caches> rest;
+      if (block_tokens_ > 0 && Ops::share(caches, &layers, &offset, &rest) && offset >= block_tokens_ &&
+          static_cast<size_t>(offset) <= tokens.size()) {
+        const int bt = block_tokens_;
+        chain.block_tokens = bt;
+        chain.blocks = offset / bt;
+        chain.layout = block_layout(layers);
+        for (int64_t j = 0; j < chain.blocks; ++j) {
+          BlockHeader h{name, chain.layout, bt, j, chain.last, 0,
+                        Tokens(tokens.begin() + j * bt, tokens.begin() + (j + 1) * bt)};
+          h.chain = block_chain(h.parent, name, h.layout, bt, h.tokens.data(), h.tokens.size());
+          if (!disk_->has_block(h.chain)) {
+            std::vector<LayerKV> rows;
+            for (const auto& l : layers) {
+              const int at = static_cast<int>(j * bt);
+              rows.push_back({seq_slice(l.keys, at, at + bt), seq_slice(l.values, at, at + bt)});
+            }
+            disk_->write_block(h, rows);
+          }
+          chain.last = h.chain;
+        }
+        std::vector<LayerKV> partial;
+        const int from = static_cast<int>(chain.blocks * bt);
+        for (const auto& l : layers) {
+          partial.push_back({seq_slice(l.keys, from, offset), seq_slice(l.values, from, offset)});
+        }
+        tail = Ops::build(std::move(partial), offset - from, rest ? &*rest : nullptr);
+      }
       disk_->write(name, tokens, type, trimmable,
-                   Ops::prepare(caches, DiskTier::metadata(name, tokens, type, trimmable)));
+                   Ops::prepare(tail ? *tail : caches, DiskTier::metadata(name, tokens, type, trimmable, chain)),
+                   chain);
     } catch (const std::exception& e) {
       disk_->refuse(name, tokens, std::string("not written: ") + e.what());
     }
   }
 
   /// The caches of disk match d, kept in memory again, less d.trim tokens;
-  /// nullopt if its file is gone or refused (see DiskTier::load).
-  std::optional<Caches> load_from_disk(const Model& model, const std::string& name, const Match& d) {
+  /// nullopt if a file is gone or refused (see DiskTier::load). The blocks
+  /// of d's chain that memory match m holds are taken from memory.
+  std::optional<Caches> load_from_disk(
+      const Model& model,
+      const std::string& name,
+      const Match& d,
+      const std::optional<Match>& m) {
     const std::optional<DiskTier::Entry> info = disk_->entry(name, d.key);
     if (!info) {
       return std::nullopt;
@@ -469,18 +528,103 @@ class LRUPromptCache {
       return std::nullopt;
     }
     Caches loaded;
+    size_t held = d.key.size(); // the tokens `loaded` is kept in memory for
+    int trim = d.trim; // and how many of them to trim to serve
     try {
       loaded = Ops::from_file(std::move(*file));
+      if (info->chain.blocks > 0) {
+        std::optional<Caches> joined = join_blocks(model, name, d, *info, loaded, m, &held, &trim);
+        if (!joined) {
+          return std::nullopt;
+        }
+        loaded = std::move(*joined);
+      }
     } catch (const std::exception& e) {
       disk_->refuse(name, d.key, e.what());
       return std::nullopt;
     }
     Caches out = Ops::copy(loaded);
-    if (d.trim > 0) {
-      Ops::trim(out, d.trim);
+    if (trim > 0) {
+      Ops::trim(out, trim);
     }
-    insert_locked(model, d.key, std::move(loaded), info->type, false);
+    insert_locked(model, Tokens(d.key.begin(), d.key.begin() + static_cast<long>(held)), std::move(loaded),
+                  info->type, false);
     return out;
+  }
+
+  /// A tail's caches with its chain's keys and values before its own: the
+  /// blocks memory match m covers from memory, the others read from disk.
+  /// Where d is trimmed within the chain and the tail holds only KVCaches,
+  /// only the blocks d covers are read and the tail is left: `held` is set
+  /// to the tokens the caches hold, `trim` to what leaves the offset d's
+  /// trim would. nullopt if a block is missing or refused; throws if the
+  /// tail does not fit its chain.
+  std::optional<Caches> join_blocks(
+      const Model& model,
+      const std::string& name,
+      const Match& d,
+      const DiskTier::Entry& info,
+      const Caches& tail,
+      const std::optional<Match>& m,
+      size_t* held_tokens,
+      int* trim) {
+    const DiskTier::Chain& c = info.chain;
+    const int bt = c.block_tokens;
+    std::vector<LayerKV> tail_layers;
+    int r = 0;
+    std::optional<Caches> rest;
+    if (!Ops::share(tail, &tail_layers, &r, &rest) || block_layout(tail_layers) != c.layout) {
+      throw ValueError("LRUPromptCache disk tier", "a tail whose KVCache layers are of layout " + c.layout.substr(0, 80),
+                       "other layers");
+    }
+    int64_t from_memory = 0;
+    std::vector<LayerKV> held;
+    if (m && static_cast<int64_t>(m->covered) >= bt) {
+      Caches mc = caches_of(*trie_.get(model, m->key), m->trim);
+      int mo = 0;
+      std::optional<Caches> mr;
+      if (Ops::share(mc, &held, &mo, &mr) && block_layout(held) == c.layout) {
+        from_memory = std::min<int64_t>(c.blocks, std::min<int64_t>(mo, static_cast<int64_t>(m->covered)) / bt);
+      }
+    }
+    int64_t count = c.blocks;
+    // The offset served: the entry's, less d's trim (mlx-lm trims by tokens).
+    const int64_t serve = c.blocks * bt + r - d.trim;
+    if (!rest && d.trim > 0 && serve >= 0 && serve <= c.blocks * bt) {
+      count = std::max<int64_t>(1, (serve + bt - 1) / bt);
+      r = 0; // the tail's tokens are not needed
+      *held_tokens = static_cast<size_t>(count * bt);
+      *trim = static_cast<int>(count * bt - serve);
+    }
+    from_memory = std::min(from_memory, count);
+    auto blocks = disk_->load_blocks(name, d.key, c, from_memory, count);
+    if (!blocks) {
+      return std::nullopt;
+    }
+    std::vector<LayerKV> layers;
+    std::vector<mx::array> all;
+    for (size_t l = 0; l < tail_layers.size(); ++l) {
+      std::vector<mx::array> ks, vs;
+      if (from_memory > 0) {
+        const int n = static_cast<int>(from_memory * bt);
+        ks.push_back(seq_slice(held[l].keys, 0, n));
+        vs.push_back(seq_slice(held[l].values, 0, n));
+      }
+      for (const auto& b : *blocks) {
+        ks.push_back(b[l].keys);
+        vs.push_back(b[l].values);
+      }
+      if (r > 0) {
+        ks.push_back(seq_slice(tail_layers[l].keys, 0, r));
+        vs.push_back(seq_slice(tail_layers[l].values, 0, r));
+      }
+      layers.push_back({ks.size() == 1 ? mx::contiguous(ks[0]) : seq_concat(ks),
+                        vs.size() == 1 ? mx::contiguous(vs[0]) : seq_concat(vs)});
+      all.push_back(layers.back().keys);
+      all.push_back(layers.back().values);
+    }
+    mx::eval(all);
+    return Ops::build(std::move(layers), static_cast<int>(count * bt + r), rest ? &*rest : nullptr);
   }
 
   static int type_index(const std::string& t) {
@@ -572,6 +716,7 @@ class LRUPromptCache {
   int64_t max_bytes_;
   int64_t max_checkpoints_;
   int64_t checkpoint_every_;
+  int block_tokens_; // 0: entries as whole files
   bool share_;
   mutable Mutex mutex_;
   ModelEq eq_;
