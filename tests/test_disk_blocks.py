@@ -355,5 +355,6 @@ def test_a_full_disk_ends_block_writes_with_an_error_and_memory_serves(tmp_path)
     files, *errors = out.stdout.splitlines()
     assert files == "[]"
     assert len(errors) == 3
-    assert all(e.startswith(".tmp-") and ": not written: [write] Unable to write" in e for e in errors[:2]), errors
+    assert all(e.startswith(".tmp-") and ": not written: [save_prompt_cache] expected a file it can write at " in e
+               and "Unable to write" in e for e in errors[:2]), errors
     assert errors[2].startswith(".tmp-") and "expected its 2 blocks on disk but got a chain with a hole" in errors[2]
