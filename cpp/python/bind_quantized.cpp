@@ -7,6 +7,19 @@ namespace kvcore::py {
 
 namespace {
 
+// (keys, values) as update_and_fetch returns them: triples, the keys' with
+// the residual as a fourth item under a scheme that keeps one.
+nb::object fetched(const QuantizedKVCache& c, const std::pair<QuantizedArrays, QuantizedArrays>& kv) {
+  const auto& [k, v] = kv;
+  nb::object values = to_py(OptionalQuantized(v));
+  if (c.scheme() == QuantScheme::affine) {
+    return nb::make_tuple(to_py(OptionalQuantized(k)), values);
+  }
+  nb::object residual = c.residual() ? nb::cast(*c.residual()) : nb::none();
+  return nb::make_tuple(
+      nb::make_tuple(std::get<0>(k), std::get<1>(k), std::get<2>(k), residual), values);
+}
+
 } // namespace
 
 void bind_quantized(nb::module_& m) {
@@ -15,16 +28,18 @@ void bind_quantized(nb::module_& m) {
       "Full-attention cache holding keys and values quantized by ``mx.quantize``.");
   q.attr("step") = QuantizedKVCache::default_step;
   q.def("__init__",
-        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits, nb::handle capacity) {
+        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits, nb::handle capacity,
+           nb::handle scheme) {
           constexpr const char* ctx = "QuantizedKVCache";
           auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs);
+          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs, scheme_arg(ctx, scheme));
           if (!capacity.is_none()) {
             c->set_capacity(int_arg(ctx, "capacity", capacity));
           }
         },
         "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "capacity"_a.none() = nb::none(),
-        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None) -> None"),
+        "scheme"_a = "affine",
+        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine') -> None"),
         R"pbdoc(
           Args:
               group_size (int | tuple): Quantization group size (32, 64 or
@@ -33,11 +48,20 @@ void bind_quantized(nb::module_& m) {
                 ``(keys, values)`` pair such as ``(8, 4)``.
               capacity (int, optional): Tokens to allocate room for at the
                 first update.
+              scheme (str): ``"affine"`` (mlx-lm's layout) or
+                ``"rotated-channel"``: keys and values rotated by a Hadamard
+                transform of the head dim (a power of two), keys quantized
+                per channel over groups of ``group_size`` tokens (the newest
+                partial group in float), values per token.
         )pbdoc")
-      .def("update_and_fetch", &QuantizedKVCache::update_and_fetch, "keys"_a, "values"_a,
+      .def("update_and_fetch",
+           [](QuantizedKVCache& c, const mx::array& keys, const mx::array& values) {
+             auto kv = c.update_and_fetch(keys, values);
+             return fetched(c, kv);
+           },
+           "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
-                   "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
-                   "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+                   "-> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
            R"pbdoc(
              Quantize and append new keys and values.
 
@@ -47,10 +71,19 @@ void bind_quantized(nb::module_& m) {
 
              Returns:
                  tuple: The cached ``(weights, scales, biases)`` of the keys
-                 and of the values, up to ``offset``.
+                 and of the values, up to ``offset``. ``"rotated-channel"``:
+                 the keys' ``(weights, scales, biases, residual)``, weights
+                 ``(B, H, D, tokens * bits / 32)`` for the whole groups and
+                 the rotated float ``residual`` (or None) for the rest.
            )pbdoc")
-      .def("keys_and_values", &QuantizedKVCache::keys_and_values,
-           "The cached key and value triples, up to ``offset``.")
+      .def("keys_and_values",
+           [](const QuantizedKVCache& c) { return fetched(c, c.keys_and_values()); },
+           "The cached keys and values as ``update_and_fetch`` returns them.")
+      .def_prop_ro("scheme", [](const QuantizedKVCache& c) { return scheme_name(c.scheme()); },
+                   "``\"affine\"`` or ``\"rotated-channel\"``.")
+      .def_prop_ro("residual",
+                   [](const QuantizedKVCache& c) { return c.residual() ? nb::cast(*c.residual()) : nb::none(); },
+                   "``\"rotated-channel\"``: the newest rotated float keys not yet a whole group, or None.")
       .def_prop_rw("offset", &QuantizedKVCache::offset,
                    [](QuantizedKVCache& c, nb::handle v) {
                      c.set_offset(int_arg("QuantizedKVCache.offset", "offset", v));
@@ -101,23 +134,36 @@ void bind_quantized(nb::module_& m) {
       .def_prop_rw(
           "state",
           [](const QuantizedKVCache& c) {
-            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(),
-                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
-                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            nb::tuple out = nb::make_tuple(
+                to_py(c.keys()), to_py(c.values()), c.offset(),
+                spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            if (c.scheme() == QuantScheme::affine) {
+              return out;
+            }
+            nb::object residual = c.residual() ? nb::cast(*c.residual()) : nb::none();
+            return nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), residual));
           },
           [](QuantizedKVCache& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedKVCache.state";
-            StateReader r(ctx, v, 5);
+            const bool scheme = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) && nb::len(v) == 7;
+            StateReader r(ctx, v, scheme ? 7 : 5);
             nb::tuple t(v);
             auto keys = quantized_from_py(ctx, "keys", t[0]);
             auto values = quantized_from_py(ctx, "values", t[1]);
             int offset = r.integer(2, "offset");
             auto [ks, vs] = quant_specs_arg(ctx, t[3], t[4]);
-            c.set(std::move(keys), std::move(values), offset, ks, vs);
+            if (!scheme) {
+              c.set(std::move(keys), std::move(values), offset, ks, vs);
+              return;
+            }
+            auto sc = scheme_arg(ctx, t[5]);
+            c.set(std::move(keys), std::move(values), offset, ks, vs, sc, r.array(6, "residual"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
-          "``(keys, values, offset, group_size, bits)``; keys and values are triples.")
+          "``(keys, values, offset, group_size, bits)``, keys and values as triples; "
+          "a ``\"rotated-channel\"`` cache adds ``(scheme, residual)``.")
       .def("_assign", [](QuantizedKVCache& self, const QuantizedKVCache& other) { self = other; }, "other"_a,
            "Take other's contents (a staged copy), as one step.")
       .def("__copy__", [](nb::handle self) { return copy_instance<QuantizedKVCache>(self, nb::handle()); })

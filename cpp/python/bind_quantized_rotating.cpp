@@ -60,10 +60,30 @@ void bind_quantized_rotating(nb::module_& m) {
   m.def(
       "quantized_scaled_dot_product_attention",
       [](const mx::array& queries, nb::handle q_keys, nb::handle q_values, float scale,
-         nb::handle mask, nb::handle group_size, nb::handle bits) {
+         nb::handle mask, nb::handle group_size, nb::handle bits, nb::handle scheme) {
         constexpr const char* ctx = "quantized_scaled_dot_product_attention";
         auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-        auto k = quantized_from_py(ctx, "q_keys", q_keys);
+        const QuantScheme sc = scheme_arg(ctx, scheme);
+        OptionalArray residual;
+        nb::object key_triple = nb::borrow(q_keys);
+        if (sc != QuantScheme::affine) {
+          if (!nb::isinstance<nb::tuple>(q_keys) || nb::len(q_keys) != 4) {
+            throw ValueError(ctx, "q_keys as (weights, scales, biases, residual) for the " +
+                                      std::string(scheme_name(sc)) + " scheme",
+                             nb::cast<std::string>(nb::str(q_keys.type().attr("__name__"))));
+          }
+          nb::tuple t = nb::borrow<nb::tuple>(q_keys);
+          if (!t[3].is_none()) {
+            mx::array* r = nullptr;
+            if (!nb::try_cast<mx::array*>(t[3], r, false) || r == nullptr) {
+              throw ValueError(ctx, "the residual keys as an array or None",
+                               nb::cast<std::string>(nb::str(t[3].type().attr("__name__"))));
+            }
+            residual = *r;
+          }
+          key_triple = nb::make_tuple(t[0], t[1], t[2]);
+        }
+        auto k = quantized_from_py(ctx, "q_keys", key_triple);
         auto v = quantized_from_py(ctx, "q_values", q_values);
         if (!k || !v) {
           throw ValueError(ctx, "q_keys and q_values as triples", "None");
@@ -78,11 +98,14 @@ void bind_quantized_rotating(nb::module_& m) {
           throw ValueError(ctx, "mask as None, a str or an array",
                            nb::cast<std::string>(nb::str(mask.type().attr("__name__"))));
         }
+        if (sc != QuantScheme::affine) {
+          return channel_attention(queries, *k, residual, *v, scale, m, ks, vs);
+        }
         return quantized_attention(queries, *k, *v, scale, m, ks, vs);
       },
       "queries"_a, "q_keys"_a, "q_values"_a, "scale"_a, "mask"_a.none(),
-      "group_size"_a = 64, "bits"_a = 8,
-      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> mlx.core.array"),
+      "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "scheme"_a = "affine",
+      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine') -> mlx.core.array"),
       R"pbdoc(
         mlx-lm's quantized attention, with keys and values at their own bits.
 
@@ -94,6 +117,12 @@ void bind_quantized_rotating(nb::module_& m) {
             mask (array | str | None): A boolean or additive mask, or ``"causal"``.
             group_size (int | tuple): The group size, or ``(keys, values)``.
             bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+            scheme (str): The cache's scheme. ``"rotated-channel"`` takes
+              q_keys as ``(weights, scales, biases, residual)`` as its
+              cache returns them, and computes on them without
+              dequantizing: queries rotated once, quantized matmuls
+              against the keys and the values, a matmul against the float
+              residual, one softmax, the output rotated back.
 
         Returns:
             array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and

@@ -22,4 +22,22 @@ mx::array quantized_attention(
     QuantSpec key_spec,
     QuantSpec value_spec);
 
+/// Attention over a rotated_channel cache (quant_scheme.h) without
+/// dequantizing it: the queries rotated once, scores against the transposed
+/// per-channel keys by mx::quantized_matmul (transpose=false) and against
+/// the float residual by a matmul, one softmax over both, the values by
+/// mx::quantized_matmul, the output rotated back. keys (B, n_kv, D, packed)
+/// hold the whole groups, residual (B, n_kv, R, D) the newest tokens (or
+/// None), values (B, n_kv, N, packed) all N of them. Masks as
+/// quantized_attention. Throws ValueError on shapes that do not fit.
+mx::array channel_attention(
+    const mx::array& queries,
+    const QuantizedArrays& keys,
+    const OptionalArray& residual,
+    const QuantizedArrays& values,
+    float scale,
+    const Mask& mask,
+    QuantSpec key_spec,
+    QuantSpec value_spec);
+
 } // namespace kvcore

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "kvcore/kv.h"
+#include "kvcore/quant_scheme.h"
 
 namespace kvcore {
 
@@ -67,14 +68,17 @@ class QuantizedKVCache : public Cache {
 
   explicit QuantizedKVCache(int group_size = 64, int bits = 8)
       : QuantizedKVCache({group_size, bits}, {group_size, bits}) {}
-  /// Keys and values each quantized as their spec says (bits (8, 4), say).
-  QuantizedKVCache(QuantSpec keys, QuantSpec values);
+  /// Keys and values each quantized as their spec says (bits (8, 4), say),
+  /// laid out as the scheme says. With rotated_channel the keys' group
+  /// size counts tokens (32, 64 or 128 per group), the values' the head dim.
+  QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme = QuantScheme::affine);
 
   const char* name() const override {
     return "QuantizedKVCache";
   }
   /// Quantize and append keys and values (B, H, S, D); returns the cached
-  /// triples up to offset.
+  /// triples up to offset. rotated_channel: the keys' triple is transposed
+  /// (B, H, D, ...) and holds the whole groups only (residual() the rest).
   std::pair<QuantizedArrays, QuantizedArrays> update_and_fetch(
       const mx::array& keys,
       const mx::array& values);
@@ -83,15 +87,18 @@ class QuantizedKVCache : public Cache {
   bool is_trimmable() const override {
     return true;
   }
+  /// rotated_channel: a trim into a quantized group of keys dequantizes the
+  /// group's kept tokens back into the float residual.
   int trim(int n) override;
   Mask make_mask(
       int N,
       bool return_array = false,
       std::optional<int> window_size = std::nullopt) const override;
 
-  /// The six arrays: keys' triple, then values'.
+  /// The six arrays: keys' triple, then values'; rotated_channel adds the
+  /// residual keys.
   std::vector<OptionalArray> state() const override;
-  /// (offset, group_size, bits).
+  /// (offset, group_size, bits); rotated_channel adds the scheme's name.
   std::vector<std::string> meta_state() const override;
   void restore(
       const std::vector<OptionalArray>& arrays,
@@ -109,7 +116,19 @@ class QuantizedKVCache : public Cache {
       OptionalQuantized values,
       int offset,
       QuantSpec key_spec,
-      QuantSpec value_spec);
+      QuantSpec value_spec) {
+    set(std::move(keys), std::move(values), offset, key_spec, value_spec, QuantScheme::affine,
+        std::nullopt);
+  }
+  /// Validates everything, then replaces the whole contents.
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      int offset,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      QuantScheme scheme,
+      OptionalArray residual);
 
   bool empty() const override {
     return !keys_;
@@ -148,6 +167,19 @@ class QuantizedKVCache : public Cache {
   const QuantSpec& value_spec() const {
     return value_spec_;
   }
+  QuantScheme scheme() const {
+    return scheme_;
+  }
+  /// rotated_channel: the newest keys, rotated, not yet a whole group (B, H,
+  /// R, D), R < the keys' group size; None when there are none.
+  const OptionalArray& residual() const {
+    return residual_;
+  }
+  /// Tokens whose keys are quantized (rotated_channel: offset less the
+  /// residual's tokens).
+  int quantized_tokens() const {
+    return offset_ - (residual_ ? residual_->shape(2) : 0);
+  }
   /// As SequenceCache::capacity: room for this many tokens at the first
   /// allocation.
   int capacity() const {
@@ -160,18 +192,28 @@ class QuantizedKVCache : public Cache {
   void set_step(int step);
 
  private:
+  std::pair<QuantizedArrays, QuantizedArrays> update_channel(
+      const mx::array& keys,
+      const mx::array& values);
+
   OptionalQuantized keys_;
   OptionalQuantized values_;
   int offset_ = 0;
   QuantSpec key_spec_;
   QuantSpec value_spec_;
+  QuantScheme scheme_ = QuantScheme::affine;
+  OptionalArray residual_;
   int step_ = default_step;
   int capacity_ = 0;
 };
 
-/// KVCache.to_quantized: the same tokens, quantized (the whole buffer, as
-/// mlx-lm does).
-QuantizedKVCache to_quantized(const KVCache& cache, QuantSpec keys, QuantSpec values);
+/// KVCache.to_quantized: the same tokens, quantized (affine: the whole
+/// buffer, as mlx-lm does; other schemes: the tokens up to offset).
+QuantizedKVCache to_quantized(
+    const KVCache& cache,
+    QuantSpec keys,
+    QuantSpec values,
+    QuantScheme scheme = QuantScheme::affine);
 inline QuantizedKVCache to_quantized(const KVCache& cache, int group_size = 64, int bits = 4) {
   return to_quantized(cache, {group_size, bits}, {group_size, bits});
 }
