@@ -347,3 +347,19 @@ def test_patch_mlx_lm_refuses_an_unknown_scheme():
     from kvcore._mlx_lm import is_patched
 
     assert not is_patched()
+
+
+def test_the_prefix_store_serves_a_trimmed_copy_and_keeps_the_entry():
+    lru = kvcore.LRUPromptCache(max_size=4)
+    tokens = list(range(75))
+    caches = [_filled(), _filled(S=75, bits=3)]
+    lru.insert_cache("m", tokens, caches)
+    got, rest = lru.fetch_nearest_cache("m", tokens[:40] + [500, 501])
+    assert rest == [500, 501]
+    want = _filled()
+    want.trim(35)
+    assert got[0].offset == 40 and got[0].scheme == SCHEME
+    eq(got[0].residual, want.residual)
+    again, _ = lru.fetch_nearest_cache("m", tokens)
+    assert again[0].offset == 75
+    _assert_same_state(again[0], _filled())
