@@ -170,10 +170,41 @@ def _schemes():
         replace(basek4v2, name="rot-chan-k4v2-cb", codebook=True),
         replace(basek4v2, name="rot-chan-k4v2-cb-v32", codebook=True, value_group=32),
     ]
-    return {x.name: x for x in s}
+    # A float window of the newest tokens, for keys and values alike.
+    out = {x.name: x for x in s}
+    for name in ("rot4", "chan4", "rot-chan4", "rot3", "chan3", "rot-chan3", "rot-k4v2",
+                 "chan-k4v2", "rot-chan-k4v2", "rot-chan3-v32", "rot-chan-k4v2-v32"):
+        for w in (32, 64, 128, 256):
+            x = replace(out[name], name=f"{name}-w{w}", window=w)
+            out[x.name] = x
+    return out
 
 
 SCHEMES = _schemes()
+
+
+def _pair(s):
+    if "/" in s:
+        a, b = s.split("/")
+        return (int(a), int(b))
+    return int(s)
+
+
+def scheme_named(name):
+    """A row of SCHEMES, or kvcore's real cache as
+    ``kvcore:SCHEME:BITS:GROUP[:WINDOW]`` (BITS and GROUP an int or K/V, e.g.
+    ``kvcore:rotated-channel:4/2:32/64:128``)."""
+    if not name.startswith("kvcore:"):
+        return SCHEMES[name]
+    _, scheme, bits, group, *window = name.split(":")
+    bits, group = _pair(bits), _pair(group)
+    kb, vb = bits if isinstance(bits, tuple) else (bits, bits)
+    kg, vg = group if isinstance(group, tuple) else (group, group)
+    return Scheme(name, kind="kvcore", key_bits=kb, value_bits=vb, key_group=kg, value_group=vg,
+                  keys="channel" if scheme != "affine" else "token",
+                  window=int(window[0]) if window else (128 if scheme != "affine" else 0),
+                  kvcore=dict(group_size=group, bits=bits, scheme=scheme,
+                              **({"window": int(window[0])} if window else {})))
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +336,12 @@ def numpy_linears(model):
 
 def numpy_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """Float attention in numpy; quantized triples (mlx-lm's cache) are
-    dequantized first, which is what quantized attention computes."""
+    dequantized first, which is what quantized attention computes. kvcore's
+    caches get kvcore's own quantized attention (mlx)."""
+    if type(cache).__module__.startswith("kvcore"):
+        from kvcore._attention import scaled_dot_product_attention
+
+        return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
     if isinstance(keys, tuple):
         g, b = cache.group_size, cache.bits
         keys = mx.dequantize(*keys, group_size=g, bits=b)
@@ -420,7 +456,7 @@ def main():
     base = None
     ref_tokens = None
     for name in names:
-        sc = SCHEMES[name]
+        sc = scheme_named(name)
         t0 = time.time()
         ppl, n = perplexity(model, ids, sc, a.chunk)
         if sc.kind == "float":

@@ -64,27 +64,32 @@ void bind_quantized_rotating(nb::module_& m) {
         constexpr const char* ctx = "quantized_scaled_dot_product_attention";
         auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
         const QuantScheme sc = scheme_arg(ctx, scheme);
-        OptionalArray residual;
-        nb::object key_triple = nb::borrow(q_keys);
-        if (sc != QuantScheme::affine) {
-          if (!nb::isinstance<nb::tuple>(q_keys) || nb::len(q_keys) != 4) {
-            throw ValueError(ctx, "q_keys as (weights, scales, biases, residual) for the " +
-                                      std::string(scheme_name(sc)) + " scheme",
-                             nb::cast<std::string>(nb::str(q_keys.type().attr("__name__"))));
+        // Under a scheme with float residuals each side is (w, s, b, residual).
+        auto split = [&](const char* what, nb::handle h, OptionalArray& residual) -> nb::object {
+          if (sc == QuantScheme::affine) {
+            return nb::borrow(h);
           }
-          nb::tuple t = nb::borrow<nb::tuple>(q_keys);
+          if (!nb::isinstance<nb::tuple>(h) || nb::len(h) != 4) {
+            throw ValueError(ctx, std::string(what) + " as (weights, scales, biases, residual) for the " +
+                                      scheme_name(sc) + " scheme",
+                             nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+          }
+          nb::tuple t = nb::borrow<nb::tuple>(h);
           if (!t[3].is_none()) {
             mx::array* r = nullptr;
             if (!nb::try_cast<mx::array*>(t[3], r, false) || r == nullptr) {
-              throw ValueError(ctx, "the residual keys as an array or None",
+              throw ValueError(ctx, std::string(what) + "' residual as an array or None",
                                nb::cast<std::string>(nb::str(t[3].type().attr("__name__"))));
             }
             residual = *r;
           }
-          key_triple = nb::make_tuple(t[0], t[1], t[2]);
-        }
+          return nb::make_tuple(t[0], t[1], t[2]);
+        };
+        OptionalArray key_residual, value_residual;
+        nb::object key_triple = split("q_keys", q_keys, key_residual);
+        nb::object value_triple = split("q_values", q_values, value_residual);
         auto k = quantized_from_py(ctx, "q_keys", key_triple);
-        auto v = quantized_from_py(ctx, "q_values", q_values);
+        auto v = quantized_from_py(ctx, "q_values", value_triple);
         if (!k || !v) {
           throw ValueError(ctx, "q_keys and q_values as triples", "None");
         }
@@ -99,7 +104,7 @@ void bind_quantized_rotating(nb::module_& m) {
                            nb::cast<std::string>(nb::str(mask.type().attr("__name__"))));
         }
         if (sc != QuantScheme::affine) {
-          return channel_attention(queries, *k, residual, *v, scale, m, ks, vs);
+          return channel_attention(queries, *k, key_residual, *v, value_residual, scale, m, ks, vs);
         }
         return quantized_attention(queries, *k, *v, scale, m, ks, vs);
       },
@@ -118,11 +123,11 @@ void bind_quantized_rotating(nb::module_& m) {
             group_size (int | tuple): The group size, or ``(keys, values)``.
             bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
             scheme (str): The cache's scheme. ``"rotated-channel"`` takes
-              q_keys as ``(weights, scales, biases, residual)`` as its
-              cache returns them, and computes on them without
+              q_keys and q_values as ``(weights, scales, biases, residual)``
+              as its cache returns them, and computes on them without
               dequantizing: queries rotated once, quantized matmuls
-              against the keys and the values, a matmul against the float
-              residual, one softmax, the output rotated back.
+              against the keys and the values, matmuls against the float
+              residuals, one softmax, the output rotated back.
 
         Returns:
             array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and

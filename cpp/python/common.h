@@ -250,6 +250,8 @@ OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handl
 std::pair<QuantSpec, QuantSpec> quant_specs_arg(const char* ctx, nb::handle group_size, nb::handle bits);
 /// A quantization scheme's name from Python (quant_scheme.h).
 QuantScheme scheme_arg(const char* ctx, nb::handle h);
+/// A window from Python: None for the scheme's default.
+int window_arg(const char* ctx, QuantScheme scheme, nb::handle window);
 /// For the kinds that take only mlx-lm's layout for now: ValueError for
 /// any other scheme.
 void require_affine(const char* ctx, nb::handle scheme);

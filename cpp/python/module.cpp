@@ -48,6 +48,15 @@ QuantScheme scheme_arg(const char* ctx, nb::handle h) {
   return parse_scheme(ctx, nb::cast<std::string>(h));
 }
 
+int window_arg(const char* ctx, QuantScheme scheme, nb::handle window) {
+  if (window.is_none()) {
+    return scheme == QuantScheme::affine ? 0 : default_window;
+  }
+  int w = int_arg(ctx, "window", window);
+  check_window(ctx, scheme, w);
+  return w;
+}
+
 void require_affine(const char* ctx, nb::handle scheme) {
   if (scheme_arg(ctx, scheme) != QuantScheme::affine) {
     throw ValueError(ctx, "scheme 'affine' (the only one this kind takes for now)",

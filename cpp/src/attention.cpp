@@ -88,8 +88,9 @@ mx::array quantized_attention(
 mx::array channel_attention(
     const mx::array& queries,
     const QuantizedArrays& keys,
-    const OptionalArray& residual,
+    const OptionalArray& key_residual,
     const QuantizedArrays& values,
+    const OptionalArray& value_residual,
     float scale,
     const Mask& mask,
     QuantSpec key_spec,
@@ -103,6 +104,7 @@ mx::array channel_attention(
   }
   const int B = queries.shape(0), n_q = queries.shape(1), L = queries.shape(2), D = queries.shape(3);
   const auto& [kw, ks, kb] = keys;
+  const auto& [vw, vs, vb] = values;
   const int n_kv = kw.shape(1);
   if (n_kv == 0 || n_q % n_kv != 0) {
     throw ValueError(ctx, "query heads a multiple of the " + std::to_string(n_kv) + " kv heads",
@@ -114,15 +116,24 @@ mx::array channel_attention(
   }
   check_rotation(ctx, "a head dim", D);
   const int quantized = ks.shape(3) * key_spec.group_size;
-  const int R = residual ? residual->shape(2) : 0;
-  if (residual && (residual->ndim() != 4 || residual->shape(1) != n_kv || residual->shape(3) != D)) {
-    throw ValueError(ctx, "residual keys (B, " + std::to_string(n_kv) + ", R, " +
-                              std::to_string(D) + ")",
-                     shape_str(residual->shape()));
+  if (vw.shape(2) != quantized) {
+    throw ValueError(ctx, std::to_string(quantized) + " quantized value tokens, as the keys",
+                     std::to_string(vw.shape(2)));
   }
-  if (std::get<0>(values).shape(2) != quantized + R) {
-    throw ValueError(ctx, std::to_string(quantized + R) + " value tokens (quantized keys and residual)",
-                     std::to_string(std::get<0>(values).shape(2)));
+  if (key_residual.has_value() != value_residual.has_value()) {
+    throw ValueError(ctx, "residual keys and values both set or both None", "only one set");
+  }
+  const int R = key_residual ? key_residual->shape(2) : 0;
+  if (key_residual &&
+      (key_residual->ndim() != 4 || key_residual->shape(1) != n_kv || key_residual->shape(3) != D ||
+       value_residual->ndim() != 4 || value_residual->shape(1) != n_kv ||
+       value_residual->shape(2) != R)) {
+    throw ValueError(ctx, "residual keys (B, " + std::to_string(n_kv) + ", R, " + std::to_string(D) +
+                              ") and values of the same R",
+                     shape_str(key_residual->shape()) + " and " + shape_str(value_residual->shape()));
+  }
+  if (quantized + R == 0) {
+    throw ValueError(ctx, "at least one cached token", "none");
   }
   const int repeats = n_q / n_kv;
   // One rotation of the queries: (H q) . (H k) = q . k.
@@ -137,20 +148,30 @@ mx::array channel_attention(
                                          key_spec.group_size, key_spec.bits));
   }
   if (R > 0) {
-    parts.push_back(mx::matmul(q, mx::swapaxes(expand(*residual), -1, -2)));
-  }
-  if (parts.empty()) {
-    throw ValueError(ctx, "at least one cached token", "none");
+    parts.push_back(mx::matmul(q, mx::swapaxes(expand(*key_residual), -1, -2)));
   }
   auto scores = parts.size() == 1 ? parts[0] : mx::concatenate(parts, -1);
   scores = mx::softmax(masked(scores, mask, repeats), -1, true);
-  const auto& [vw, vs, vb] = values;
-  auto out = mx::quantized_matmul(scores, expand(vw), expand(vs), expand(vb), false,
-                                  value_spec.group_size, value_spec.bits);
-  if (repeats > 1) {
-    out = mx::reshape(out, {B, n_q, L, out.shape(-1)});
+  std::optional<mx::array> out;
+  if (quantized > 0) {
+    auto p = R > 0 ? mx::slice(scores, mx::Shape(scores.ndim(), 0),
+                               [&] { auto e = scores.shape(); e.back() = quantized; return e; }())
+                   : scores;
+    out = mx::quantized_matmul(p, expand(vw), expand(vs), expand(vb), false,
+                               value_spec.group_size, value_spec.bits);
   }
-  return hadamard(out);
+  if (R > 0) {
+    mx::Shape lo(scores.ndim(), 0);
+    lo.back() = quantized;
+    auto p = mx::slice(scores, lo, scores.shape());
+    auto r = mx::matmul(p, mx::astype(expand(*value_residual), p.dtype()));
+    out = out ? mx::add(*out, r) : r;
+  }
+  auto o = *out;
+  if (repeats > 1) {
+    o = mx::reshape(o, {B, n_q, L, o.shape(-1)});
+  }
+  return hadamard(o);
 }
 
 } // namespace kvcore

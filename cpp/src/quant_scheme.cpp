@@ -22,6 +22,17 @@ QuantScheme parse_scheme(const char* ctx, const std::string& name) {
   throw ValueError(ctx, "scheme 'affine' or 'rotated-channel'", "'" + name.substr(0, 80) + "'");
 }
 
+void check_window(const char* ctx, QuantScheme scheme, int window) {
+  const int most = scheme == QuantScheme::affine ? 0 : (1 << 20);
+  if (window < 0 || window > most) {
+    throw ValueError(ctx,
+                     scheme == QuantScheme::affine
+                         ? std::string("no window for the affine scheme")
+                         : "a window of 0 to " + std::to_string(most) + " tokens",
+                     "window " + std::to_string(window));
+  }
+}
+
 void check_rotation(const char* ctx, const char* what, int head_dim) {
   if (head_dim < 2 || head_dim > 16384 || (head_dim & (head_dim - 1)) != 0) {
     throw ValueError(ctx, std::string(what) + " a power of two from 2 to 16384 to rotate",

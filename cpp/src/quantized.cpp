@@ -31,105 +31,6 @@ QuantizedArrays write3(const QuantizedArrays& buf, const QuantizedArrays& x, int
 }
 
 
-// --- rotated_channel: keys stored transposed, (B, H, D, packed tokens) ------
-
-mx::array last_axis_slice(const mx::array& a, int from, int to) {
-  mx::Shape lo(a.ndim(), 0), hi = a.shape();
-  lo.back() = from;
-  hi.back() = to;
-  return mx::slice(a, lo, hi);
-}
-
-// The first `groups` groups of tokens of a transposed key buffer.
-QuantizedArrays channel_keys_upto(const QuantizedArrays& buf, int groups, int packed_per_group) {
-  return {last_axis_slice(std::get<0>(buf), 0, groups * packed_per_group),
-          last_axis_slice(std::get<1>(buf), 0, groups),
-          last_axis_slice(std::get<2>(buf), 0, groups)};
-}
-
-// x written at column `at` of buf's last axis, after growing buf (kept up to
-// `at`) by `grow` columns when grow > 0.
-mx::array write_columns(const mx::array& buf, const mx::array& x, int at, int grow) {
-  auto b = buf;
-  if (grow > 0) {
-    auto shape = x.shape();
-    shape.back() = grow;
-    b = mx::concatenate({last_axis_slice(buf, 0, at), mx::zeros(shape, x.dtype())}, -1);
-  }
-  mx::Shape lo(x.ndim(), 0), hi = x.shape();
-  lo.back() = at;
-  hi.back() = at + x.shape(-1);
-  return mx::slice_update(b, x, lo, hi);
-}
-
-QuantizedArrays write_channel_keys(
-    const QuantizedArrays& buf,
-    const QuantizedArrays& q,
-    int at_group,
-    int grow_groups,
-    int packed_per_group) {
-  return {write_columns(std::get<0>(buf), std::get<0>(q), at_group * packed_per_group,
-                        grow_groups * packed_per_group),
-          write_columns(std::get<1>(buf), std::get<1>(q), at_group, grow_groups),
-          write_columns(std::get<2>(buf), std::get<2>(q), at_group, grow_groups)};
-}
-
-// A rotated_channel state: transposed keys (B, H, D, packed), values per
-// token, residual (B, H, R, D) with R < group, offset = quantized + R.
-void check_channel_state(
-    const char* ctx,
-    const OptionalQuantized& keys,
-    const OptionalQuantized& values,
-    int offset,
-    QuantSpec key_spec,
-    QuantSpec value_spec,
-    const OptionalArray& residual) {
-  const int G = key_spec.group_size;
-  const int R = residual ? residual->shape(2) : 0;
-  if (!keys) {
-    if (residual || offset != 0) {
-      throw ValueError(ctx, "keys and values with an offset or residual keys", "None");
-    }
-    return;
-  }
-  const auto& [kw, ks, kb] = *keys;
-  const auto& [vw, vs, vb] = *values;
-  const int B = kw.shape(0), H = kw.shape(1), D = kw.shape(2);
-  check_rotation(ctx, "a key head dim", D);
-  const int Dv = vs.shape(3) * value_spec.group_size;
-  check_rotation(ctx, "a value head dim", Dv);
-  if (kw.shape(3) != ks.shape(3) * G * key_spec.bits / 32 || ks.shape(3) != kb.shape(3)) {
-    throw ValueError(ctx, "key weights of " + std::to_string(G * key_spec.bits / 32) +
-                              " words per group of scales",
-                     shape_str(kw.shape()) + " with scales " + shape_str(ks.shape()));
-  }
-  if (vw.shape(0) != B || vw.shape(1) != H || vw.shape(3) * 32 != Dv * value_spec.bits ||
-      vs.shape(3) != vb.shape(3)) {
-    throw ValueError(ctx, "values (B, H) " + shape_str({B, H}) + " with packed weights of " +
-                              std::to_string(Dv * value_spec.bits / 32) + " words",
-                     shape_str(vw.shape()));
-  }
-  if (residual) {
-    const auto& r = *residual;
-    if (r.ndim() != 4 || r.shape(0) != B || r.shape(1) != H || r.shape(3) != D || R < 1 ||
-        R >= G || r.dtype() != ks.dtype()) {
-      throw ValueError(ctx, "residual keys (B, H, R, D) with 0 < R < " + std::to_string(G) +
-                                " of dtype " + dtype_str(ks.dtype()),
-                       shape_str(r.shape()) + " " + dtype_str(r.dtype()));
-    }
-  }
-  const int quantized = offset - R;
-  if (offset < 0 || quantized < 0 || quantized % G != 0 || quantized > ks.shape(3) * G ||
-      offset > vw.shape(2)) {
-    throw ValueError(ctx,
-                     "an offset of whole key groups (" + std::to_string(ks.shape(3)) + " of " +
-                         std::to_string(G) + " tokens at most) plus " + std::to_string(R) +
-                         " residual tokens, within the " + std::to_string(vw.shape(2)) +
-                         " value slots",
-                     "offset " + std::to_string(offset));
-  }
-}
-
 } // namespace
 
 void check_triple_fits(
@@ -226,9 +127,10 @@ QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, in
   return {q[0], q[1], q[2]};
 }
 
-QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme)
-    : key_spec_(keys), value_spec_(values), scheme_(scheme) {
+QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme, int window)
+    : key_spec_(keys), value_spec_(values), scheme_(scheme), window_(window) {
   check_specs("QuantizedKVCache", keys, values);
+  check_window("QuantizedKVCache", scheme, window);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
@@ -302,103 +204,13 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
 }
 
 
-std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
-    const mx::array& keys,
-    const mx::array& values) {
-  constexpr const char* ctx = "QuantizedKVCache.update_and_fetch";
-  check_kv(ctx, keys, values);
-  const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2), D = keys.shape(3);
-  const int prev = offset_;
-  const int end = check_size(ctx, "offset + S", 1LL * prev + S);
-  if (values.dtype() != keys.dtype()) {
-    throw ValueError(ctx, "values of the keys' dtype " + dtype_str(keys.dtype()),
-                     dtype_str(values.dtype()));
-  }
-  check_rotation(ctx, "a key head dim", D);
-  check_rotation(ctx, "a value head dim", values.shape(3));
-  auto qv = quantize(ctx, hadamard(values), value_spec_.group_size, value_spec_.bits);
-  const int G = key_spec_.group_size, per_group = G * key_spec_.bits / 32;
-  const int done = quantized_tokens();
-  if (keys_) {
-    check_triple(ctx, "keys", *keys_);
-    check_triple(ctx, "values", *values_);
-    check_triple_fits(ctx, "values", qv, *values_);
-    if (std::get<0>(*keys_).shape(2) != D || std::get<1>(*keys_).dtype() != keys.dtype()) {
-      throw ValueError(ctx, "keys (B, H, S, D) of head dim " +
-                                std::to_string(std::get<0>(*keys_).shape(2)) + " and dtype " +
-                                dtype_str(std::get<1>(*keys_).dtype()),
-                       shape_str(keys.shape()) + " " + dtype_str(keys.dtype()));
-    }
-    check_offset_fits(ctx, std::get<0>(*values_), prev);
-  } else if (prev != 0) {
-    throw RuntimeError(ctx, "offset 0 in an empty cache", "offset " + std::to_string(prev));
-  }
-  auto rotated = hadamard(keys);
-  auto pending = residual_ ? mx::concatenate({*residual_, rotated}, 2) : rotated;
-  const int n = pending.shape(2), full = n / G * G;
-
-  const int step = check_size(ctx, "step", this->step(), 1);
-  // Values: one slot per token, grown by whole steps as the affine layout.
-  const int vcap = values_ ? std::get<0>(*values_).shape(2) : 0;
-  const int vgrow = (!values_ || end > vcap)
-      ? check_size(ctx, "buffer growth",
-                   std::max((1LL * step + S - 1) / step * step, 1LL * capacity_ - prev))
-      : 0;
-  // Keys: whole groups of tokens, grown by steps rounded up to groups.
-  const int kcap = keys_ ? std::get<1>(*keys_).shape(3) : 0;
-  const int need = (done + full) / G;
-  const int gstep = (step + G - 1) / G;
-  const int kgrow = (full > 0 && need > kcap)
-      ? check_size(ctx, "buffer growth",
-                   std::max((1LL * full / G + gstep - 1) / gstep * gstep,
-                            (1LL * capacity_ + G - 1) / G - done / G))
-      : 0;
-  const double itemsize = keys.itemsize();
-  check_memory(ctx, "quantized keys and values",
-               double(B) * H *
-                   (double(vgrow) * (std::get<0>(qv).shape(3) * 4.0 +
-                                     2.0 * std::get<1>(qv).shape(3) * itemsize) +
-                    double(kgrow) * D * (per_group * 4.0 + 2.0 * itemsize)));
-
-  OptionalQuantized kbuf = keys_, vbuf = values_;
-  if (!kbuf) {
-    kbuf = QuantizedArrays{mx::zeros({B, H, D, 0}, mx::uint32), mx::zeros({B, H, D, 0}, keys.dtype()),
-                           mx::zeros({B, H, D, 0}, keys.dtype())};
-    vbuf = QuantizedArrays{mx::zeros({B, H, 0, std::get<0>(qv).shape(3)}, mx::uint32),
-                           mx::zeros({B, H, 0, std::get<1>(qv).shape(3)}, keys.dtype()),
-                           mx::zeros({B, H, 0, std::get<1>(qv).shape(3)}, keys.dtype())};
-  }
-  if (full > 0) {
-    auto qk = quantize(ctx, mx::swapaxes(seq_slice(pending, 0, full), 2, 3), G, key_spec_.bits);
-    kbuf = write_channel_keys(*kbuf, qk, done / G, kgrow, per_group);
-  }
-  if (vgrow > 0) {
-    vbuf = map3(*vbuf, [&](const mx::array& x) {
-      return seq_concat({seq_slice(x, 0, prev), seq_zeros(x, vgrow)});
-    });
-  }
-  auto v = write3(*vbuf, qv, prev);
-  OptionalArray residual;
-  if (n > full) {
-    residual = seq_slice(pending, full, n);
-  }
-  vbuf.reset();
-  keys_ = std::move(kbuf);
-  values_ = std::move(v);
-  residual_ = std::move(residual);
-  offset_ = end;
-  return keys_and_values();
-}
-
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::keys_and_values() const {
   if (!keys_ || !values_) {
     throw RuntimeError("QuantizedKVCache.keys_and_values", "the cache is empty: no keys or values yet");
   }
   auto upto = [this](const mx::array& x) { return seq_slice(x, 0, offset_); };
   if (scheme_ != QuantScheme::affine) {
-    const int t = quantized_tokens(), G = key_spec_.group_size;
-    auto keys = channel_keys_upto(*keys_, t / G, G * key_spec_.bits / 32);
-    return {keys, offset_ == std::get<0>(*values_).shape(2) ? *values_ : map3(*values_, upto)};
+    return channel_keys_and_values();
   }
   if (offset_ == std::get<0>(*keys_).shape(2)) {
     return {*keys_, *values_};
@@ -411,17 +223,7 @@ int QuantizedKVCache::trim(int n) {
   n = std::min(offset_, n);
   const int end = offset_ - n;
   if (scheme_ != QuantScheme::affine && n > 0) {
-    const int t = quantized_tokens(), G = key_spec_.group_size;
-    OptionalArray residual;
-    if (end > t) {
-      residual = seq_slice(*residual_, 0, end - t);
-    } else if (end % G != 0) {
-      // The kept part of a quantized group goes back to the float residual.
-      auto group = dequantize_channel_keys(*keys_, end / G * G, G, G, key_spec_.bits,
-                                           std::get<1>(*keys_).dtype());
-      residual = seq_slice(group, 0, end % G);
-    }
-    residual_ = std::move(residual);
+    trim_channel(end);
   }
   offset_ = end;
   return n;
@@ -445,6 +247,7 @@ std::vector<OptionalArray> QuantizedKVCache::state() const {
   }
   if (scheme_ != QuantScheme::affine) {
     out.push_back(residual_);
+    out.push_back(value_residual_);
   }
   return out;
 }
@@ -473,6 +276,7 @@ std::vector<std::string> QuantizedKVCache::meta_state() const {
                                   std::to_string(key_spec_.bits)};
   if (scheme_ != QuantScheme::affine) {
     out.push_back(scheme_name(scheme_));
+    out.push_back(std::to_string(window_));
   }
   return out;
 }
@@ -481,14 +285,17 @@ void QuantizedKVCache::restore(
     const std::vector<OptionalArray>& arrays,
     const std::vector<std::string>& meta) {
   constexpr const char* ctx = "QuantizedKVCache.state";
-  const bool affine = meta.size() != 4;
-  check_count(ctx, "arrays", arrays.size(), affine ? 6 : 7);
-  check_count(ctx, "scalars", meta.size(), affine ? 3 : 4);
+  const bool affine = meta.size() != 5;
+  check_count(ctx, "arrays", arrays.size(), affine ? 6 : 8);
+  check_count(ctx, "scalars", meta.size(), affine ? 3 : 5);
   auto [keys, values] = triples_from_arrays(ctx, arrays);
   QuantSpec spec{parse_int(ctx, "group_size", meta[1]), parse_int(ctx, "bits", meta[2])};
+  if (affine) {
+    set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]), spec, spec);
+    return;
+  }
   set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]), spec, spec,
-      affine ? QuantScheme::affine : parse_scheme(ctx, meta[3]),
-      affine ? std::nullopt : arrays[6]);
+      parse_scheme(ctx, meta[3]), arrays[6], arrays[7], parse_int(ctx, "window", meta[4]));
 }
 
 void QuantizedKVCache::set(
@@ -498,24 +305,20 @@ void QuantizedKVCache::set(
     QuantSpec key_spec,
     QuantSpec value_spec,
     QuantScheme scheme,
-    OptionalArray residual) {
+    OptionalArray residual,
+    OptionalArray value_residual,
+    int window) {
   constexpr const char* ctx = "QuantizedKVCache.state";
   check_specs(ctx, key_spec, value_spec);
   check_triples(ctx, keys, values);
   if (scheme != QuantScheme::affine) {
-    check_channel_state(ctx, keys, values, offset, key_spec, value_spec, residual);
-    keys_ = std::move(keys);
-    values_ = std::move(values);
-    offset_ = offset;
-    key_spec_ = key_spec;
-    value_spec_ = value_spec;
-    scheme_ = scheme;
-    residual_ = std::move(residual);
+    set_channel(std::move(keys), std::move(values), offset, key_spec, value_spec, scheme,
+                std::move(residual), std::move(value_residual), window);
     return;
   }
-  if (residual) {
-    throw ValueError(ctx, "no residual keys for the affine scheme",
-                     "an array " + shape_str(residual->shape()));
+  if (residual || value_residual || window != 0) {
+    throw ValueError(ctx, "no residual and window 0 for the affine scheme",
+                     "window " + std::to_string(window));
   }
   int len = 0;
   if (keys) {
@@ -538,6 +341,8 @@ void QuantizedKVCache::set(
   value_spec_ = value_spec;
   scheme_ = QuantScheme::affine;
   residual_.reset();
+  value_residual_.reset();
+  window_ = 0;
 }
 
 size_t QuantizedKVCache::nbytes() const {
@@ -564,11 +369,12 @@ QuantizedKVCache to_quantized(
     const KVCache& cache,
     QuantSpec keys,
     QuantSpec values,
-    QuantScheme scheme) {
+    QuantScheme scheme,
+    int window) {
   constexpr const char* ctx = "KVCache.to_quantized";
   if (scheme != QuantScheme::affine) {
     check_specs(ctx, keys, values);
-    QuantizedKVCache out(keys, values, scheme);
+    QuantizedKVCache out(keys, values, scheme, window);
     if (cache.keys() && cache.values() && cache.offset() > 0) {
       out.update_and_fetch(seq_slice(*cache.keys(), 0, cache.offset()),
                            seq_slice(*cache.values(), 0, cache.offset()));

@@ -16,8 +16,8 @@ enum class QuantScheme {
   affine,
   /// Keys and values rotated by an orthonormal Hadamard transform of the
   /// head dim; keys quantized per channel over groups of group_size tokens
-  /// (weights (B, H, D, T * bits / 32)), the tokens of the group not yet
-  /// full kept in float; values quantized per token as in affine.
+  /// (weights (B, H, D, T * bits / 32)), values per token as in affine; the
+  /// newest `window` tokens and the group not yet full kept in float.
   rotated_channel,
 };
 
@@ -25,6 +25,13 @@ enum class QuantScheme {
 const char* scheme_name(QuantScheme scheme);
 /// The scheme of that name; ValueError naming it otherwise.
 QuantScheme parse_scheme(const char* ctx, const std::string& name);
+
+/// Float tokens a rotated_channel cache keeps by default: the newest 128.
+constexpr int default_window = 128;
+
+/// Throws ValueError unless the window suits the scheme: 0 for affine, 0 to
+/// 1 << 20 for rotated_channel.
+void check_window(const char* ctx, QuantScheme scheme, int window);
 
 /// Throws ValueError unless the rotation takes this head dim: a power of
 /// two from 2 to 16384 (mx::hadamard_transform's sizes of that form).

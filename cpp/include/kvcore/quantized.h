@@ -70,8 +70,14 @@ class QuantizedKVCache : public Cache {
       : QuantizedKVCache({group_size, bits}, {group_size, bits}) {}
   /// Keys and values each quantized as their spec says (bits (8, 4), say),
   /// laid out as the scheme says. With rotated_channel the keys' group
-  /// size counts tokens (32, 64 or 128 per group), the values' the head dim.
-  QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme = QuantScheme::affine);
+  /// size counts tokens (32, 64 or 128 per group), the values' the head
+  /// dim, and the newest `window` tokens (and the group not yet full) stay
+  /// in float (0 for the affine scheme).
+  QuantizedKVCache(
+      QuantSpec keys,
+      QuantSpec values,
+      QuantScheme scheme = QuantScheme::affine,
+      int window = 0);
 
   const char* name() const override {
     return "QuantizedKVCache";
@@ -118,7 +124,7 @@ class QuantizedKVCache : public Cache {
       QuantSpec key_spec,
       QuantSpec value_spec) {
     set(std::move(keys), std::move(values), offset, key_spec, value_spec, QuantScheme::affine,
-        std::nullopt);
+        std::nullopt, std::nullopt, 0);
   }
   /// Validates everything, then replaces the whole contents.
   void set(
@@ -128,7 +134,9 @@ class QuantizedKVCache : public Cache {
       QuantSpec key_spec,
       QuantSpec value_spec,
       QuantScheme scheme,
-      OptionalArray residual);
+      OptionalArray residual,
+      OptionalArray value_residual,
+      int window);
 
   bool empty() const override {
     return !keys_;
@@ -170,13 +178,21 @@ class QuantizedKVCache : public Cache {
   QuantScheme scheme() const {
     return scheme_;
   }
-  /// rotated_channel: the newest keys, rotated, not yet a whole group (B, H,
-  /// R, D), R < the keys' group size; None when there are none.
+  /// rotated_channel: the newest keys, rotated, in float (B, H, R, D): the
+  /// window and the group not yet full; None when there are none.
   const OptionalArray& residual() const {
     return residual_;
   }
-  /// Tokens whose keys are quantized (rotated_channel: offset less the
-  /// residual's tokens).
+  /// rotated_channel: the values of the same R tokens, rotated, in float.
+  const OptionalArray& value_residual() const {
+    return value_residual_;
+  }
+  /// rotated_channel: the newest tokens kept in float.
+  int window() const {
+    return window_;
+  }
+  /// Tokens whose keys and values are quantized (rotated_channel: offset
+  /// less the residual's tokens).
   int quantized_tokens() const {
     return offset_ - (residual_ ? residual_->shape(2) : 0);
   }
@@ -192,9 +208,22 @@ class QuantizedKVCache : public Cache {
   void set_step(int step);
 
  private:
+  // rotated_channel (quantized_channel.cpp).
   std::pair<QuantizedArrays, QuantizedArrays> update_channel(
       const mx::array& keys,
       const mx::array& values);
+  std::pair<QuantizedArrays, QuantizedArrays> channel_keys_and_values() const;
+  void trim_channel(int end);
+  void set_channel(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      int offset,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      QuantScheme scheme,
+      OptionalArray residual,
+      OptionalArray value_residual,
+      int window);
 
   OptionalQuantized keys_;
   OptionalQuantized values_;
@@ -203,6 +232,8 @@ class QuantizedKVCache : public Cache {
   QuantSpec value_spec_;
   QuantScheme scheme_ = QuantScheme::affine;
   OptionalArray residual_;
+  OptionalArray value_residual_;
+  int window_ = 0;
   int step_ = default_step;
   int capacity_ = 0;
 };
@@ -213,7 +244,8 @@ QuantizedKVCache to_quantized(
     const KVCache& cache,
     QuantSpec keys,
     QuantSpec values,
-    QuantScheme scheme = QuantScheme::affine);
+    QuantScheme scheme = QuantScheme::affine,
+    int window = 0);
 inline QuantizedKVCache to_quantized(const KVCache& cache, int group_size = 64, int bits = 4) {
   return to_quantized(cache, {group_size, bits}, {group_size, bits});
 }
