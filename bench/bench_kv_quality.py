@@ -409,15 +409,18 @@ def perplexity(model, ids, scheme, chunk):
     return float(np.exp(nll.mean())), len(nll)
 
 
-def greedy(model, prompt_ids, scheme, n):
-    """n greedy tokens after prompt_ids (prefilled in one call)."""
+def greedy(model, prompt_ids, scheme, n, reference=None):
+    """n greedy tokens after prompt_ids (prefilled in one call). With a
+    reference (the float cache's greedy tokens), those are fed instead
+    (teacher forcing) and the result is this cache's choice at each step."""
     cache = make_cache(model, scheme)
     logits = model(mx.array(prompt_ids)[None], cache=cache)[0, -1]
     out = []
-    for _ in range(n):
+    for i in range(n):
         t = int(np.argmax(np.array(logits.astype(mx.float32))))
         out.append(t)
-        logits = model(mx.array([[t]]), cache=cache)[0, -1]
+        fed = t if reference is None else reference[i]
+        logits = model(mx.array([[fed]]), cache=cache)[0, -1]
     return out
 
 
@@ -428,7 +431,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the text to score")
     ap.add_argument("--chunk", type=int, default=128, help="tokens per forward call")
     ap.add_argument("--schemes", default="float,affine4,rot4,chan4,rot-chan4")
-    ap.add_argument("--greedy", type=int, default=0, help="also greedy agreement over N tokens")
+    ap.add_argument("--greedy", type=int, default=0,
+                    help="also agreement with float's N greedy tokens (teacher-forced)")
     ap.add_argument("--greedy-prompt", type=int, default=256)
     ap.add_argument("--mlx", action="store_true", help="mlx's own linears and attention")
     ap.add_argument("--json", help="append results as JSON lines to this file")
@@ -442,11 +446,18 @@ def main():
     from mlx_lm import load
 
     model, tok = load(a.model)
+    import importlib
+
+    mod = importlib.import_module(type(model).__module__)
     if not a.mlx:
         numpy_linears(model)
-        import importlib
-        mod = importlib.import_module(type(model).__module__)
         mod.scaled_dot_product_attention = numpy_attention
+    elif any(n.startswith("kvcore:") for n in a.schemes.split(",")):
+        # kvcore's attention routes kvcore's schemes (and equals mlx-lm's on
+        # mlx-lm's caches, bit for bit).
+        from kvcore._attention import scaled_dot_product_attention
+
+        mod.scaled_dot_product_attention = scaled_dot_product_attention
     ids = tok.encode(open(a.text).read())[: a.tokens]
     head_dim = model.layers[0].self_attn.head_dim if hasattr(model.layers[0].self_attn, "head_dim") \
         else model.args.hidden_size // model.args.num_attention_heads
@@ -467,7 +478,9 @@ def main():
         if base is not None:
             row["change_pct"] = round(100 * (ppl / base - 1), 2)
         if a.greedy:
-            toks = greedy(model, ids[: a.greedy_prompt], sc, a.greedy)
+            # Agreement: the share of the float cache's greedy tokens this
+            # cache also picks, fed the float cache's tokens each step.
+            toks = greedy(model, ids[: a.greedy_prompt], sc, a.greedy, ref_tokens)
             if sc.kind == "float":
                 ref_tokens = toks
             if ref_tokens is not None:
