@@ -8,7 +8,7 @@ routed to kvcore's (``patch_mlx_lm()``). Speed does not depend on the
 values held.
 
     python bench/bench_kv_decode.py --contexts 4096,16384 --steps 16
-    python bench/bench_kv_decode.py --caches float,affine:4:64,rotated-channel:4:32
+    python bench/bench_kv_decode.py --caches float,affine:4:64,rotated-channel:4:32/64
 
 Each cache spec is ``float`` or ``SCHEME:BITS:GROUP`` (BITS may be K/V, e.g.
 ``4/2``; GROUP likewise). Prints one JSON line per (cache, context).
@@ -76,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--contexts", default="4096,16384")
-    ap.add_argument("--caches", default="float,affine:4:64,rotated-channel:4:32")
+    ap.add_argument("--caches", default="float,affine:4:64,rotated-channel:4:32/64")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="append results to this file")

@@ -14,6 +14,6 @@ model="${KVCORE_MODEL:?set KVCORE_MODEL to the SmolLM2-135M-Instruct mlx-lm dire
 python3 bench/check_kv_attention.py | tee "$out/kv_attention_check.jsonl"
 python3 bench/bench_kv_quality.py --mlx --model "$model" --tokens 4096 --greedy 256 \
   --json "$out/kv_quality_gpu.jsonl" \
-  --schemes float,affine8,affine4,kvcore:affine:4:64,kvcore:rotated-channel:4:32,affine3,kvcore:rotated-channel:3:32,kvcore:affine:4/2:64,kvcore:rotated-channel:4/2:32
+  --schemes float,affine8,affine4,kvcore:affine:4:64,kvcore:rotated-channel:4:32/64,affine3,kvcore:rotated-channel:3:32/64,kvcore:affine:4/2:64,kvcore:rotated-channel:4/2:32/64
 python3 bench/bench_kv_decode.py --model "$model" --contexts 4096,16384 --steps 64 \
-  --caches float,affine:4:64,rotated-channel:4:32 --json "$out/kv_decode_gpu.jsonl"
+  --caches float,affine:4:64,rotated-channel:4:32/64,rotated-channel:4:64 --json "$out/kv_decode_gpu.jsonl"

@@ -399,3 +399,13 @@ def test_the_prefix_store_serves_a_trimmed_copy_and_keeps_the_entry():
     again, _ = lru.fetch_nearest_cache("m", tokens)
     assert again[0].offset == 75
     _assert_same_state(again[0], _filled())
+
+
+def test_inspect_names_the_scheme_and_window(tmp_path):
+    from kvcore._files import describe
+
+    path = str(tmp_path / "c.safetensors")
+    kvcore.save_prompt_cache(path, [_filled(window=16), kvcore.QuantizedKVCache(bits=4)])
+    layers = describe(path)["layers"]
+    assert layers[0]["scheme"] == SCHEME and layers[0]["window"] == 16
+    assert "scheme" not in layers[1]
