@@ -164,7 +164,7 @@ class KVCache:
     @state.setter
     def state(self, state: tuple, /) -> None: ...
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedKVCache:
         """
         The same tokens in a QuantizedKVCache.
 
@@ -175,6 +175,8 @@ class KVCache:
               such as ``(8, 4)``.
             scheme (str): ``"affine"`` (mlx-lm's) or ``"rotated-channel"``
               (see QuantizedKVCache).
+            window (int, optional): ``"rotated-channel"``: tokens kept in
+              float (default 128).
 
         Returns:
             QuantizedKVCache: With this cache's offset and quantized buffers.
@@ -430,7 +432,7 @@ class QuantizedKVCache:
     Full-attention cache holding keys and values quantized by ``mx.quantize``.
     """
 
-    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine') -> None:
+    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None) -> None:
         """
         Args:
             group_size (int | tuple): Quantization group size (32, 64 or
@@ -442,8 +444,11 @@ class QuantizedKVCache:
             scheme (str): ``"affine"`` (mlx-lm's layout) or
               ``"rotated-channel"``: keys and values rotated by a Hadamard
               transform of the head dim (a power of two), keys quantized
-              per channel over groups of ``group_size`` tokens (the newest
-              partial group in float), values per token.
+              per channel over groups of ``group_size`` tokens, values per
+              token; the newest ``window`` tokens and the group not yet
+              full stay in float.
+            window (int, optional): ``"rotated-channel"``: tokens kept in
+              float (default 128; 0 keeps only the partial group).
         """
 
     step: int = 256
@@ -459,9 +464,10 @@ class QuantizedKVCache:
         Returns:
             tuple: The cached ``(weights, scales, biases)`` of the keys
             and of the values, up to ``offset``. ``"rotated-channel"``:
-            the keys' ``(weights, scales, biases, residual)``, weights
-            ``(B, H, D, tokens * bits / 32)`` for the whole groups and
-            the rotated float ``residual`` (or None) for the rest.
+            ``(weights, scales, biases, residual)`` for each, the
+            quantized tokens (keys' weights transposed: ``(B, H, D,
+            tokens * bits / 32)``) and the rotated float residual of the
+            newest tokens (or None).
         """
 
     def keys_and_values(self) -> object:
@@ -472,9 +478,17 @@ class QuantizedKVCache:
         """``"affine"`` or ``"rotated-channel"``."""
 
     @property
+    def window(self) -> int:
+        """``"rotated-channel"``: the newest tokens kept in float (0 for affine)."""
+
+    @property
     def residual(self) -> object:
+        """``"rotated-channel"``: the newest keys, rotated, in float, or None."""
+
+    @property
+    def value_residual(self) -> object:
         """
-        ``"rotated-channel"``: the newest rotated float keys not yet a whole group, or None.
+        ``"rotated-channel"``: the same tokens' values, rotated, in float, or None.
         """
 
     @property
@@ -530,7 +544,7 @@ class QuantizedKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, group_size, bits)``, keys and values as triples; a ``"rotated-channel"`` cache adds ``(scheme, residual)``.
+        ``(keys, values, offset, group_size, bits)``, keys and values as triples; a ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``.
         """
 
     @state.setter
@@ -664,11 +678,11 @@ def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tupl
         group_size (int | tuple): The group size, or ``(keys, values)``.
         bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
         scheme (str): The cache's scheme. ``"rotated-channel"`` takes
-          q_keys as ``(weights, scales, biases, residual)`` as its
-          cache returns them, and computes on them without
+          q_keys and q_values as ``(weights, scales, biases, residual)``
+          as its cache returns them, and computes on them without
           dequantizing: queries rotated once, quantized matmuls
-          against the keys and the values, a matmul against the float
-          residual, one softmax, the output rotated back.
+          against the keys and the values, matmuls against the float
+          residuals, one softmax, the output rotated back.
 
     Returns:
         array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
