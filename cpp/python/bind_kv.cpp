@@ -66,14 +66,19 @@ void bind_kv(nb::module_& m) {
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset)``; the buffers are whole, as mlx-lm keeps them.");
   kv.def("to_quantized",
-         [](nb::handle self, nb::handle group_size, nb::handle bits) {
+         [](nb::handle self, nb::handle group_size, nb::handle bits, nb::handle scheme,
+            nb::handle window) {
+           constexpr const char* ctx = "KVCache.to_quantized";
            auto& c = *nb::inst_ptr<KVCache>(self);
-           auto [ks, vs] = quant_specs_arg("KVCache.to_quantized", group_size, bits);
+           auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+           auto sc = scheme_arg(ctx, scheme);
+           int w = window_arg(ctx, sc, window);
            nb::object cls = nb::module_::import_("kvcore").attr("QuantizedKVCache");
-           return make_instance<QuantizedKVCache>(cls, to_quantized(c, ks, vs));
+           return make_instance<QuantizedKVCache>(cls, to_quantized(c, ks, vs, sc, w));
          },
-         "group_size"_a = 64, "bits"_a = 4,
-         nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedKVCache"),
+         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "scheme"_a = "affine",
+         "window"_a.none() = nb::none(),
+         nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedKVCache"),
          R"pbdoc(
            The same tokens in a QuantizedKVCache.
 
@@ -82,6 +87,10 @@ void bind_kv(nb::module_& m) {
                  ``(keys, values)``.
                bits (int | tuple): Bits per element, or ``(keys, values)``
                  such as ``(8, 4)``.
+               scheme (str): ``"affine"`` (mlx-lm's) or ``"rotated-channel"``
+                 (see QuantizedKVCache).
+               window (int, optional): ``"rotated-channel"``: tokens kept in
+                 float (default 128).
 
            Returns:
                QuantizedKVCache: With this cache's offset and quantized buffers.
@@ -157,15 +166,16 @@ void bind_kv(nb::module_& m) {
                    },
                    "The ring cursor: where the next single token goes.")
       .def("to_quantized",
-           [](nb::handle self, nb::handle group_size, nb::handle bits) {
+           [](nb::handle self, nb::handle group_size, nb::handle bits, nb::handle scheme) {
              constexpr const char* ctx = "RotatingKVCache.to_quantized";
              auto& c = *nb::inst_ptr<RotatingKVCache>(self);
              auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+             require_affine(ctx, scheme);
              nb::object cls = nb::module_::import_("kvcore").attr("QuantizedRotatingKVCache");
              return make_instance<QuantizedRotatingKVCache>(cls, to_quantized(c, ks, vs));
            },
-           "group_size"_a = 64, "bits"_a = 4,
-           nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedRotatingKVCache"),
+           "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "scheme"_a = "affine",
+           nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedRotatingKVCache"),
            R"pbdoc(
              The same ring (offset, cursor, window), each slot quantized.
              mlx-lm raises NotImplementedError here.

@@ -7,6 +7,19 @@ namespace kvcore::py {
 
 namespace {
 
+// (keys, values) as update_and_fetch returns them: triples, or under a
+// scheme with float residuals (weights, scales, biases, residual) each.
+nb::object fetched(const QuantizedKVCache& c, const std::pair<QuantizedArrays, QuantizedArrays>& kv) {
+  const auto& [k, v] = kv;
+  nb::object values = to_py(OptionalQuantized(v));
+  if (c.scheme() == QuantScheme::affine) {
+    return nb::make_tuple(to_py(OptionalQuantized(k)), values);
+  }
+  return nb::make_tuple(
+      nb::make_tuple(std::get<0>(k), std::get<1>(k), std::get<2>(k), to_py(c.residual())),
+      nb::make_tuple(std::get<0>(v), std::get<1>(v), std::get<2>(v), to_py(c.value_residual())));
+}
+
 } // namespace
 
 void bind_quantized(nb::module_& m) {
@@ -15,16 +28,19 @@ void bind_quantized(nb::module_& m) {
       "Full-attention cache holding keys and values quantized by ``mx.quantize``.");
   q.attr("step") = QuantizedKVCache::default_step;
   q.def("__init__",
-        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits, nb::handle capacity) {
+        [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits, nb::handle capacity,
+           nb::handle scheme, nb::handle window) {
           constexpr const char* ctx = "QuantizedKVCache";
           auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs);
+          auto sc = scheme_arg(ctx, scheme);
+          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs, sc, window_arg(ctx, sc, window));
           if (!capacity.is_none()) {
             c->set_capacity(int_arg(ctx, "capacity", capacity));
           }
         },
         "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "capacity"_a.none() = nb::none(),
-        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None) -> None"),
+        "scheme"_a = "affine", "window"_a.none() = nb::none(),
+        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None) -> None"),
         R"pbdoc(
           Args:
               group_size (int | tuple): Quantization group size (32, 64 or
@@ -33,11 +49,22 @@ void bind_quantized(nb::module_& m) {
                 ``(keys, values)`` pair such as ``(8, 4)``.
               capacity (int, optional): Tokens to allocate room for at the
                 first update.
+              scheme (str): ``"affine"`` (mlx-lm's layout) or
+                ``"rotated-channel"``: keys and values rotated by a Hadamard
+                transform of the head dim (a power of two), keys quantized
+                per channel over groups of ``group_size`` tokens, values per
+                token; the newest ``window`` tokens and the group not yet
+                full stay in float.
+              window (int, optional): ``"rotated-channel"``: tokens kept in
+                float (default 128; 0 keeps only the partial group).
         )pbdoc")
-      .def("update_and_fetch", &update_param<QuantizedKVCache>, "keys"_a, "values"_a,
+      .def("update_and_fetch",
+           [](QuantizedKVCache& c, nb::handle keys, nb::handle values) {
+             return fetched(c, update_param(c, keys, values));
+           },
+           "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
-                   "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
-                   "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+                   "-> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
            R"pbdoc(
              Quantize and append new keys and values.
 
@@ -47,10 +74,23 @@ void bind_quantized(nb::module_& m) {
 
              Returns:
                  tuple: The cached ``(weights, scales, biases)`` of the keys
-                 and of the values, up to ``offset``.
+                 and of the values, up to ``offset``. ``"rotated-channel"``:
+                 ``(weights, scales, biases, residual)`` for each, the
+                 quantized tokens (keys' weights transposed: ``(B, H, D,
+                 tokens * bits / 32)``) and the rotated float residual of the
+                 newest tokens (or None).
            )pbdoc")
-      .def("keys_and_values", &QuantizedKVCache::keys_and_values,
-           "The cached key and value triples, up to ``offset``.")
+      .def("keys_and_values",
+           [](const QuantizedKVCache& c) { return fetched(c, c.keys_and_values()); },
+           "The cached keys and values as ``update_and_fetch`` returns them.")
+      .def_prop_ro("scheme", [](const QuantizedKVCache& c) { return scheme_name(c.scheme()); },
+                   "``\"affine\"`` or ``\"rotated-channel\"``.")
+      .def_prop_ro("window", &QuantizedKVCache::window,
+                   "``\"rotated-channel\"``: the newest tokens kept in float (0 for affine).")
+      .def_prop_ro("residual", [](const QuantizedKVCache& c) { return to_py(c.residual()); },
+                   "``\"rotated-channel\"``: the newest keys, rotated, in float, or None.")
+      .def_prop_ro("value_residual", [](const QuantizedKVCache& c) { return to_py(c.value_residual()); },
+                   "``\"rotated-channel\"``: the same tokens' values, rotated, in float, or None.")
       .def_prop_rw("offset", &QuantizedKVCache::offset,
                    [](QuantizedKVCache& c, nb::handle v) {
                      c.set_offset(int_arg("QuantizedKVCache.offset", "offset", v));
@@ -101,23 +141,37 @@ void bind_quantized(nb::module_& m) {
       .def_prop_rw(
           "state",
           [](const QuantizedKVCache& c) {
-            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(),
-                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
-                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            nb::tuple out = nb::make_tuple(
+                to_py(c.keys()), to_py(c.values()), c.offset(),
+                spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            if (c.scheme() == QuantScheme::affine) {
+              return out;
+            }
+            return nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(),
+                                                  to_py(c.residual()), to_py(c.value_residual())));
           },
           [](QuantizedKVCache& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedKVCache.state";
-            StateReader r(ctx, v, 5);
+            const bool scheme = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) && nb::len(v) == 9;
+            StateReader r(ctx, v, scheme ? 9 : 5);
             nb::tuple t(v);
             auto keys = quantized_from_py(ctx, "keys", t[0]);
             auto values = quantized_from_py(ctx, "values", t[1]);
             int offset = r.integer(2, "offset");
             auto [ks, vs] = quant_specs_arg(ctx, t[3], t[4]);
-            c.set(std::move(keys), std::move(values), offset, ks, vs);
+            if (!scheme) {
+              c.set(std::move(keys), std::move(values), offset, ks, vs);
+              return;
+            }
+            auto sc = scheme_arg(ctx, t[5]);
+            c.set(std::move(keys), std::move(values), offset, ks, vs, sc, r.array(7, "residual"),
+                  r.array(8, "value residual"), r.integer(6, "window"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
-          "``(keys, values, offset, group_size, bits)``; keys and values are triples.")
+          "``(keys, values, offset, group_size, bits)``, keys and values as triples; "
+          "a ``\"rotated-channel\"`` cache adds ``(scheme, window, residual keys, residual values)``.")
       .def("_assign", [](QuantizedKVCache& self, const QuantizedKVCache& other) { self = other; }, "other"_a,
            "Take other's contents (a staged copy), as one step.")
       .def("__copy__", [](nb::handle self) { return copy_instance<QuantizedKVCache>(self, nb::handle()); })

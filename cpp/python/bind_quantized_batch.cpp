@@ -240,20 +240,24 @@ void bind_quantized_batch(nb::module_& m) {
   nb::object b_cls = m.attr("BatchKVCache"), r_cls = m.attr("BatchRotatingKVCache");
   nb::object q_cls = m.attr("QuantizedKVCache"), qrot_cls = m.attr("QuantizedRotatingKVCache");
   nb::setattr(b_cls, "to_quantized", nb::cpp_function(
-      [qb](const BatchKVCache& c, nb::handle group_size, nb::handle bits) {
+      [qb](const BatchKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme) {
         auto [ks, vs] = quant_specs_arg("BatchKVCache.to_quantized", group_size, bits);
+        require_affine("BatchKVCache.to_quantized", scheme);
         return make_instance<QB>(qb, to_quantized(c, ks, vs));
       },
-      nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4,
-      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchKVCache"),
+      nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
+      "scheme"_a = "affine",
+      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchKVCache"),
       "The same rows and padding with keys and values quantized."));
   nb::setattr(r_cls, "to_quantized", nb::cpp_function(
-      [qr](const BatchRotatingKVCache& c, nb::handle group_size, nb::handle bits) {
+      [qr](const BatchRotatingKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme) {
         auto [ks, vs] = quant_specs_arg("BatchRotatingKVCache.to_quantized", group_size, bits);
+        require_affine("BatchRotatingKVCache.to_quantized", scheme);
         return make_instance<QR>(qr, to_quantized(c, ks, vs));
       },
-      nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4,
-      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchRotatingKVCache"),
+      nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
+      "scheme"_a = "affine",
+      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchRotatingKVCache"),
       "The same rows, ring and padding with keys and values quantized."));
   set_merge(q_cls, nb::cpp_function(
       [qb](nb::handle, nb::handle caches) {

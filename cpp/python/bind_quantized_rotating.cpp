@@ -60,11 +60,36 @@ void bind_quantized_rotating(nb::module_& m) {
   m.def(
       "quantized_scaled_dot_product_attention",
       [](const mx::array& queries, nb::handle q_keys, nb::handle q_values, float scale,
-         nb::handle mask, nb::handle group_size, nb::handle bits) {
+         nb::handle mask, nb::handle group_size, nb::handle bits, nb::handle scheme) {
         constexpr const char* ctx = "quantized_scaled_dot_product_attention";
         auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-        auto k = quantized_from_py(ctx, "q_keys", q_keys);
-        auto v = quantized_from_py(ctx, "q_values", q_values);
+        const QuantScheme sc = scheme_arg(ctx, scheme);
+        // Under a scheme with float residuals each side is (w, s, b, residual).
+        auto split = [&](const char* what, nb::handle h, OptionalArray& residual) -> nb::object {
+          if (sc == QuantScheme::affine) {
+            return nb::borrow(h);
+          }
+          if (!nb::isinstance<nb::tuple>(h) || nb::len(h) != 4) {
+            throw ValueError(ctx, std::string(what) + " as (weights, scales, biases, residual) for the " +
+                                      scheme_name(sc) + " scheme",
+                             nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+          }
+          nb::tuple t = nb::borrow<nb::tuple>(h);
+          if (!t[3].is_none()) {
+            mx::array* r = nullptr;
+            if (!nb::try_cast<mx::array*>(t[3], r, false) || r == nullptr) {
+              throw ValueError(ctx, std::string(what) + "' residual as an array or None",
+                               nb::cast<std::string>(nb::str(t[3].type().attr("__name__"))));
+            }
+            residual = *r;
+          }
+          return nb::make_tuple(t[0], t[1], t[2]);
+        };
+        OptionalArray key_residual, value_residual;
+        nb::object key_triple = split("q_keys", q_keys, key_residual);
+        nb::object value_triple = split("q_values", q_values, value_residual);
+        auto k = quantized_from_py(ctx, "q_keys", key_triple);
+        auto v = quantized_from_py(ctx, "q_values", value_triple);
         if (!k || !v) {
           throw ValueError(ctx, "q_keys and q_values as triples", "None");
         }
@@ -78,11 +103,14 @@ void bind_quantized_rotating(nb::module_& m) {
           throw ValueError(ctx, "mask as None, a str or an array",
                            nb::cast<std::string>(nb::str(mask.type().attr("__name__"))));
         }
+        if (sc != QuantScheme::affine) {
+          return channel_attention(queries, *k, key_residual, *v, value_residual, scale, m, ks, vs);
+        }
         return quantized_attention(queries, *k, *v, scale, m, ks, vs);
       },
       "queries"_a, "q_keys"_a, "q_values"_a, "scale"_a, "mask"_a.none(),
-      "group_size"_a = 64, "bits"_a = 8,
-      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> mlx.core.array"),
+      "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "scheme"_a = "affine",
+      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine') -> mlx.core.array"),
       R"pbdoc(
         mlx-lm's quantized attention, with keys and values at their own bits.
 
@@ -94,6 +122,12 @@ void bind_quantized_rotating(nb::module_& m) {
             mask (array | str | None): A boolean or additive mask, or ``"causal"``.
             group_size (int | tuple): The group size, or ``(keys, values)``.
             bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+            scheme (str): The cache's scheme. ``"rotated-channel"`` takes
+              q_keys and q_values as ``(weights, scales, biases, residual)``
+              as its cache returns them, and computes on them without
+              dequantizing: queries rotated once, quantized matmuls
+              against the keys and the values, matmuls against the float
+              residuals, one softmax, the output rotated back.
 
         Returns:
             array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and

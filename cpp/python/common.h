@@ -296,6 +296,13 @@ OptionalQuantized quantized_from_py(const char* ctx, const char* what, nb::handl
 /// group_size and bits from Python: an int for keys and values alike, or
 /// a (keys, values) pair; checked against mx::quantize's choices.
 std::pair<QuantSpec, QuantSpec> quant_specs_arg(const char* ctx, nb::handle group_size, nb::handle bits);
+/// A quantization scheme's name from Python (quant_scheme.h).
+QuantScheme scheme_arg(const char* ctx, nb::handle h);
+/// A window from Python: None for the scheme's default.
+int window_arg(const char* ctx, QuantScheme scheme, nb::handle window);
+/// For the kinds that take only mlx-lm's layout for now: ValueError for
+/// any other scheme.
+void require_affine(const char* ctx, nb::handle scheme);
 /// An int when keys and values agree, else a (keys, values) tuple.
 nb::object spec_to_py(int keys, int values);
 

@@ -41,6 +41,29 @@ StateReader::StateReader(const char* ctx, nb::handle state, size_t expected)
   check_count(ctx, "items", nb::len(items_), expected);
 }
 
+QuantScheme scheme_arg(const char* ctx, nb::handle h) {
+  if (!nb::isinstance<nb::str>(h)) {
+    throw ValueError(ctx, "scheme as a str", nb::cast<std::string>(nb::str(h.type().attr("__name__"))));
+  }
+  return parse_scheme(ctx, nb::cast<std::string>(h));
+}
+
+int window_arg(const char* ctx, QuantScheme scheme, nb::handle window) {
+  if (window.is_none()) {
+    return scheme == QuantScheme::affine ? 0 : default_window;
+  }
+  int w = int_arg(ctx, "window", window);
+  check_window(ctx, scheme, w);
+  return w;
+}
+
+void require_affine(const char* ctx, nb::handle scheme) {
+  if (scheme_arg(ctx, scheme) != QuantScheme::affine) {
+    throw ValueError(ctx, "scheme 'affine' (the only one this kind takes for now)",
+                     "'" + nb::cast<std::string>(scheme) + "'");
+  }
+}
+
 OptionalArray StateReader::array(size_t i, const char* what) const {
   nb::handle item = items_[i];
   if (item.is_none()) {

@@ -8,6 +8,36 @@
 
 namespace kvcore {
 
+namespace {
+
+// scores (..., L, N) with the mask applied: "causal" lets the last L of the
+// N keys see what precedes them; a bool array says where allowed, another
+// is added. Grouped-query scores carry an extra axis before (L, N).
+mx::array masked(mx::array scores, const Mask& mask, int repeats) {
+  if (!std::holds_alternative<std::monostate>(mask)) {
+    mx::array m = std::holds_alternative<std::string>(mask) ? mx::array(false)
+                                                            : std::get<mx::array>(mask);
+    if (std::holds_alternative<std::string>(mask)) {
+      const int qL = scores.shape(-2), kL = scores.shape(-1);
+      auto q_idx = mx::arange(kL - qL, kL);
+      auto k_idx = mx::arange(kL);
+      m = mx::greater_equal(mx::expand_dims(q_idx, 1), mx::expand_dims(k_idx, 0));
+    }
+    if (repeats > 1 && m.ndim() > 3) {
+      m = mx::expand_dims(m, -3);
+    }
+    if (m.dtype() == mx::bool_) {
+      scores = mx::where(m, scores,
+                         mx::array(static_cast<float>(mx::finfo(scores.dtype()).min), scores.dtype()));
+    } else {
+      scores = mx::add(scores, m);
+    }
+  }
+  return scores;
+}
+
+} // namespace
+
 mx::array quantized_attention(
     const mx::array& queries,
     const QuantizedArrays& keys,
@@ -45,25 +75,7 @@ mx::array quantized_attention(
   }
   auto scores = mx::quantized_matmul(q, std::get<0>(k), std::get<1>(k), std::get<2>(k), true,
                                      key_spec.group_size, key_spec.bits);
-  if (!std::holds_alternative<std::monostate>(mask)) {
-    mx::array m = std::holds_alternative<std::string>(mask) ? mx::array(false)
-                                                            : std::get<mx::array>(mask);
-    if (std::holds_alternative<std::string>(mask)) {
-      const int qL = scores.shape(-2), kL = scores.shape(-1);
-      auto q_idx = mx::arange(kL - qL, kL);
-      auto k_idx = mx::arange(kL);
-      m = mx::greater_equal(mx::expand_dims(q_idx, 1), mx::expand_dims(k_idx, 0));
-    }
-    if (repeats > 1 && m.ndim() > 3) {
-      m = mx::expand_dims(m, -3);
-    }
-    if (m.dtype() == mx::bool_) {
-      scores = mx::where(m, scores,
-                         mx::array(static_cast<float>(mx::finfo(scores.dtype()).min), scores.dtype()));
-    } else {
-      scores = mx::add(scores, m);
-    }
-  }
+  scores = masked(scores, mask, repeats);
   scores = mx::softmax(scores, -1, true);
   auto out = mx::quantized_matmul(scores, std::get<0>(v), std::get<1>(v), std::get<2>(v), false,
                                   value_spec.group_size, value_spec.bits);
@@ -71,6 +83,95 @@ mx::array quantized_attention(
     out = mx::reshape(out, {B, n_q, L, out.shape(-1)});
   }
   return out;
+}
+
+mx::array channel_attention(
+    const mx::array& queries,
+    const QuantizedArrays& keys,
+    const OptionalArray& key_residual,
+    const QuantizedArrays& values,
+    const OptionalArray& value_residual,
+    float scale,
+    const Mask& mask,
+    QuantSpec key_spec,
+    QuantSpec value_spec) {
+  constexpr const char* ctx = "quantized_attention";
+  check_specs(ctx, key_spec, value_spec);
+  check_triple(ctx, "keys", keys);
+  check_triple(ctx, "values", values);
+  if (queries.ndim() != 4) {
+    throw ValueError(ctx, "queries of rank 4 (B, n_q_heads, L, D)", shape_str(queries.shape()));
+  }
+  const int B = queries.shape(0), n_q = queries.shape(1), L = queries.shape(2), D = queries.shape(3);
+  const auto& [kw, ks, kb] = keys;
+  const auto& [vw, vs, vb] = values;
+  const int n_kv = kw.shape(1);
+  if (n_kv == 0 || n_q % n_kv != 0) {
+    throw ValueError(ctx, "query heads a multiple of the " + std::to_string(n_kv) + " kv heads",
+                     std::to_string(n_q) + " query heads");
+  }
+  if (kw.shape(2) != D) {
+    throw ValueError(ctx, "queries of the keys' head dim " + std::to_string(kw.shape(2)),
+                     shape_str(queries.shape()));
+  }
+  check_rotation(ctx, "a head dim", D);
+  const int quantized = ks.shape(3) * key_spec.group_size;
+  if (vw.shape(2) != quantized) {
+    throw ValueError(ctx, std::to_string(quantized) + " quantized value tokens, as the keys",
+                     std::to_string(vw.shape(2)));
+  }
+  if (key_residual.has_value() != value_residual.has_value()) {
+    throw ValueError(ctx, "residual keys and values both set or both None", "only one set");
+  }
+  const int R = key_residual ? key_residual->shape(2) : 0;
+  if (key_residual &&
+      (key_residual->ndim() != 4 || key_residual->shape(1) != n_kv || key_residual->shape(3) != D ||
+       value_residual->ndim() != 4 || value_residual->shape(1) != n_kv ||
+       value_residual->shape(2) != R)) {
+    throw ValueError(ctx, "residual keys (B, " + std::to_string(n_kv) + ", R, " + std::to_string(D) +
+                              ") and values of the same R",
+                     shape_str(key_residual->shape()) + " and " + shape_str(value_residual->shape()));
+  }
+  if (quantized + R == 0) {
+    throw ValueError(ctx, "at least one cached token", "none");
+  }
+  const int repeats = n_q / n_kv;
+  // One rotation of the queries: (H q) . (H k) = q . k.
+  auto q = mx::multiply(hadamard(queries), mx::array(scale, queries.dtype()));
+  auto expand = [&](const mx::array& a) { return repeats > 1 ? mx::expand_dims(a, -3) : a; };
+  if (repeats > 1) {
+    q = mx::reshape(q, {B, n_kv, repeats, L, D});
+  }
+  std::vector<mx::array> parts;
+  if (quantized > 0) {
+    parts.push_back(mx::quantized_matmul(q, expand(kw), expand(ks), expand(kb), false,
+                                         key_spec.group_size, key_spec.bits));
+  }
+  if (R > 0) {
+    parts.push_back(mx::matmul(q, mx::swapaxes(expand(*key_residual), -1, -2)));
+  }
+  auto scores = parts.size() == 1 ? parts[0] : mx::concatenate(parts, -1);
+  scores = mx::softmax(masked(scores, mask, repeats), -1, true);
+  std::optional<mx::array> out;
+  if (quantized > 0) {
+    auto p = R > 0 ? mx::slice(scores, mx::Shape(scores.ndim(), 0),
+                               [&] { auto e = scores.shape(); e.back() = quantized; return e; }())
+                   : scores;
+    out = mx::quantized_matmul(p, expand(vw), expand(vs), expand(vb), false,
+                               value_spec.group_size, value_spec.bits);
+  }
+  if (R > 0) {
+    mx::Shape lo(scores.ndim(), 0);
+    lo.back() = quantized;
+    auto p = mx::slice(scores, lo, scores.shape());
+    auto r = mx::matmul(p, mx::astype(expand(*value_residual), p.dtype()));
+    out = out ? mx::add(*out, r) : r;
+  }
+  auto o = *out;
+  if (repeats > 1) {
+    o = mx::reshape(o, {B, n_q, L, o.shape(-1)});
+  }
+  return hadamard(o);
 }
 
 } // namespace kvcore

@@ -30,6 +30,7 @@ QuantizedArrays write3(const QuantizedArrays& buf, const QuantizedArrays& x, int
       seq_write(std::get<2>(buf), std::get<2>(x), at)};
 }
 
+
 } // namespace
 
 void check_triple_fits(
@@ -42,7 +43,7 @@ void check_triple_fits(
   check_fits(ctx, what, std::get<2>(x), std::get<2>(buf));
 }
 
-void check_triple(const char* ctx, const char* what, const QuantizedArrays& q, QuantSpec spec) {
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q) {
   const auto& [w, scales, biases] = q;
   for (const auto* a : {&w, &scales, &biases}) {
     if (a->ndim() != 4 || a->shape(0) != w.shape(0) || a->shape(1) != w.shape(1) ||
@@ -57,6 +58,11 @@ void check_triple(const char* ctx, const char* what, const QuantizedArrays& q, Q
   if (w.dtype() != mx::uint32) {
     throw ValueError(ctx, std::string(what) + " weights of dtype uint32", dtype_str(w.dtype()));
   }
+}
+
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q, QuantSpec spec) {
+  check_triple(ctx, what, q);
+  const auto& [w, scales, biases] = q;
   // The head dim the weights pack at `bits` is the one the scales and
   // biases cover in groups of `group_size`.
   const long long dim = static_cast<long long>(w.shape(3)) * 32 / spec.bits;
@@ -90,15 +96,23 @@ void check_specs(const char* ctx, QuantSpec keys, QuantSpec values) {
   check_quantization(ctx, values.group_size, values.bits);
 }
 
+void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values) {
+  if (keys.has_value() != values.has_value()) {
+    throw ValueError(ctx, "keys and values both set or both None", "only one set");
+  }
+  if (keys) {
+    check_triple(ctx, "keys", *keys);
+    check_triple(ctx, "values", *values);
+  }
+}
+
 void check_triples(
     const char* ctx,
     const OptionalQuantized& keys,
     const OptionalQuantized& values,
     QuantSpec key_spec,
     QuantSpec value_spec) {
-  if (keys.has_value() != values.has_value()) {
-    throw ValueError(ctx, "keys and values both set or both None", "only one set");
-  }
+  check_triples(ctx, keys, values);
   if (keys) {
     check_triple(ctx, "keys", *keys, key_spec);
     check_triple(ctx, "values", *values, value_spec);
@@ -147,14 +161,18 @@ QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, in
   return {q[0], q[1], q[2]};
 }
 
-QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values)
-    : key_spec_(keys), value_spec_(values) {
+QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme, int window)
+    : key_spec_(keys), value_spec_(values), scheme_(scheme), window_(window) {
   check_specs("QuantizedKVCache", keys, values);
+  check_window("QuantizedKVCache", scheme, window);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
     const mx::array& keys,
     const mx::array& values) {
+  if (scheme_ != QuantScheme::affine) {
+    return update_channel(keys, values);
+  }
   constexpr const char* ctx = "QuantizedKVCache.update_and_fetch";
   check_kv(ctx, keys, values);
   const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2);
@@ -219,21 +237,29 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
   return keys_and_values();
 }
 
+
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::keys_and_values() const {
   if (!keys_ || !values_) {
     throw RuntimeError("QuantizedKVCache.keys_and_values", "the cache is empty: no keys or values yet");
   }
+  auto upto = [this](const mx::array& x) { return seq_slice(x, 0, offset_); };
+  if (scheme_ != QuantScheme::affine) {
+    return channel_keys_and_values();
+  }
   if (offset_ == std::get<0>(*keys_).shape(2)) {
     return {*keys_, *values_};
   }
-  auto upto = [this](const mx::array& x) { return seq_slice(x, 0, offset_); };
   return {map3(*keys_, upto), map3(*values_, upto)};
 }
 
 int QuantizedKVCache::trim(int n) {
   check_size("QuantizedKVCache.trim", "n", n);
   n = std::min(offset_, n);
-  offset_ -= n;
+  const int end = offset_ - n;
+  if (scheme_ != QuantScheme::affine && n > 0) {
+    trim_channel(end);
+  }
+  offset_ = end;
   return n;
 }
 
@@ -252,6 +278,10 @@ std::vector<OptionalArray> QuantizedKVCache::state() const {
     } else {
       out.insert(out.end(), {std::nullopt, std::nullopt, std::nullopt});
     }
+  }
+  if (scheme_ != QuantScheme::affine) {
+    out.push_back(residual_);
+    out.push_back(value_residual_);
   }
   return out;
 }
@@ -276,19 +306,30 @@ std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
 }
 
 std::vector<std::string> QuantizedKVCache::meta_state() const {
-  return {std::to_string(offset_), std::to_string(key_spec_.group_size),
-          std::to_string(key_spec_.bits)};
+  std::vector<std::string> out = {std::to_string(offset_), std::to_string(key_spec_.group_size),
+                                  std::to_string(key_spec_.bits)};
+  if (scheme_ != QuantScheme::affine) {
+    out.push_back(scheme_name(scheme_));
+    out.push_back(std::to_string(window_));
+  }
+  return out;
 }
 
 void QuantizedKVCache::restore(
     const std::vector<OptionalArray>& arrays,
     const std::vector<std::string>& meta) {
   constexpr const char* ctx = "QuantizedKVCache.state";
-  check_count(ctx, "arrays", arrays.size(), 6);
-  check_count(ctx, "scalars", meta.size(), 3);
+  const bool affine = meta.size() != 5;
+  check_count(ctx, "arrays", arrays.size(), affine ? 6 : 8);
+  check_count(ctx, "scalars", meta.size(), affine ? 3 : 5);
   auto [keys, values] = triples_from_arrays(ctx, arrays);
-  set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]),
-      parse_int(ctx, "group_size", meta[1]), parse_int(ctx, "bits", meta[2]));
+  QuantSpec spec{parse_int(ctx, "group_size", meta[1]), parse_int(ctx, "bits", meta[2])};
+  if (affine) {
+    set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]), spec, spec);
+    return;
+  }
+  set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]), spec, spec,
+      parse_scheme(ctx, meta[3]), arrays[6], arrays[7], parse_int(ctx, "window", meta[4]));
 }
 
 void QuantizedKVCache::set(
@@ -296,9 +337,25 @@ void QuantizedKVCache::set(
     OptionalQuantized values,
     int offset,
     QuantSpec key_spec,
-    QuantSpec value_spec) {
+    QuantSpec value_spec,
+    QuantScheme scheme,
+    OptionalArray residual,
+    OptionalArray value_residual,
+    int window) {
   constexpr const char* ctx = "QuantizedKVCache.state";
   check_specs(ctx, key_spec, value_spec);
+  if (scheme != QuantScheme::affine) {
+    // Keys grouped per channel run their groups along tokens: set_channel
+    // checks those layouts itself.
+    check_triples(ctx, keys, values);
+    set_channel(std::move(keys), std::move(values), offset, key_spec, value_spec, scheme,
+                std::move(residual), std::move(value_residual), window);
+    return;
+  }
+  if (residual || value_residual || window != 0) {
+    throw ValueError(ctx, "no residual and window 0 for the affine scheme",
+                     "window " + std::to_string(window));
+  }
   check_triples(ctx, keys, values, key_spec, value_spec);
   int len = 0;
   if (keys) {
@@ -319,6 +376,10 @@ void QuantizedKVCache::set(
   offset_ = offset;
   key_spec_ = key_spec;
   value_spec_ = value_spec;
+  scheme_ = QuantScheme::affine;
+  residual_.reset();
+  value_residual_.reset();
+  window_ = 0;
 }
 
 size_t QuantizedKVCache::nbytes() const {
@@ -341,8 +402,22 @@ void QuantizedKVCache::set_step(int step) {
   step_ = check_size("QuantizedKVCache.step", "step", step, 1);
 }
 
-QuantizedKVCache to_quantized(const KVCache& cache, QuantSpec keys, QuantSpec values) {
+QuantizedKVCache to_quantized(
+    const KVCache& cache,
+    QuantSpec keys,
+    QuantSpec values,
+    QuantScheme scheme,
+    int window) {
   constexpr const char* ctx = "KVCache.to_quantized";
+  if (scheme != QuantScheme::affine) {
+    check_specs(ctx, keys, values);
+    QuantizedKVCache out(keys, values, scheme, window);
+    if (cache.keys() && cache.values() && cache.offset() > 0) {
+      out.update_and_fetch(seq_slice(*cache.keys(), 0, cache.offset()),
+                           seq_slice(*cache.values(), 0, cache.offset()));
+    }
+    return out;
+  }
   QuantizedKVCache out(keys, values);
   out.set_offset(cache.offset());
   auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);

@@ -173,6 +173,10 @@ QuantizedBatchKVCache QuantizedBatchKVCache::merge(
   // Each cache's part i as a KVCache over the same offset.
   std::vector<KVCache> views[3];
   for (const auto* c : caches) {
+    if (c->scheme() != QuantScheme::affine) {
+      throw ValueError(ctx, "caches of the affine scheme (the only one batches take for now)",
+                       std::string("'") + scheme_name(c->scheme()) + "'");
+    }
     if (!same(c->key_spec(), ks) || !same(c->value_spec(), vs)) {
       throw ValueError(ctx, "caches quantized alike: " + spec_str(ks, vs),
                        spec_str(c->key_spec(), c->value_spec()));

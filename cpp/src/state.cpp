@@ -230,17 +230,36 @@ const std::map<std::string, ClassEntry>& table() {
       {"QuantizedKVCache",
        {[](const Cache& c) -> StateValue {
           auto& k = as<QuantizedKVCache>(c);
-          return StateValue::List{quantized_state(k.keys()), quantized_state(k.values()),
-                                  k.offset(),
-                                  spec_state(k.key_spec().group_size, k.value_spec().group_size),
-                                  spec_state(k.key_spec().bits, k.value_spec().bits)};
+          StateValue::List out{quantized_state(k.keys()), quantized_state(k.values()),
+                               k.offset(),
+                               spec_state(k.key_spec().group_size, k.value_spec().group_size),
+                               spec_state(k.key_spec().bits, k.value_spec().bits)};
+          if (k.scheme() != QuantScheme::affine) {
+            // A kvcore scheme: its name, window and float residuals.
+            out.push_back(std::string(scheme_name(k.scheme())));
+            out.push_back(k.window());
+            out.push_back(StateValue(k.residual()));
+            out.push_back(StateValue(k.value_residual()));
+          }
+          return out;
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedKVCache.state";
-          const auto& l = s.list(ctx, "state", 5);
+          const bool scheme = s.is_list() && s.as_list().size() == 9;
+          const auto& l = s.list(ctx, "state", scheme ? 9 : 5);
           auto [kg, vg] = spec_from(ctx, "group_size", l[3]);
           auto [kb, vb] = spec_from(ctx, "bits", l[4]);
           auto c = std::make_unique<QuantizedKVCache>(64, 8);
+          if (scheme) {
+            if (!l[5].is_string()) {
+              throw ValueError(ctx, "a scheme name as a str", l[5].repr());
+            }
+            c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                   l[2].integer(ctx, "offset"), {kg, kb}, {vg, vb},
+                   parse_scheme(ctx, l[5].as_string()), l[7].optional_array(ctx, "residual"),
+                   l[8].optional_array(ctx, "value residual"), l[6].integer(ctx, "window"));
+            return c;
+          }
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                  l[2].integer(ctx, "offset"), {kg, kb}, {vg, vb});
           return c;

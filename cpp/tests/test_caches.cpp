@@ -1,5 +1,7 @@
 // C++ tests of the caches against hand-computed expectations.
+#include <mlx/fast.h>
 #include <mlx/ops.h>
+#include <mlx/random.h>
 
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
@@ -192,6 +194,7 @@ TEST(copy_is_independent) {
 #include "kvcore/arrays.h"
 #include "kvcore/batch.h"
 #include "kvcore/chunked.h"
+#include "kvcore/attention.h"
 #include "kvcore/quantized.h"
 
 TEST(quantized_cache_round_trips_through_dequantize) {
@@ -206,6 +209,40 @@ TEST(quantized_cache_round_trips_through_dequantize) {
   CHECK_THROWS(ValueError, "head dim divisible by group_size", c.update_and_fetch(mx::zeros({1, 1, 1, 48}), mx::zeros({1, 1, 1, 48})));
   CHECK_EQ(c.offset(), 2);
   CHECK_THROWS(ValueError, "bits in", QuantizedKVCache(64, 7));
+}
+
+TEST(rotated_channel_cache_keeps_whole_groups_quantized_and_the_rest_in_float) {
+  QuantizedKVCache c({32, 4}, {64, 4}, QuantScheme::rotated_channel, 0);
+  auto k = mx::random::normal({1, 2, 75, 64}, mx::float32, 0.0, 1.0, mx::random::key(1));
+  auto v = mx::random::normal({1, 2, 75, 64}, mx::float32, 0.0, 1.0, mx::random::key(2));
+  auto [qk, qv] = c.update_and_fetch(k, v);
+  CHECK_EQ(c.quantized_tokens(), 64);
+  CHECK(std::get<0>(qk).shape() == mx::Shape({1, 2, 64, 8}));  // (B, H, D, 64 tokens * 4 / 32)
+  CHECK(c.residual()->shape() == mx::Shape({1, 2, 11, 64}));
+  // Attention on the quantized data equals float attention over it dequantized.
+  auto keys = mx::concatenate(
+      std::vector<mx::array>{mx::swapaxes(mx::dequantize(std::get<0>(qk), std::get<1>(qk), std::get<2>(qk), 32, 4), 2, 3),
+       *c.residual()}, 2);
+  auto values = mx::concatenate(
+      std::vector<mx::array>{mx::dequantize(std::get<0>(qv), std::get<1>(qv), std::get<2>(qv), 64, 4), *c.value_residual()}, 2);
+  auto q = mx::random::normal({1, 4, 3, 64}, mx::float32, 0.0, 1.0, mx::random::key(3));
+  auto got = channel_attention(q, qk, c.residual(), qv, c.value_residual(), 0.125f, std::string("causal"),
+                               {32, 4}, {64, 4});
+  auto want = mx::fast::scaled_dot_product_attention(q, hadamard(keys), hadamard(values), 0.125f, "causal");
+  CHECK(mx::allclose(got, want, 1e-4, 1e-5).item<bool>());
+  // State round trip (meta_state carries one group size and bits), and a
+  // bad update changes nothing.
+  QuantizedKVCache one({32, 4}, {32, 4}, QuantScheme::rotated_channel, 16);
+  one.update_and_fetch(k, v);
+  QuantizedKVCache back(64, 8);
+  back.restore(one.state(), one.meta_state());
+  CHECK(back.scheme() == QuantScheme::rotated_channel);
+  CHECK_EQ(back.offset(), 75);
+  CHECK_EQ(back.window(), 16);
+  CHECK(mx::array_equal(*back.residual(), *one.residual()).item<bool>());
+  CHECK_THROWS(ValueError, "power of two", c.update_and_fetch(mx::zeros({1, 2, 1, 48}), mx::zeros({1, 2, 1, 48})));
+  CHECK_EQ(c.offset(), 75);
+  CHECK_THROWS(ValueError, "'nope'", parse_scheme("test", "nope"));
 }
 
 TEST(to_quantized_keeps_offset) {

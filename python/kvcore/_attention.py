@@ -1,6 +1,7 @@
 """mlx-lm's attention entry point, routed to kvcore's quantized attention so
-that caches with different key and value bits (``bits=(8, 4)``) work in
-mlx-lm's models; ``patch_mlx_lm()`` swaps it in."""
+that caches with different key and value bits (``bits=(8, 4)``) and caches of
+the ``"rotated-channel"`` scheme work in mlx-lm's models; ``patch_mlx_lm()``
+swaps it in."""
 
 import mlx.core as mx
 
@@ -10,12 +11,14 @@ from ._ext import quantized_scaled_dot_product_attention
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """As ``mlx_lm.models.base.scaled_dot_product_attention``: quantized
     attention when the cache has ``bits`` (an int, or a (keys, values)
-    pair), else ``mx.fast.scaled_dot_product_attention``."""
+    pair), on the cache's scheme, else
+    ``mx.fast.scaled_dot_product_attention``."""
     if hasattr(cache, "bits"):
         if sinks is not None:
             raise ValueError("Quantized SDPA does not support attention sinks.")
         return quantized_scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=mask,
-            group_size=cache.group_size, bits=cache.bits)
+            group_size=cache.group_size, bits=cache.bits,
+            scheme=getattr(cache, "scheme", "affine"))
     return mx.fast.scaled_dot_product_attention(
         queries, keys, values, scale=scale, mask=mask, sinks=sinks)

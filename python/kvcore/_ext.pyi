@@ -164,7 +164,7 @@ class KVCache:
     @state.setter
     def state(self, state: tuple, /) -> None: ...
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedKVCache:
         """
         The same tokens in a QuantizedKVCache.
 
@@ -173,6 +173,10 @@ class KVCache:
               ``(keys, values)``.
             bits (int | tuple): Bits per element, or ``(keys, values)``
               such as ``(8, 4)``.
+            scheme (str): ``"affine"`` (mlx-lm's) or ``"rotated-channel"``
+              (see QuantizedKVCache).
+            window (int, optional): ``"rotated-channel"``: tokens kept in
+              float (default 128).
 
         Returns:
             QuantizedKVCache: With this cache's offset and quantized buffers.
@@ -388,7 +392,7 @@ class RotatingKVCache:
     @keep.setter
     def keep(self, arg: object | None, /) -> None: ...
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedRotatingKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedRotatingKVCache:
         """
         The same ring (offset, cursor, window), each slot quantized.
         mlx-lm raises NotImplementedError here.
@@ -428,7 +432,7 @@ class QuantizedKVCache:
     Full-attention cache holding keys and values quantized by ``mx.quantize``.
     """
 
-    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None) -> None:
+    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None) -> None:
         """
         Args:
             group_size (int | tuple): Quantization group size (32, 64 or
@@ -437,11 +441,19 @@ class QuantizedKVCache:
               ``(keys, values)`` pair such as ``(8, 4)``.
             capacity (int, optional): Tokens to allocate room for at the
               first update.
+            scheme (str): ``"affine"`` (mlx-lm's layout) or
+              ``"rotated-channel"``: keys and values rotated by a Hadamard
+              transform of the head dim (a power of two), keys quantized
+              per channel over groups of ``group_size`` tokens, values per
+              token; the newest ``window`` tokens and the group not yet
+              full stay in float.
+            window (int, optional): ``"rotated-channel"``: tokens kept in
+              float (default 128; 0 keeps only the partial group).
         """
 
     step: int = 256
 
-    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
         """
         Quantize and append new keys and values.
 
@@ -451,11 +463,33 @@ class QuantizedKVCache:
 
         Returns:
             tuple: The cached ``(weights, scales, biases)`` of the keys
-            and of the values, up to ``offset``.
+            and of the values, up to ``offset``. ``"rotated-channel"``:
+            ``(weights, scales, biases, residual)`` for each, the
+            quantized tokens (keys' weights transposed: ``(B, H, D,
+            tokens * bits / 32)``) and the rotated float residual of the
+            newest tokens (or None).
         """
 
-    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
-        """The cached key and value triples, up to ``offset``."""
+    def keys_and_values(self) -> object:
+        """The cached keys and values as ``update_and_fetch`` returns them."""
+
+    @property
+    def scheme(self) -> str:
+        """``"affine"`` or ``"rotated-channel"``."""
+
+    @property
+    def window(self) -> int:
+        """``"rotated-channel"``: the newest tokens kept in float (0 for affine)."""
+
+    @property
+    def residual(self) -> object:
+        """``"rotated-channel"``: the newest keys, rotated, in float, or None."""
+
+    @property
+    def value_residual(self) -> object:
+        """
+        ``"rotated-channel"``: the same tokens' values, rotated, in float, or None.
+        """
 
     @property
     def offset(self) -> int:
@@ -510,7 +544,7 @@ class QuantizedKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, group_size, bits)``; keys and values are triples.
+        ``(keys, values, offset, group_size, bits)``, keys and values as triples; a ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``.
         """
 
     @state.setter
@@ -631,7 +665,7 @@ class ChunkedKVCache:
     def from_state(cls, state: tuple) -> Self:
         """Build a cache from ``state`` without calling __init__."""
 
-def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> mlx.core.array:
+def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine') -> mlx.core.array:
     """
     mlx-lm's quantized attention, with keys and values at their own bits.
 
@@ -643,6 +677,12 @@ def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tupl
         mask (array | str | None): A boolean or additive mask, or ``"causal"``.
         group_size (int | tuple): The group size, or ``(keys, values)``.
         bits (int | tuple): The bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+        scheme (str): The cache's scheme. ``"rotated-channel"`` takes
+          q_keys and q_values as ``(weights, scales, biases, residual)``
+          as its cache returns them, and computes on them without
+          dequantizing: queries rotated once, quantized matmuls
+          against the keys and the values, matmuls against the float
+          residuals, one softmax, the output rotated back.
 
     Returns:
         array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
@@ -954,7 +994,7 @@ class BatchKVCache:
         RotatingKVCaches), left-padded.
         """
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchKVCache:
         """The same rows and padding with keys and values quantized."""
 
 class BatchRotatingKVCache:
@@ -1070,7 +1110,7 @@ class BatchRotatingKVCache:
     def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache:
         """One batch cache from single-sequence RotatingKVCaches."""
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> QuantizedBatchRotatingKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchRotatingKVCache:
         """The same rows, ring and padding with keys and values quantized."""
 
 class QuantizedBatchKVCache:

@@ -70,6 +70,8 @@ def describe(file_name):
                 value = value.tolist()
             if value is not None:
                 layer[attr] = value
+        if getattr(c, "scheme", "affine") != "affine":  # kvcore's own schemes
+            layer["scheme"], layer["window"] = c.scheme, c.window
         if type(c).__name__ == "CacheList":
             layer["inner"] = [type(x).__name__ for x in c.caches]
         layers.append(layer)
@@ -90,7 +92,7 @@ def format_description(d):
     for i, layer in enumerate(d["layers"]):
         scalars = ", ".join(f"{k}={layer[k]}" for k in
                             ("offset", "left_padding", "max_size", "keep", "group_size", "bits",
-                             "chunk_size", "start_position") if k in layer)
+                             "scheme", "window", "chunk_size", "start_position") if k in layer)
         inner = f" [{', '.join(layer['inner'])}]" if "inner" in layer else ""
         lines.append(f"layer {i}: {layer['class']}{inner}  {scalars}  {layer['bytes']:,} bytes")
         for a in layer["arrays"]:

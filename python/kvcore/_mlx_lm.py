@@ -7,8 +7,14 @@ them by name (model modules do ``from .cache import KVCache``), so models,
 all use kvcore. It also wraps ``stream_generate`` and ``BatchGenerator`` so
 that ``mlx_lm.server`` keeps prefill checkpoints (see _checkpoints).
 ``unpatch_mlx_lm()`` puts mlx-lm's own back.
+
+``patch_mlx_lm(kv_scheme="rotated-channel")`` (or the environment variable
+``KVCORE_KV_SCHEME``) makes ``generate_step(kv_bits=...)`` quantize with that
+scheme: mlx-lm's ``maybe_quantize_kv_cache`` is replaced by one that passes
+it to ``to_quantized``.
 """
 
+import os
 import sys
 
 # Functions kvcore provides in place of mlx_lm.models.cache's; the classes
@@ -55,7 +61,21 @@ def _originals():
     return out
 
 
-def _replacements(originals):
+def quantizer(scheme):
+    """mlx-lm's maybe_quantize_kv_cache, quantizing with ``scheme``."""
+
+    def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
+        if kv_bits is None:
+            return
+        for e, c in enumerate(prompt_cache):
+            if hasattr(c, "to_quantized") and c.offset >= quantized_kv_start:
+                prompt_cache[e] = c.to_quantized(
+                    group_size=kv_group_size, bits=kv_bits, scheme=scheme)
+
+    return maybe_quantize_kv_cache
+
+
+def _replacements(originals, kv_scheme=None):
     """{name: (mlx-lm's object, kvcore's)}."""
     import importlib
 
@@ -65,6 +85,8 @@ def _replacements(originals):
 
     out = {n: (o, getattr(kvcore, n)) for n, o in originals.items()}
     generate = importlib.import_module("mlx_lm.generate")
+    if kv_scheme is not None and kv_scheme != "affine":
+        out["maybe_quantize_kv_cache"] = (generate.maybe_quantize_kv_cache, quantizer(kv_scheme))
     out["stream_generate"] = (
         generate.stream_generate,
         _checkpoints.checkpointing_stream_generate(generate.stream_generate),
@@ -79,12 +101,26 @@ def _replacements(originals):
 _replaced = None  # [(module, name, original)] while patched
 
 
-def patch_mlx_lm():
-    """Use kvcore's caches everywhere in mlx-lm. Idempotent."""
+def patch_mlx_lm(kv_scheme=None):
+    """Use kvcore's caches everywhere in mlx-lm. Idempotent (unpatch first
+    to change the scheme).
+
+    Args:
+        kv_scheme (str, optional): The quantization scheme
+          ``generate_step(kv_bits=...)`` uses: ``"affine"`` (mlx-lm's, the
+          default) or ``"rotated-channel"``; ``None`` reads
+          ``KVCORE_KV_SCHEME`` from the environment.
+    """
     global _replaced
     if _replaced is not None:
         return
-    replacements = _replacements(_originals())
+    if kv_scheme is None:
+        kv_scheme = os.environ.get("KVCORE_KV_SCHEME") or None
+    if kv_scheme is not None:
+        from ._ext import QuantizedKVCache
+
+        QuantizedKVCache(scheme=kv_scheme)  # a typed error for an unknown name, before patching
+    replacements = _replacements(_originals(), kv_scheme)
     replaced = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):

@@ -22,4 +22,24 @@ mx::array quantized_attention(
     QuantSpec key_spec,
     QuantSpec value_spec);
 
+/// Attention over a rotated_channel cache (quant_scheme.h) without
+/// dequantizing it: the queries rotated once, scores against the transposed
+/// per-channel keys by mx::quantized_matmul (transpose=false) and against
+/// the float residual keys by a matmul, one softmax over both, the values
+/// by mx::quantized_matmul plus a matmul over the residual values, the
+/// output rotated back. keys (B, n_kv, D, packed) and values (B, n_kv, T,
+/// packed) hold the T quantized tokens, the residuals (B, n_kv, R, D) the
+/// newest R (or None). Masks as quantized_attention. Throws ValueError on
+/// shapes that do not fit.
+mx::array channel_attention(
+    const mx::array& queries,
+    const QuantizedArrays& keys,
+    const OptionalArray& key_residual,
+    const QuantizedArrays& values,
+    const OptionalArray& value_residual,
+    float scale,
+    const Mask& mask,
+    QuantSpec key_spec,
+    QuantSpec value_spec);
+
 } // namespace kvcore

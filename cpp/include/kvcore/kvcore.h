@@ -7,6 +7,7 @@
 #include "kvcore/cache.h"
 #include "kvcore/kv.h"
 #include "kvcore/rotating.h"
+#include "kvcore/quant_scheme.h"
 #include "kvcore/quantized.h"
 #include "kvcore/quantized_rotating.h"
 #include "kvcore/quantized_batch.h"

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "kvcore/kv.h"
+#include "kvcore/quant_scheme.h"
 
 namespace kvcore {
 
@@ -18,9 +19,11 @@ struct QuantSpec {
   int bits = 8;
 };
 
-/// A triple's arrays are rank 4 and share (B, H, S); weights are uint32;
-/// the weights (packed at spec.bits) and the scales and biases (one per
-/// spec.group_size) cover one head dim; scales and biases share a float dtype.
+/// A triple's arrays are rank 4 and share (B, H, S); weights are uint32.
+void check_triple(const char* ctx, const char* what, const QuantizedArrays& q);
+/// check_triple, and the weights (packed at spec.bits) and the scales and
+/// biases (one per spec.group_size) cover one head dim; scales and biases
+/// share a float dtype.
 void check_triple(const char* ctx, const char* what, const QuantizedArrays& q, QuantSpec spec);
 
 /// Each array of x fits the matching buffer of buf along the sequence axis
@@ -41,6 +44,8 @@ std::pair<OptionalQuantized, OptionalQuantized> triples_from_arrays(
 void check_quantization(const char* ctx, int group_size, int bits);
 /// check_quantization for the keys' and the values' settings.
 void check_specs(const char* ctx, QuantSpec keys, QuantSpec values);
+/// Both triples set or both None, each of the shapes check_triple asks.
+void check_triples(const char* ctx, const OptionalQuantized& keys, const OptionalQuantized& values);
 /// Both triples set or both None, each consistent with its spec (check_triple).
 void check_triples(
     const char* ctx,
@@ -74,14 +79,23 @@ class QuantizedKVCache : public Cache {
 
   explicit QuantizedKVCache(int group_size = 64, int bits = 8)
       : QuantizedKVCache({group_size, bits}, {group_size, bits}) {}
-  /// Keys and values each quantized as their spec says (bits (8, 4), say).
-  QuantizedKVCache(QuantSpec keys, QuantSpec values);
+  /// Keys and values each quantized as their spec says (bits (8, 4), say),
+  /// laid out as the scheme says. With rotated_channel the keys' group
+  /// size counts tokens (32, 64 or 128 per group), the values' the head
+  /// dim, and the newest `window` tokens (and the group not yet full) stay
+  /// in float (0 for the affine scheme).
+  QuantizedKVCache(
+      QuantSpec keys,
+      QuantSpec values,
+      QuantScheme scheme = QuantScheme::affine,
+      int window = 0);
 
   const char* name() const override {
     return "QuantizedKVCache";
   }
   /// Quantize and append keys and values (B, H, S, D); returns the cached
-  /// triples up to offset.
+  /// triples up to offset. rotated_channel: the keys' triple is transposed
+  /// (B, H, D, ...) and holds the whole groups only (residual() the rest).
   std::pair<QuantizedArrays, QuantizedArrays> update_and_fetch(
       const mx::array& keys,
       const mx::array& values);
@@ -90,15 +104,18 @@ class QuantizedKVCache : public Cache {
   bool is_trimmable() const override {
     return true;
   }
+  /// rotated_channel: a trim into a quantized group of keys dequantizes the
+  /// group's kept tokens back into the float residual.
   int trim(int n) override;
   Mask make_mask(
       int N,
       bool return_array = false,
       std::optional<int> window_size = std::nullopt) const override;
 
-  /// The six arrays: keys' triple, then values'.
+  /// The six arrays: keys' triple, then values'; rotated_channel adds the
+  /// residual keys.
   std::vector<OptionalArray> state() const override;
-  /// (offset, group_size, bits).
+  /// (offset, group_size, bits); rotated_channel adds the scheme's name.
   std::vector<std::string> meta_state() const override;
   void restore(
       const std::vector<OptionalArray>& arrays,
@@ -116,7 +133,21 @@ class QuantizedKVCache : public Cache {
       OptionalQuantized values,
       int offset,
       QuantSpec key_spec,
-      QuantSpec value_spec);
+      QuantSpec value_spec) {
+    set(std::move(keys), std::move(values), offset, key_spec, value_spec, QuantScheme::affine,
+        std::nullopt, std::nullopt, 0);
+  }
+  /// Validates everything, then replaces the whole contents.
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      int offset,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      QuantScheme scheme,
+      OptionalArray residual,
+      OptionalArray value_residual,
+      int window);
 
   bool empty() const override {
     return !keys_;
@@ -155,6 +186,27 @@ class QuantizedKVCache : public Cache {
   const QuantSpec& value_spec() const {
     return value_spec_;
   }
+  QuantScheme scheme() const {
+    return scheme_;
+  }
+  /// rotated_channel: the newest keys, rotated, in float (B, H, R, D): the
+  /// window and the group not yet full; None when there are none.
+  const OptionalArray& residual() const {
+    return residual_;
+  }
+  /// rotated_channel: the values of the same R tokens, rotated, in float.
+  const OptionalArray& value_residual() const {
+    return value_residual_;
+  }
+  /// rotated_channel: the newest tokens kept in float.
+  int window() const {
+    return window_;
+  }
+  /// Tokens whose keys and values are quantized (rotated_channel: offset
+  /// less the residual's tokens).
+  int quantized_tokens() const {
+    return offset_ - (residual_ ? residual_->shape(2) : 0);
+  }
   /// As SequenceCache::capacity: room for this many tokens at the first
   /// allocation.
   int capacity() const {
@@ -167,18 +219,44 @@ class QuantizedKVCache : public Cache {
   void set_step(int step);
 
  private:
+  // rotated_channel (quantized_channel.cpp).
+  std::pair<QuantizedArrays, QuantizedArrays> update_channel(
+      const mx::array& keys,
+      const mx::array& values);
+  std::pair<QuantizedArrays, QuantizedArrays> channel_keys_and_values() const;
+  void trim_channel(int end);
+  void set_channel(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      int offset,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      QuantScheme scheme,
+      OptionalArray residual,
+      OptionalArray value_residual,
+      int window);
+
   OptionalQuantized keys_;
   OptionalQuantized values_;
   int offset_ = 0;
   QuantSpec key_spec_;
   QuantSpec value_spec_;
+  QuantScheme scheme_ = QuantScheme::affine;
+  OptionalArray residual_;
+  OptionalArray value_residual_;
+  int window_ = 0;
   int step_ = default_step;
   int capacity_ = 0;
 };
 
-/// KVCache.to_quantized: the same tokens, quantized (the whole buffer, as
-/// mlx-lm does).
-QuantizedKVCache to_quantized(const KVCache& cache, QuantSpec keys, QuantSpec values);
+/// KVCache.to_quantized: the same tokens, quantized (affine: the whole
+/// buffer, as mlx-lm does; other schemes: the tokens up to offset).
+QuantizedKVCache to_quantized(
+    const KVCache& cache,
+    QuantSpec keys,
+    QuantSpec values,
+    QuantScheme scheme = QuantScheme::affine,
+    int window = 0);
 inline QuantizedKVCache to_quantized(const KVCache& cache, int group_size = 64, int bits = 4) {
   return to_quantized(cache, {group_size, bits}, {group_size, bits});
 }

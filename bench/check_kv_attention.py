@@ -1,0 +1,68 @@
+"""kvcore's quantized attention against float attention over the dequantized
+cache, on this machine's default device: one line per shape, with the
+largest difference. For backends whose quantized matmul may be wrong or
+missing for some shapes (mlx CUDA), before trusting the decode rows.
+
+    python bench/check_kv_attention.py
+"""
+
+import itertools
+import json
+import math
+
+import mlx.core as mx
+
+import kvcore
+
+
+def rot(x):
+    return mx.hadamard_transform(x, scale=1.0 / math.sqrt(x.shape[-1]))
+
+
+def dequantized(c, kg, vg, kb, vb):
+    if c.scheme == "affine":
+        (kw, ks, kbi), (vw, vs, vbi) = c.keys_and_values()
+        return (mx.dequantize(kw, ks, kbi, group_size=kg, bits=kb),
+                mx.dequantize(vw, vs, vbi, group_size=vg, bits=vb))
+    (kw, ks, kbi, r), (vw, vs, vbi, rv) = c.keys_and_values()
+    keys, values = [], []
+    if ks.shape[-1]:
+        keys.append(mx.swapaxes(mx.dequantize(kw, ks, kbi, group_size=kg, bits=kb), 2, 3))
+        values.append(mx.dequantize(vw, vs, vbi, group_size=vg, bits=vb))
+    if r is not None:
+        keys.append(r)
+        values.append(rv)
+    return rot(mx.concatenate(keys, 2)), rot(mx.concatenate(values, 2))
+
+
+def main():
+    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32
+    worst = 0.0
+    for scheme, D, (kb, vb), g, (n_q, n_kv), L, S in itertools.product(
+            ("affine", "rotated-channel"), (64, 128), ((4, 4), (3, 3), (4, 2), (8, 8)), (32, 64),
+            ((9, 3), (8, 8)), (1, 7, 64), (200, 1000)):
+        kw = dict(scheme=scheme) if scheme == "affine" else dict(scheme=scheme, window=64)
+        c = kvcore.QuantizedKVCache(group_size=g, bits=(kb, vb), **kw)
+        k = mx.random.normal((1, n_kv, S, D)).astype(dtype)
+        v = mx.random.normal((1, n_kv, S, D)).astype(dtype)
+        keys, values = c.update_and_fetch(k, v)
+        q = mx.random.normal((1, n_q, L, D)).astype(dtype)
+        mask = "causal" if L > 1 else None
+        try:
+            got = kvcore.quantized_scaled_dot_product_attention(
+                q, keys, values, scale=D ** -0.5, mask=mask, group_size=g, bits=(kb, vb), scheme=scheme)
+            dk, dv = dequantized(c, g, g, kb, vb)
+            want = mx.fast.scaled_dot_product_attention(q, dk.astype(dtype), dv.astype(dtype),
+                                                        scale=D ** -0.5, mask=mask)
+            err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+            row = {"error": err}
+            worst = max(worst, err)
+        except Exception as e:  # a kernel the backend lacks
+            row = {"failed": str(e)[:200]}
+        print(json.dumps({"scheme": scheme, "D": D, "bits": [kb, vb], "group": g, "heads": [n_q, n_kv],
+                          "L": L, "S": S, **row}), flush=True)
+    print(json.dumps({"device": str(mx.default_device()), "worst_error": worst}))
+
+
+if __name__ == "__main__":
+    main()

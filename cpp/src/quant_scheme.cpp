@@ -1,0 +1,69 @@
+#include "kvcore/quant_scheme.h"
+
+#include <cmath>
+
+#include <mlx/ops.h>
+
+#include "kvcore/errors.h"
+
+namespace kvcore {
+
+const char* scheme_name(QuantScheme scheme) {
+  return scheme == QuantScheme::affine ? "affine" : "rotated-channel";
+}
+
+QuantScheme parse_scheme(const char* ctx, const std::string& name) {
+  if (name == "affine") {
+    return QuantScheme::affine;
+  }
+  if (name == "rotated-channel") {
+    return QuantScheme::rotated_channel;
+  }
+  throw ValueError(ctx, "scheme 'affine' or 'rotated-channel'", "'" + name.substr(0, 80) + "'");
+}
+
+void check_window(const char* ctx, QuantScheme scheme, int window) {
+  const int most = scheme == QuantScheme::affine ? 0 : (1 << 20);
+  if (window < 0 || window > most) {
+    throw ValueError(ctx,
+                     scheme == QuantScheme::affine
+                         ? std::string("no window for the affine scheme")
+                         : "a window of 0 to " + std::to_string(most) + " tokens",
+                     "window " + std::to_string(window));
+  }
+}
+
+void check_rotation(const char* ctx, const char* what, int head_dim) {
+  if (head_dim < 2 || head_dim > 16384 || (head_dim & (head_dim - 1)) != 0) {
+    throw ValueError(ctx, std::string(what) + " a power of two from 2 to 16384 to rotate",
+                     std::to_string(head_dim));
+  }
+}
+
+mx::array hadamard(const mx::array& x) {
+  return mx::hadamard_transform(x, 1.0f / std::sqrt(static_cast<float>(x.shape(-1))));
+}
+
+mx::array dequantize_channel_keys(
+    const std::tuple<mx::array, mx::array, mx::array>& keys,
+    int start,
+    int n,
+    int group_size,
+    int bits,
+    mx::Dtype dtype) {
+  auto cols = [](const mx::array& a, int from, int to) {
+    mx::Shape lo(a.ndim(), 0), hi = a.shape();
+    lo.back() = from;
+    hi.back() = to;
+    return mx::slice(a, lo, hi);
+  };
+  const int per_group = group_size * bits / 32;
+  const int g0 = start / group_size, g1 = (start + n) / group_size;
+  auto w = cols(std::get<0>(keys), g0 * per_group, g1 * per_group);
+  auto s = cols(std::get<1>(keys), g0, g1);
+  auto b = cols(std::get<2>(keys), g0, g1);
+  auto x = mx::dequantize(w, s, b, group_size, bits, "affine", std::nullopt, dtype);
+  return mx::swapaxes(x, 2, 3);
+}
+
+} // namespace kvcore

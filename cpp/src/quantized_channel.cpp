@@ -1,0 +1,261 @@
+// QuantizedKVCache under the rotated_channel scheme (quant_scheme.h): keys
+// stored transposed (B, H, D, packed tokens) in whole groups of tokens,
+// values per token (B, H, T, packed), both rotated; the newest tokens (the
+// window and the group not yet full) in float residuals of equal length.
+#include <algorithm>
+
+#include <mlx/ops.h>
+
+#include "kvcore/buffer.h"
+#include "kvcore/errors.h"
+#include "kvcore/quantized.h"
+
+namespace kvcore {
+
+namespace {
+
+mx::array columns(const mx::array& a, int from, int to) {
+  mx::Shape lo(a.ndim(), 0), hi = a.shape();
+  lo.back() = from;
+  hi.back() = to;
+  return mx::slice(a, lo, hi);
+}
+
+// x written at column `at` of buf's last axis, after growing buf (kept up to
+// `at`) by `grow` columns when grow > 0.
+mx::array write_columns(const mx::array& buf, const mx::array& x, int at, int grow) {
+  auto b = buf;
+  if (grow > 0) {
+    auto shape = x.shape();
+    shape.back() = grow;
+    b = mx::concatenate({columns(buf, 0, at), mx::zeros(shape, x.dtype())}, -1);
+  }
+  mx::Shape lo(x.ndim(), 0), hi = x.shape();
+  lo.back() = at;
+  hi.back() = at + x.shape(-1);
+  return mx::slice_update(b, x, lo, hi);
+}
+
+// x written at token `at` of a per-token buffer, after growing it (kept up
+// to `at`) by `grow` tokens when grow > 0.
+mx::array write_tokens(const mx::array& buf, const mx::array& x, int at, int grow) {
+  auto b = grow > 0 ? seq_concat({seq_slice(buf, 0, at), seq_zeros(x, grow)}) : buf;
+  return seq_write(b, x, at);
+}
+
+QuantizedArrays empty_triple(int B, int H, int rows, int packed, int groups, mx::Dtype dtype, bool transposed) {
+  auto shape = [&](int last) {
+    return transposed ? mx::Shape{B, H, rows, last} : mx::Shape{B, H, 0, last};
+  };
+  return {mx::zeros(shape(transposed ? 0 : packed), mx::uint32),
+          mx::zeros(shape(transposed ? 0 : groups), dtype),
+          mx::zeros(shape(transposed ? 0 : groups), dtype)};
+}
+
+OptionalArray tail(const mx::array& x, int from) {
+  if (from >= x.shape(2)) {
+    return std::nullopt;
+  }
+  return seq_slice(x, from, x.shape(2));
+}
+
+} // namespace
+
+void QuantizedKVCache::set_channel(
+    OptionalQuantized keys,
+    OptionalQuantized values,
+    int offset,
+    QuantSpec key_spec,
+    QuantSpec value_spec,
+    QuantScheme scheme,
+    OptionalArray residual,
+    OptionalArray value_residual,
+    int window) {
+  constexpr const char* ctx = "QuantizedKVCache.state";
+  check_window(ctx, scheme, window);
+  const int G = key_spec.group_size;
+  if (residual.has_value() != value_residual.has_value()) {
+    throw ValueError(ctx, "residual keys and values both set or both None", "only one set");
+  }
+  const int R = residual ? residual->shape(2) : 0;
+  if (!keys) {
+    if (residual || offset != 0) {
+      throw ValueError(ctx, "keys and values with an offset or residual", "None");
+    }
+  } else {
+    const auto& [kw, ks, kb] = *keys;
+    const auto& [vw, vs, vb] = *values;
+    const int B = kw.shape(0), H = kw.shape(1), D = kw.shape(2);
+    const int Dv = vs.shape(3) * value_spec.group_size;
+    check_rotation(ctx, "a key head dim", D);
+    check_rotation(ctx, "a value head dim", Dv);
+    if (kw.shape(3) != ks.shape(3) * G * key_spec.bits / 32 || ks.shape(3) != kb.shape(3)) {
+      throw ValueError(ctx, "key weights of " + std::to_string(G * key_spec.bits / 32) +
+                                " words per group of scales",
+                       shape_str(kw.shape()) + " with scales " + shape_str(ks.shape()));
+    }
+    if (vw.shape(0) != B || vw.shape(1) != H || 1LL * vw.shape(3) * 32 != 1LL * Dv * value_spec.bits) {
+      throw ValueError(ctx, "values of (B, H) " + shape_str({B, H}) + " with " +
+                                std::to_string(Dv * value_spec.bits / 32) + " packed words",
+                       shape_str(vw.shape()));
+    }
+    if (residual) {
+      const auto& r = *residual;
+      const auto& rv = *value_residual;
+      if (r.ndim() != 4 || r.shape(0) != B || r.shape(1) != H || r.shape(3) != D ||
+          r.dtype() != ks.dtype() || rv.ndim() != 4 || rv.shape(0) != B || rv.shape(1) != H ||
+          rv.shape(2) != R || rv.shape(3) != Dv || rv.dtype() != ks.dtype()) {
+        throw ValueError(ctx, "residual keys (B, H, R, " + std::to_string(D) + ") and values (B, H, R, " +
+                                  std::to_string(Dv) + ") of dtype " + dtype_str(ks.dtype()),
+                         shape_str(r.shape()) + " and " + shape_str(rv.shape()));
+      }
+    }
+    const int quantized = offset - R;
+    if (offset < 0 || quantized < 0 || quantized % G != 0 || quantized > ks.shape(3) * G ||
+        quantized > vw.shape(2)) {
+      throw ValueError(ctx,
+                       "an offset of whole key groups (at most " + std::to_string(ks.shape(3)) +
+                           " of " + std::to_string(G) + " tokens, " +
+                           std::to_string(vw.shape(2)) + " value slots) plus the " +
+                           std::to_string(R) + " residual tokens",
+                       "offset " + std::to_string(offset));
+    }
+  }
+  keys_ = std::move(keys);
+  values_ = std::move(values);
+  offset_ = offset;
+  key_spec_ = key_spec;
+  value_spec_ = value_spec;
+  scheme_ = scheme;
+  residual_ = std::move(residual);
+  value_residual_ = std::move(value_residual);
+  window_ = window;
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
+    const mx::array& keys,
+    const mx::array& values) {
+  constexpr const char* ctx = "QuantizedKVCache.update_and_fetch";
+  check_kv(ctx, keys, values);
+  const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2), D = keys.shape(3);
+  const int Dv = values.shape(3);
+  const int end = check_size(ctx, "offset + S", 1LL * offset_ + S);
+  if (values.dtype() != keys.dtype()) {
+    throw ValueError(ctx, "values of the keys' dtype " + dtype_str(keys.dtype()),
+                     dtype_str(values.dtype()));
+  }
+  check_rotation(ctx, "a key head dim", D);
+  check_rotation(ctx, "a value head dim", Dv);
+  const int G = key_spec_.group_size, per_group = G * key_spec_.bits / 32;
+  if (Dv % value_spec_.group_size != 0 || (Dv * value_spec_.bits) % 32 != 0) {
+    throw ValueError(ctx, "a value head dim divisible by group_size " +
+                              std::to_string(value_spec_.group_size),
+                     "head dim " + std::to_string(Dv));
+  }
+  if (keys.dtype() != mx::float16 && keys.dtype() != mx::bfloat16 && keys.dtype() != mx::float32) {
+    throw ValueError(ctx, "keys and values of dtype float16, bfloat16 or float32 to quantize",
+                     dtype_str(keys.dtype()));
+  }
+  const int done = quantized_tokens();
+  if (keys_) {
+    const auto& ks = std::get<1>(*keys_);
+    const auto& vs = std::get<1>(*values_);
+    if (ks.shape(0) != B || ks.shape(1) != H || ks.shape(2) != D || ks.dtype() != keys.dtype() ||
+        vs.shape(0) != B || vs.shape(1) != H || vs.shape(3) * value_spec_.group_size != Dv) {
+      throw ValueError(ctx, "keys (B, H, S, D) " + shape_str({ks.shape(0), ks.shape(1), S, ks.shape(2)}) +
+                                " of dtype " + dtype_str(ks.dtype()) + " and values of head dim " +
+                                std::to_string(vs.shape(3) * value_spec_.group_size),
+                       shape_str(keys.shape()) + " " + dtype_str(keys.dtype()) + ", values " +
+                           shape_str(values.shape()));
+    }
+  } else if (offset_ != 0) {
+    throw RuntimeError(ctx, "offset 0 in an empty cache", "offset " + std::to_string(offset_));
+  }
+
+  auto pk = hadamard(keys), pv = hadamard(values);
+  if (residual_) {
+    pk = mx::concatenate({*residual_, pk}, 2);
+    pv = mx::concatenate({*value_residual_, pv}, 2);
+  }
+  // Whole groups older than the window are quantized; the rest stays float.
+  const int target = std::max(0, end - window_) / G * G;
+  const int add = std::max(0, target - done);
+
+  OptionalQuantized kbuf = keys_, vbuf = values_;
+  if (!kbuf) {
+    kbuf = empty_triple(B, H, D, 0, 0, keys.dtype(), true);
+    vbuf = empty_triple(B, H, 0, Dv * value_spec_.bits / 32, Dv / value_spec_.group_size,
+                        keys.dtype(), false);
+  }
+  if (add > 0) {
+    const int step = check_size(ctx, "step", this->step(), 1);
+    const int gstep = (step + G - 1) / G * G;  // a step of whole groups
+    const int kcap = std::get<1>(*kbuf).shape(3) * G, vcap = std::get<0>(*vbuf).shape(2);
+    const int room = check_size(ctx, "buffer growth",
+                                std::max((1LL * add + gstep - 1) / gstep * gstep,
+                                         (1LL * capacity_ + G - 1) / G * G - done));
+    const int kgrow = done + add > kcap ? room : 0;
+    const int vgrow = done + add > vcap ? room : 0;
+    const double item = keys.itemsize();
+    check_memory(ctx, std::to_string(done + room) + " quantized tokens",
+                 double(B) * H *
+                     (double(kgrow) * D * (key_spec_.bits / 8.0 + 2.0 * item / G) +
+                      double(vgrow) * Dv * (value_spec_.bits / 8.0 + 2.0 * item / value_spec_.group_size)));
+    auto qk = quantize(ctx, mx::swapaxes(seq_slice(pk, 0, add), 2, 3), G, key_spec_.bits);
+    auto qv = quantize(ctx, seq_slice(pv, 0, add), value_spec_.group_size, value_spec_.bits);
+    const auto& [bw, bs, bb] = *kbuf;
+    kbuf = QuantizedArrays{
+        write_columns(bw, std::get<0>(qk), done / G * per_group, kgrow / G * per_group),
+        write_columns(bs, std::get<1>(qk), done / G, kgrow / G),
+        write_columns(bb, std::get<2>(qk), done / G, kgrow / G)};
+    const auto& [vw, vs, vb] = *vbuf;
+    vbuf = QuantizedArrays{write_tokens(vw, std::get<0>(qv), done, vgrow),
+                           write_tokens(vs, std::get<1>(qv), done, vgrow),
+                           write_tokens(vb, std::get<2>(qv), done, vgrow)};
+  }
+  keys_ = std::move(kbuf);
+  values_ = std::move(vbuf);
+  residual_ = tail(pk, add);
+  value_residual_ = tail(pv, add);
+  offset_ = end;
+  return channel_keys_and_values();
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::channel_keys_and_values() const {
+  const int t = quantized_tokens(), G = key_spec_.group_size;
+  const auto& [kw, ks, kb] = *keys_;
+  QuantizedArrays k{columns(kw, 0, t / G * G * key_spec_.bits / 32), columns(ks, 0, t / G),
+                    columns(kb, 0, t / G)};
+  const auto& [vw, vs, vb] = *values_;
+  if (t == vw.shape(2)) {
+    return {k, *values_};
+  }
+  return {k, {seq_slice(vw, 0, t), seq_slice(vs, 0, t), seq_slice(vb, 0, t)}};
+}
+
+void QuantizedKVCache::trim_channel(int end) {
+  const int t = quantized_tokens(), G = key_spec_.group_size;
+  if (end >= t) {
+    auto keep = [&](const mx::array& r) -> OptionalArray {
+      return end > t ? OptionalArray(seq_slice(r, 0, end - t)) : std::nullopt;
+    };
+    residual_ = keep(*residual_);
+    value_residual_ = keep(*value_residual_);
+    return;
+  }
+  // Into the quantized tokens: whole groups below `end` stay; the kept part
+  // of the group `end` falls in returns to float (as stored, dequantized).
+  const int kept = end / G * G;
+  OptionalArray rk, rv;
+  if (end > kept) {
+    auto dtype = std::get<1>(*keys_).dtype();
+    rk = seq_slice(dequantize_channel_keys(*keys_, kept, G, G, key_spec_.bits, dtype), 0, end - kept);
+    const auto& [vw, vs, vb] = *values_;
+    rv = mx::dequantize(seq_slice(vw, kept, end), seq_slice(vs, kept, end), seq_slice(vb, kept, end),
+                        value_spec_.group_size, value_spec_.bits, "affine", std::nullopt, dtype);
+  }
+  residual_ = std::move(rk);
+  value_residual_ = std::move(rv);
+}
+
+} // namespace kvcore
