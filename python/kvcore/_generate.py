@@ -15,6 +15,7 @@ import sys
 import time
 
 from ._options import (
+    Parser,
     UsageError,
     add_kv_options,
     check_loaded_model,
@@ -87,14 +88,19 @@ def _load_cache(path, model_name, tokens, args):
 
 
 def main(argv):
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.image:
-            raise UsageError("--image is not supported here; use mlx_lm.generate")
-        check_model_dir(args.model, args.kv_group_size, args.kv_bits)
-    except UsageError as e:
-        return fail(PROG, e)
+    # kvcore's options first: a bad one ends the command before mlx-lm loads.
+    early = Parser(prog=PROG, add_help=False, allow_abbrev=False)
+    add_kv_options(early)
+    early.add_argument("--model", default=None)
+    if not ("-h" in argv or "--help" in argv):
+        known, _ = early.parse_known_args(argv)
+        try:
+            check_model_dir(known.model, known.kv_group_size, known.kv_bits)
+        except UsageError as e:
+            return fail(PROG, e)
+    args = _parser().parse_args(argv)
+    if args.image:
+        return fail(PROG, "--image is not supported here; use mlx_lm.generate")
 
     import mlx.core as mx
 
