@@ -289,3 +289,25 @@ def test_unwritable_disk_dir_ends_at_start(tmp_path):
     assert len(err) == 1
     assert err[0].startswith(f"kvcore serve: error: --disk-dir {blocker / 'cache'}: "
                              "cannot write there (")
+
+
+def test_generate_reuses_its_prompt_cache_file(model_dir, tmp_path):
+    cache_file = tmp_path / "prompt.safetensors"
+    argv = ["generate", "--model", model_dir, "--prompt", "What is the capital of France?",
+            "--system-prompt", SYSTEM["content"], "--max-tokens", "6",
+            "--prompt-cache-file", str(cache_file)]
+    runs = [subprocess.run([sys.executable, "-m", "kvcore", *argv], capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0]
+    assert runs[1].stdout == runs[0].stdout and "Paris" in runs[0].stdout
+    prompt = [l for l in runs[0].stderr.splitlines() if l.startswith("prompt: ")][0]
+    n = int(prompt.split()[1])
+    assert prompt.startswith(f"prompt: {n} tokens (0 from the prompt cache file, {n} computed")
+    again = [l for l in runs[1].stderr.splitlines() if l.startswith("prompt: ")][0]
+    assert again.startswith(f"prompt: {n} tokens ({n - 1} from the prompt cache file, 1 computed")
+    generated = [l for l in runs[1].stderr.splitlines() if l.startswith("generation: ")][0]
+    # generate_step runs every token it yields through the model.
+    held = n + int(generated.split()[1])
+    assert f"prompt cache: saved {held} tokens to {cache_file}" in runs[1].stderr
+    for r in runs:
+        assert "KV cache: " in r.stderr and "peak memory: " in r.stderr
