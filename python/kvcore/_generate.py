@@ -23,6 +23,7 @@ from ._options import (
     describe_kv,
     fail,
     human_bytes,
+    make_caches,
 )
 
 PROG = "kvcore generate"
@@ -162,7 +163,7 @@ def main(argv):
             return fail(PROG, e if isinstance(e, UsageError) else
                         f"--prompt-cache-file {args.prompt_cache_file}: {e}")
     if cache is None:
-        cache = kvcore.make_prompt_cache(model, max_kv_size=args.max_kv_size)
+        cache = make_caches(model, args.max_kv_size)
         reused = []
 
     draft = None

@@ -4,7 +4,6 @@ force."""
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -217,5 +216,16 @@ def human_bytes(n):
     return f"{n} B"
 
 
-def env_flag(name):
-    return os.environ.get(name, "") not in ("", "0")
+def make_caches(model, max_kv_size=None):
+    """kvcore's caches for model; with max_kv_size, each plain KVCache layer
+    becomes a RotatingKVCache of that size (mlx-lm's make_prompt_cache
+    ignores max_kv_size for models that make their own caches, llama
+    included)."""
+    import kvcore
+
+    caches = kvcore.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if max_kv_size is None:
+        return caches
+    # (mlx-lm's KVCache too: a model module imported before patch_mlx_lm() keeps it)
+    return [kvcore.RotatingKVCache(max_size=max_kv_size, keep=4) if type(c).__name__ == "KVCache"
+            else c for c in caches]

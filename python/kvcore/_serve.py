@@ -35,6 +35,7 @@ from ._options import (
     describe_kv,
     fail,
     human_bytes,
+    make_caches,
     positive,
 )
 
@@ -114,7 +115,6 @@ def _quantizing_batch_generator(base, opts, stats):
         __doc__ = base.__doc__
 
         def __init__(self, *args, **kwargs):
-            kwargs.setdefault("max_kv_size", opts.max_kv_size)
             super().__init__(*args, **kwargs)
             self._kvcore_quantized = False
 
@@ -139,8 +139,12 @@ def _quantizing_batch_generator(base, opts, stats):
             logging.info("kvcore: KV caches of this batch quantized (%s bits, group %s)",
                          bits, group)
 
-        def insert_segments(self, *args, **kwargs):
-            uids = super().insert_segments(*args, **kwargs)
+        def insert_segments(self, segments, *args, **kwargs):
+            if opts.max_kv_size is not None and not args:
+                caches = kwargs.get("caches") or [None] * len(segments)
+                kwargs["caches"] = [make_caches(self.model, opts.max_kv_size) if c is None else c
+                                    for c in caches]
+            uids = super().insert_segments(segments, *args, **kwargs)
             if self._kvcore_quantized:
                 self._unprocessed_sequences = deque(
                     (*s[:3], quantize(s[3]), *s[4:]) for s in self._unprocessed_sequences)
@@ -352,9 +356,7 @@ def main(argv):
     server.BatchGenerator = _quantizing_batch_generator(server.BatchGenerator, opts, stats)
     server.stream_generate = _logging_stream_generate(server.stream_generate)
     if opts.max_kv_size is not None:
-        make = server.make_prompt_cache
-        server.make_prompt_cache = lambda model, *a, **kw: make(
-            model, *a, **{"max_kv_size": opts.max_kv_size, **kw})
+        server.make_prompt_cache = lambda model, *a, **kw: make_caches(model, opts.max_kv_size)
     server.run = run
     signal.signal(signal.SIGTERM, stop)
     sys.argv = [PROG] + rest
