@@ -365,8 +365,14 @@ def main(argv):
     except KeyboardInterrupt:
         pass
     cache = state.get("cache")
+    ok = True
     if cache is not None:
         print(f"{PROG}: stopping", file=sys.stderr, flush=True)
-        if not _flush_disk(cache, opts.shutdown_timeout):
-            os._exit(1)
-    return 0
+        ok = _flush_disk(cache, opts.shutdown_timeout)
+    # The generation thread is joined and the disk tier flushed: leave
+    # without the interpreter's teardown of mlx's and the server's threads
+    # (it has aborted now and then: "terminate called without an active
+    # exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)
