@@ -158,8 +158,8 @@ def _quantizing_batch_generator(base, opts, stats):
                 if not r.end_of_prompt and total > self.prefill_step_size:
                     logging.debug("kvcore: prefill of request %d: %d of %d tokens",
                                   r.uid, done, total)
-            n = len(self._generation_batch)
-            if generation_responses and self._generation_batch.prompt_cache:
+            n = len(generation_responses)  # sequences decoded together in this step
+            if n and self._generation_batch.prompt_cache:
                 kind = type(self._generation_batch.prompt_cache[0]).__name__
                 with stats.lock:
                     stats.batch_now = n
@@ -167,7 +167,8 @@ def _quantizing_batch_generator(base, opts, stats):
                         stats.batch_max[kind] = n
                         logging.info("kvcore: %d sequences decoded in one batch (%s)", n, kind)
             self._kvcore_maybe_quantize()
-            if n == 0 and not self._unprocessed_sequences and len(self._prompt_batch) == 0:
+            if (len(self._generation_batch) == 0 and not self._unprocessed_sequences
+                    and len(self._prompt_batch) == 0):
                 self._kvcore_quantized = False
                 with stats.lock:
                     stats.batch_now = 0
