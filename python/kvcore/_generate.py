@@ -74,7 +74,10 @@ def _load_cache(path, model_name, tokens, args):
     if meta.get("model") not in (None, model_name):
         raise UsageError(f"--prompt-cache-file {path} was made with model {meta['model']}, "
                          f"not {model_name}")
-    held = json.loads(meta.get("tokens", "[]"))
+    if "tokens" not in meta:
+        raise UsageError(f"--prompt-cache-file {path} does not list its tokens (it was not "
+                         f"saved by {PROG}); mlx_lm.generate reads such files")
+    held = json.loads(meta["tokens"])
     bits = next((c.bits for c in cache if getattr(c, "bits", None) is not None), None)
     if bits is not None and args.kv_bits is not None and bits != args.kv_bits:
         raise UsageError(f"--kv-bits {args.kv_bits} does not match the cache in {path} "
