@@ -17,6 +17,30 @@ FIRST = "How many hives does Mara have today?"
 SECOND = "What is the name of Mara's dog?"
 
 
+def tiny_qwen2(layers: int = 4, seed: int = 0):
+    """A small Qwen2-shaped mlx-lm model with random weights (for tests and
+    benches that need no download)."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=128,
+        num_hidden_layers=layers,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(seed)
+    model = qwen2.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
 def _messages(question, document=None):
     content = f"{document}\n\n{question}" if document else question
     return [{"role": "system", "content": "You are a helpful assistant."},
