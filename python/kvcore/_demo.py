@@ -1,11 +1,25 @@
-"""The demo: a Qwen2-shaped model with random weights (no download) generates
-greedily on mlx-lm's caches and on kvcore's; the tokens must be the same."""
+"""The demo: a real model (SmolLM2-135M-Instruct unless --model names
+another) answers on mlx-lm's caches and on kvcore's with the same greedy
+tokens; then what kvcore adds on that model: a second question about the same
+document answered from the prefix cache, and the cache's bytes at float and
+quantized with the quality each costs."""
 
 import time
 
+DOCUMENT = (
+    "Mara Lind keeps bees at the edge of Oakridge, a village in the hills above the river "
+    "Sel. She started with two hives in 2015. Today she has thirty-two hives. In summer the "
+    "bees move to the heather on the high moor, which gives a dark honey. Mara sells the "
+    "honey at the Saturday market. Her dog, a grey sheepdog called Pepper, is afraid of the "
+    "bees and stays in the house when the hives are opened."
+)
+FIRST = "How many hives does Mara have today?"
+SECOND = "What is the name of Mara's dog?"
+
 
 def tiny_qwen2(layers: int = 4, seed: int = 0):
-    """A small Qwen2-shaped mlx-lm model with random weights."""
+    """A small Qwen2-shaped mlx-lm model with random weights (for tests and
+    benches that need no download)."""
     import mlx.core as mx
     from mlx_lm.models import qwen2
 
@@ -27,52 +41,143 @@ def tiny_qwen2(layers: int = 4, seed: int = 0):
     return model
 
 
-def _generate(model, prompt, cache, tokens):
+def _messages(question, document=None):
+    content = f"{document}\n\n{question}" if document else question
+    return [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": content}]
+
+
+def _greedy(model, tokens, cache, max_tokens):
+    """Greedy tokens, seconds to the first one, tokens/s after it."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
 
-    # Sampled at temperature 1 from one seed: same logits, same tokens.
-    mx.random.seed(42)
-    sampler = make_sampler(temp=1.0)
-    out, start = [], time.perf_counter()
-    steps = generate_step(prompt, model, prompt_cache=cache, max_tokens=tokens, sampler=sampler)
-    for (tok, _), _ in zip(steps, range(tokens)):
+    out, t0, first = [], time.perf_counter(), None
+    for tok, _ in generate_step(mx.array(tokens), model, prompt_cache=cache, max_tokens=max_tokens):
+        if first is None:
+            first = time.perf_counter() - t0
         out.append(int(tok))
-    mx.eval()
-    return out, time.perf_counter() - start
+    rate = (len(out) - 1) / max(time.perf_counter() - t0 - first, 1e-9)
+    return out, first, rate
 
 
-def run(tokens: int = 64, layers: int = 4, window: int = 32) -> int:
+def _answer(tokenizer, tokens, eos):
+    if eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    return tokenizer.decode(tokens).strip().replace("\n", " ")
+
+
+def _held(tokens, cache):
+    """The tokens a cache holds (generate_step feeds every token it yields)."""
+    return tokens[: cache[0].offset]
+
+
+def _continuation_quality(model, cache, ref, answer):
+    """Teacher-forced on the float answer: top-1 agreement with float's
+    logits (ref) and mean KL(float || quantized) over the answer's tokens."""
+    import mlx.core as mx
+
+    def log_softmax(x):
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    logits = model(mx.array([answer[:-1]]), cache=cache)[0].astype(mx.float32)
+    p = mx.softmax(ref, axis=-1)
+    kl = mx.sum(p * (log_softmax(ref) - log_softmax(logits)), axis=-1)
+    agree = mx.mean(mx.argmax(logits, axis=-1) == mx.argmax(ref, axis=-1))
+    return agree.item(), mx.mean(kl).item()
+
+
+def run(model=None, tokens: int = 24, repeat: int = 1) -> int:
     try:
         import mlx.core as mx
+        from mlx_lm import load
         from mlx_lm.models import cache as mlx_lm_cache
     except ImportError:
         print("The demo needs mlx-lm: pip install 'kvcore[demo]'")
         return 1
+    import copy
+
     import kvcore
 
-    model = tiny_qwen2(layers)
-    prompt = mx.array([1, 5, 9, 13, 17, 21, 25, 29] * 6)
-    print(f"kvcore {kvcore.__version__} on mlx {mx.__version__} ({mx.default_device()})")
-    print(f"model: Qwen2-shaped, {layers} layers, random weights; prompt {prompt.size} tokens")
-    _generate(model, prompt, mlx_lm_cache.make_prompt_cache(model), 4)  # warm-up
+    from ._model import resolve
+
+    # mlx-lm's own, before patch_mlx_lm() puts kvcore's in their place.
+    make_reference_cache = mlx_lm_cache.make_prompt_cache
+    ReferenceLRU = mlx_lm_cache.LRUPromptCache
+    path = resolve(model)
+    t0 = time.perf_counter()
+    net, tokenizer = load(path)
+    eos = tokenizer.eos_token_id
+    print(f"kvcore {kvcore.__version__} on mlx {mx.__version__} ({mx.default_device()}); "
+          f"model {path} loaded in {time.perf_counter() - t0:.1f} s")
+
+    # 1. The same answer on mlx-lm's caches and on kvcore's.
+    question = "What is the capital of France?"
+    prompt = tokenizer.apply_chat_template(_messages(question), add_generation_prompt=True)
+    print(f"\n1. {question!r} ({len(prompt)} prompt tokens), greedy, {tokens} tokens:")
     ok = True
-    for label, ref_cache, kv_cache in [
-        ("KVCache", mlx_lm_cache.make_prompt_cache(model),
-         kvcore.make_prompt_cache(model)),
-        (f"RotatingKVCache(max_size={window})",
-         mlx_lm_cache.make_prompt_cache(model, max_kv_size=window),
-         kvcore.make_prompt_cache(model, max_kv_size=window)),
-    ]:
-        ref_tokens, ref_s = _generate(model, prompt, ref_cache, tokens)
-        kv_tokens, kv_s = _generate(model, prompt, kv_cache, tokens)
-        same = ref_tokens == kv_tokens
-        ok &= same
-        print(f"\n{label}: {tokens} tokens")
-        print(f"  mlx-lm : {ref_tokens[:16]} ... {tokens / ref_s:7.1f} tok/s")
-        print(f"  kvcore : {kv_tokens[:16]} ... {tokens / kv_s:7.1f} tok/s")
-        print(f"  same tokens: {same}; kvcore cache offset {kv_cache[0].offset}, "
-              f"{sum(c.nbytes for c in kv_cache)} bytes")
+    results = {}
+    for label in ("mlx-lm", "kvcore"):
+        if label == "kvcore":
+            kvcore.patch_mlx_lm()  # the model's make_cache() now builds kvcore's caches
+        cache = make_reference_cache(net) if label == "mlx-lm" else kvcore.make_prompt_cache(net)
+        out, ttft, rate = _greedy(net, prompt, cache, tokens)
+        results[label] = out
+        kind = f"{type(cache[0]).__module__}.{type(cache[0]).__name__}"
+        print(f"   {label:7s}: {_answer(tokenizer, out, eos)!r}  (first token {ttft:.2f} s, "
+              f"then {rate:.1f} tok/s; {kind})")
+    same = results["mlx-lm"] == results["kvcore"]
+    ok &= same
+    print(f"   same tokens: {same}")
+
+    # 2. A second question about the same document, from the prefix cache.
+    document = " ".join([DOCUMENT] * repeat)
+    first = tokenizer.apply_chat_template(_messages(FIRST, document), add_generation_prompt=True)
+    second = tokenizer.apply_chat_template(_messages(SECOND, document), add_generation_prompt=True)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    print(f"\n2. The prefix cache: two questions about one document ({len(first)} and "
+          f"{len(second)} prompt tokens, {shared} shared)")
+    lru = kvcore.LRUPromptCache(max_size=10)
+    cache = kvcore.make_prompt_cache(net)
+    out1, ttft1, _ = _greedy(net, first, cache, tokens)
+    lru.insert_cache(path, _held(first + out1, cache), cache)
+    print(f"   Q: {FIRST}\n   A: {_answer(tokenizer, out1, eos)!r}  (first token {ttft1:.2f} s)")
+    cold, ttft_cold, _ = _greedy(net, second, kvcore.make_prompt_cache(net), 1)
+    hit, rest = lru.fetch_nearest_cache(path, second)
+    out2, ttft_warm, _ = _greedy(net, rest, hit, tokens)
+    print(f"   Q: {SECOND}\n   A: {_answer(tokenizer, out2, eos)!r}")
+    print(f"   time to first token: {ttft_cold:.2f} s computing all {len(second)} tokens, "
+          f"{ttft_warm:.2f} s from the prefix cache ({len(second) - len(rest)} tokens reused, "
+          f"{len(rest)} computed): {ttft_cold / ttft_warm:.1f}x")
+    second_held = _held(second + out2, hit)
+    lru.insert_cache(path, second_held, hit)
+    kvcore.unpatch_mlx_lm()  # mlx-lm's LRUPromptCache looks up its module's names
+    ref = ReferenceLRU(max_size=10)  # holds what it is given, as mlx_lm.server gives it
+    ref.insert_cache(path, _held(first + out1, cache), cache)
+    ref.insert_cache(path, second_held, hit)
+    kvcore.patch_mlx_lm()
+    print(f"   both conversations held: kvcore's LRUPromptCache {lru.nbytes / 1e6:.2f} MB "
+          f"(the document's keys and values once), mlx-lm's {ref.nbytes / 1e6:.2f} MB")
+
+    # 3. Bytes and quality of quantized caches.
+    full = kvcore.make_prompt_cache(net)
+    net(mx.array([second[:-1]]), cache=full)
+    answer = [second[-1]] + [t for t in out2 if t != eos][: tokens - 1]
+    base = copy.deepcopy(full)
+    float_logits = net(mx.array([answer[:-1]]), cache=base)[0].astype(mx.float32)
+    dtype = str(full[0].keys.dtype).replace("mlx.core.", "")
+    print(f"\n3. The KV cache of the second prompt ({len(second) - 1} tokens), quantized after the "
+          f"prefill; quality over the {len(answer) - 1} answer tokens, fed as the float cache "
+          f"answered:")
+    print(f"   {'cache':22s} {'bytes':>10s} {'x float':>8s} {'top-1 agree':>12s} "
+          f"{'KL vs float':>12s}")
+    float_bytes = sum(c.nbytes for c in full)
+    print(f"   {'float (' + dtype + ')':22s} {float_bytes:10d} {1.0:8.3f} {1.0:12.3f} {0.0:12.4f}")
+    for bits in (8, (8, 4), 4):
+        q = [c.to_quantized(group_size=64, bits=bits) for c in full]
+        nbytes = sum(c.nbytes for c in q)
+        agree, kl = _continuation_quality(net, q, float_logits, answer)
+        name = f"{bits} bits" if isinstance(bits, int) else f"keys {bits[0]}, values {bits[1]} bits"
+        print(f"   {name:22s} {nbytes:10d} {nbytes / float_bytes:8.3f} {agree:12.3f} {kl:12.4f}")
     print("\ndemo:", "ok" if ok else "MISMATCH")
     return 0 if ok else 1

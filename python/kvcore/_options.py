@@ -1,0 +1,231 @@
+"""The cache options that ``kvcore serve`` and ``kvcore generate`` share:
+parsing, checks made before a model loads, and the line that says what is in
+force."""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+# What mx.quantize (affine) takes, and kvcore's quantized caches with it.
+KV_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's
+DEFAULT_DISK_BYTES = 20 * 10**9
+
+
+class UsageError(Exception):
+    """A bad command line, said in one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(prog, err):
+    """Print a UsageError as one line; the exit status for it."""
+    print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _pair(text, what, allowed):
+    """'4' -> 4, '8,4' -> (8, 4), each checked against allowed."""
+    parts = text.split(",")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected {what} as N or KEYS,VALUES (e.g. 4 or 8,4) but got {text!r}")
+    values = [int(p) for p in parts]
+    for v in values:
+        if v not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be one of {', '.join(map(str, allowed))} (mlx's quantization) "
+                f"but got {v}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def kv_bits(text):
+    return _pair(text, "KV bits", KV_BITS)
+
+
+def kv_group_size(text):
+    return _pair(text, "KV group size", GROUP_SIZES)
+
+
+def size(text):
+    """Bytes: 1000000, 512M, 20G, 1.5GB (mlx-lm's units: M = 10**6)."""
+    t = text.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("G", 10**9), ("M", 10**6)):
+        if t.endswith(unit):
+            t, scale = t[: -len(unit)], mult
+            break
+    else:
+        scale = 1
+    try:
+        value = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 20G but got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a size >= 0 but got {text!r}")
+    return int(value * scale)
+
+
+def non_negative(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer but got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 but got {v}")
+    return v
+
+
+def positive(text):
+    v = non_negative(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("expected an integer > 0 but got 0")
+    return v
+
+
+def add_kv_options(parser):
+    """Quantization and the sliding window: both commands."""
+    g = parser.add_argument_group("KV cache (kvcore)")
+    g.add_argument("--kv-bits", type=kv_bits, default=None, metavar="BITS",
+                   help="quantize the KV cache: 4, or KEYS,VALUES such as 8,4 "
+                        f"(each one of {', '.join(map(str, KV_BITS))}; default: float)")
+    g.add_argument("--kv-group-size", type=kv_group_size, default=64, metavar="N",
+                   help="quantization group size along the head dimension, or KEYS,VALUES "
+                        "(32, 64 or 128, dividing the head dimension; default: 64)")
+    g.add_argument("--quantized-kv-start", type=non_negative,
+                   default=DEFAULT_QUANTIZED_KV_START, metavar="N",
+                   help="quantize once a sequence holds N tokens, as mlx-lm "
+                        f"(default: {DEFAULT_QUANTIZED_KV_START}; 0: from the first token)")
+    g.add_argument("--max-kv-size", type=positive, default=None, metavar="N",
+                   help="a sliding window of N tokens per sequence (RotatingKVCache, "
+                        "quantizable; default: unbounded)")
+    return g
+
+
+def add_prompt_cache_options(group):
+    """The server's prefix cache beyond mlx-lm's --prompt-cache-size/-bytes."""
+    group.add_argument("--disk-dir", default=None, metavar="DIR",
+                       help="keep every prompt-cache entry in DIR too, served after a "
+                            "restart (default: none, memory only)")
+    group.add_argument("--disk-bytes", type=size, default=DEFAULT_DISK_BYTES, metavar="SIZE",
+                       help="bytes of files kept in --disk-dir, oldest removed first "
+                            "(default: 20G)")
+    group.add_argument("--max-checkpoints", type=non_negative, default=8, metavar="N",
+                       help="prefill checkpoints kept for caches that cannot be trimmed "
+                            "(default: 8; 0: none)")
+    group.add_argument("--checkpoint-every", type=non_negative, default=0, metavar="N",
+                       help="at least N tokens between checkpoints (default: 0, every "
+                            "prefill chunk)")
+
+
+def check_disk_dir(path):
+    """The directory exists (made if needed) and a file can be written in it."""
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".kvcore-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--disk-dir {path}: cannot write there ({e.strerror or e})") from None
+    return str(p)
+
+
+def _pair_values(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def head_dims_of(config):
+    """(key head dim, value head dim) from a model's config.json, or None."""
+    text = config.get("text_config", config)
+    hd = text.get("head_dim")
+    if hd is None and text.get("hidden_size") and text.get("num_attention_heads"):
+        hd = text["hidden_size"] // text["num_attention_heads"]
+    if not isinstance(hd, int):
+        return None
+    return (text.get("k_head_dim", hd), text.get("v_head_dim", hd))
+
+
+def check_group_size(group_size, head_dims):
+    """Each group size divides its head dimension."""
+    for which, g, d in zip(("keys", "values"), _pair_values(group_size), head_dims):
+        if d % g:
+            raise UsageError(f"--kv-group-size {g} does not divide the model's head "
+                             f"dimension for {which} ({d}); use one of "
+                             f"{', '.join(str(x) for x in GROUP_SIZES if d % x == 0) or 'none'}")
+
+
+def check_model_dir(model, group_size, bits):
+    """Checks a local model directory's config.json allows, before loading."""
+    if bits is None or model is None:
+        return
+    cfg = Path(model).expanduser() / "config.json"
+    if not cfg.is_file():
+        return  # a hub name: checked once loaded
+    try:
+        dims = head_dims_of(json.loads(cfg.read_text()))
+    except (OSError, ValueError):
+        return
+    if dims:
+        check_group_size(group_size, dims)
+
+
+def check_loaded_model(model, group_size, bits):
+    """The same check on a loaded model (hub names)."""
+    if bits is None:
+        return
+    args = getattr(model, "args", None)
+    if args is None:
+        return
+    cfg = {k: getattr(args, k) for k in ("head_dim", "hidden_size", "num_attention_heads")
+           if isinstance(getattr(args, k, None), int)}
+    dims = head_dims_of(cfg)
+    if dims:
+        check_group_size(group_size, dims)
+
+
+def describe_kv(args):
+    """The KV part of the startup line."""
+    if args.kv_bits is None:
+        kv = "float KV cache"
+    else:
+        kb, vb = _pair_values(args.kv_bits)
+        kg, vg = _pair_values(args.kv_group_size)
+        bits = f"{kb} bits" if kb == vb else f"keys {kb} bits, values {vb} bits"
+        group = f"group {kg}" if kg == vg else f"groups {kg},{vg}"
+        start = ("from the first token" if args.quantized_kv_start == 0
+                 else f"from token {args.quantized_kv_start}")
+        kv = f"quantized KV cache: {bits}, {group}, {start}"
+    window = (f"sliding window {args.max_kv_size} tokens" if args.max_kv_size
+              else "no sliding window")
+    return f"{kv}; {window}"
+
+
+def human_bytes(n):
+    if n is None or n >= 1 << 62:
+        return "unbounded"
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def make_caches(model, max_kv_size=None):
+    """kvcore's caches for model; with max_kv_size, each plain KVCache layer
+    becomes a RotatingKVCache of that size (mlx-lm's make_prompt_cache
+    ignores max_kv_size for models that make their own caches, llama
+    included)."""
+    import kvcore
+
+    caches = kvcore.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if max_kv_size is None:
+        return caches
+    # (mlx-lm's KVCache too: a model module imported before patch_mlx_lm() keeps it)
+    return [kvcore.RotatingKVCache(max_size=max_kv_size, keep=4) if type(c).__name__ == "KVCache"
+            else c for c in caches]
