@@ -251,15 +251,17 @@ def _handler_class(base, cache, stats):
 
 
 def _disk_files(path):
+    """Finished files in the disk tier: (entries, blocks)."""
     try:
-        return sum(1 for n in os.listdir(path)
-                   if n.endswith(".safetensors") and not n.startswith("."))
+        names = [n for n in os.listdir(path) if n.endswith(".safetensors") and not n.startswith(".")]
     except OSError:
-        return 0
+        return 0, 0
+    blocks = sum(1 for n in names if n.startswith("blk-"))
+    return len(names) - blocks, blocks
 
 
 def _flush_disk(cache, timeout):
-    """Finish the disk tier's queued writes; say how many were written."""
+    """Finish the disk tier's queued writes; say how many files were written."""
     if cache.disk_dir is None:
         return True
     path = str(cache.disk_dir)
@@ -267,13 +269,16 @@ def _flush_disk(cache, timeout):
     done = threading.Thread(target=cache.flush, daemon=True)
     done.start()
     done.join(timeout)
+    after = _disk_files(path)
+    entries, blocks = after[0] - before[0], after[1] - before[1]
     if done.is_alive():
         print(f"{PROG}: disk tier: queued writes not finished after {timeout} s; "
-              f"{_disk_files(path) - before} written, the rest lost", file=sys.stderr, flush=True)
+              f"{entries} entries and {blocks} blocks written, the rest lost",
+              file=sys.stderr, flush=True)
         return False
-    written = _disk_files(path) - before
-    print(f"{PROG}: disk tier: wrote {written} queued entr{'y' if written == 1 else 'ies'} in "
-          f"{time.perf_counter() - t0:.2f} s; {path} holds {cache.disk_size} entries, "
+    print(f"{PROG}: disk tier: wrote {entries} queued entr{'y' if entries == 1 else 'ies'} and "
+          f"{blocks} block{'' if blocks == 1 else 's'} in {time.perf_counter() - t0:.2f} s; "
+          f"{path} holds {cache.disk_size} entries in {cache.disk_blocks} blocks, "
           f"{human_bytes(cache.disk_nbytes)}", file=sys.stderr, flush=True)
     return True
 
