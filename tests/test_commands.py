@@ -44,12 +44,48 @@ def test_sizes_use_mlx_lm_units(text, value):
     assert _options.size(text) == value
 
 
+def _kv_args(**kw):
+    base = dict(kv_bits=4, kv_group_size=None, kv_scheme="affine", kv_window=None,
+                max_kv_size=None, quantized_kv_start=0)
+    return _options.settle_kv(types.SimpleNamespace(**{**base, **kw}))
+
+
 def test_group_size_is_checked_against_each_head_dimension():
-    _options.check_group_size((64, 32), (64, 32))
+    _options.check_head_dims(_kv_args(kv_group_size=(64, 32)), (64, 32))
     with pytest.raises(_options.UsageError) as e:
-        _options.check_group_size((64, 64), (128, 96))
+        _options.check_head_dims(_kv_args(kv_group_size=64), (128, 96))
     assert str(e.value) == ("--kv-group-size 64 does not divide the model's head dimension for "
                             "values (96); use one of 32")
+
+
+def test_rotated_channel_groups_keys_over_tokens_and_wants_power_of_two_heads():
+    args = _kv_args(kv_scheme="rotated-channel")
+    assert (args.kv_group_size, args.kv_window) == ((32, 64), 128)
+    assert _options.quantize_kwargs(args) == {"group_size": (32, 64), "bits": 4,
+                                              "scheme": "rotated-channel", "window": 128}
+    # A key group of 128 tokens on a head dim of 64: keys group along tokens.
+    _options.check_head_dims(_kv_args(kv_scheme="rotated-channel", kv_group_size=(128, 32)),
+                             (64, 64))
+    with pytest.raises(_options.UsageError) as e:
+        _options.check_head_dims(args, (96, 96))
+    assert str(e.value) == ("--kv-scheme rotated-channel rotates the head dimension, which must "
+                            "be a power of two; the model's for keys is 96")
+    assert _options.quantize_kwargs(_kv_args()) == {"group_size": 64, "bits": 4}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(kv_window=64), "--kv-window is for --kv-scheme rotated-channel (the affine scheme "
+                         "keeps no float window)"),
+    (dict(kv_scheme="rotated-channel", kv_bits=None),
+     "--kv-scheme rotated-channel quantizes: give --kv-bits too"),
+    (dict(kv_scheme="rotated-channel", max_kv_size=512),
+     "--kv-scheme rotated-channel does not take --max-kv-size yet (sliding windows quantize "
+     "with the affine scheme)"),
+])
+def test_settings_that_do_not_go_together_are_refused(kw, message):
+    with pytest.raises(_options.UsageError) as e:
+        _kv_args(**kw)
+    assert str(e.value) == message
 
 
 def test_head_dims_come_from_the_config():
@@ -61,10 +97,15 @@ def test_head_dims_come_from_the_config():
 
 def test_startup_line_names_bits_group_start_and_window():
     args = types.SimpleNamespace(kv_bits=(8, 4), kv_group_size=64, quantized_kv_start=0,
-                                 max_kv_size=4096)
+                                 max_kv_size=4096, kv_scheme="affine")
     assert _options.describe_kv(args) == (
-        "quantized KV cache: keys 8 bits, values 4 bits, group 64, from the first token; "
+        "quantized KV cache: affine, keys 8 bits, values 4 bits, group 64, from the first token; "
         "sliding window 4096 tokens")
+    args = types.SimpleNamespace(kv_bits=4, kv_group_size=(32, 64), quantized_kv_start=5000,
+                                 max_kv_size=None, kv_scheme="rotated-channel", kv_window=128)
+    assert _options.describe_kv(args) == (
+        "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 tokens, values group "
+        "64, newest 128 tokens in float, from token 5000; no sliding window")
     args = types.SimpleNamespace(kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
                                  max_kv_size=None)
     assert _options.describe_kv(args) == "float KV cache; no sliding window"

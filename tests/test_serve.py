@@ -182,7 +182,7 @@ def test_metrics_count_entries_bytes_and_tokens(float_run):
 def test_startup_line_states_the_cache_configuration(float_run):
     line = next(l for l in float_run["log"].splitlines() if l.startswith("kvcore serve: "))
     assert "float KV cache" in line and "no sliding window" in line
-    assert f"disk tier {float_run['disk']}" in line and "(20.0 GB)" in line
+    assert f"disk tier {float_run['disk']}" in line and "(20.0 GB, blocks of 256 tokens)" in line
 
 
 def test_sigterm_writes_the_queued_entries_and_exits_cleanly(float_run):
@@ -253,7 +253,7 @@ def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_pa
     assert m[("kvcore_batch_sequences_max", (("cache", "QuantizedBatchKVCache"),))] == 4
     assert ("kvcore_batch_sequences_max", (("cache", "BatchKVCache"),)) not in m
     log = server.output()
-    assert "quantized KV cache: 4 bits, group 64, from the first token" in log
+    assert "quantized KV cache: affine, 4 bits, group 64, from the first token" in log
     assert "4 sequences decoded in one batch (QuantizedBatchKVCache)" in log
 
 
@@ -316,3 +316,38 @@ def test_generate_reuses_its_prompt_cache_file(model_dir, tmp_path):
     assert f"prompt cache: saved {held} tokens to {cache_file}" in runs[1].stderr
     for r in runs:
         assert "KV cache: " in r.stderr and "peak memory: " in r.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_settings_that_do_not_go_together_end_at_start(command):
+    rc, err = _run(command, "--kv-bits", "4", "--kv-scheme", "rotated-channel",
+                   "--max-kv-size", "512")
+    assert rc == 2
+    assert err == [f"kvcore {command}: error: --kv-scheme rotated-channel does not take "
+                   "--max-kv-size yet (sliding windows quantize with the affine scheme)"]
+
+
+def test_generate_with_the_rotated_channel_scheme_saves_and_checks_it(model_dir, tmp_path):
+    cache_file = tmp_path / "rotated.safetensors"
+    argv = [sys.executable, "-m", "kvcore", "generate", "--model", model_dir,
+            "--prompt", "What is the capital of France?", "--system-prompt", SYSTEM["content"],
+            "--max-tokens", "6", "--kv-bits", "4", "--quantized-kv-start", "0",
+            "--prompt-cache-file", str(cache_file)]
+    # --kv-window 0: every whole group of 32 tokens is quantized.
+    first = subprocess.run(argv + ["--kv-scheme", "rotated-channel", "--kv-window", "0"],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "Paris" in first.stdout
+    assert ("quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 tokens, values "
+            "group 64, newest 0 tokens in float, from the first token") in first.stderr
+    assert "in 30 layers of QuantizedKVCache" in first.stderr
+    import kvcore
+
+    cache = kvcore.load_prompt_cache(str(cache_file))
+    assert {(c.scheme, c.window, c.bits) for c in cache} == {("rotated-channel", 0, 4)}
+    assert cache[0].state[0][0].shape[2] == 64  # keys grouped per channel: (B, H, D, packed)
+    mismatch = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert mismatch.returncode == 2
+    assert mismatch.stderr.strip().splitlines()[-1] == (
+        f"kvcore generate: error: --kv-scheme affine does not match the cache in {cache_file} "
+        "(rotated-channel)")

@@ -21,6 +21,7 @@ from ._options import (
     check_loaded_model,
     check_model_dir,
     describe_kv,
+    settle_kv,
     fail,
     human_bytes,
     make_caches,
@@ -82,6 +83,11 @@ def _load_cache(path, model_name, tokens, args):
     if bits is not None and args.kv_bits is not None and bits != args.kv_bits:
         raise UsageError(f"--kv-bits {args.kv_bits} does not match the cache in {path} "
                          f"({bits} bits)")
+    scheme = next((getattr(c, "scheme", "affine") for c in cache
+                   if getattr(c, "bits", None) is not None), None)
+    if scheme is not None and args.kv_bits is not None and scheme != args.kv_scheme:
+        raise UsageError(f"--kv-scheme {args.kv_scheme} does not match the cache in {path} "
+                         f"({scheme})")
     # Keep at least one prompt token to compute: generation starts from logits.
     n = min(_common_prefix(held, tokens), len(tokens) - 1)
     if n < len(held):
@@ -99,10 +105,14 @@ def main(argv):
     if not ("-h" in argv or "--help" in argv):
         known, _ = early.parse_known_args(argv)
         try:
-            check_model_dir(known.model, known.kv_group_size, known.kv_bits)
+            check_model_dir(known.model, settle_kv(known))
         except UsageError as e:
             return fail(PROG, e)
     args = _parser().parse_args(argv)
+    try:
+        settle_kv(args)
+    except UsageError as e:
+        return fail(PROG, e)
     if args.image:
         return fail(PROG, "--image is not supported here; use mlx_lm.generate")
 
@@ -110,7 +120,7 @@ def main(argv):
 
     import kvcore
 
-    kvcore.patch_mlx_lm()
+    kvcore.patch_mlx_lm(kv_scheme=args.kv_scheme, kv_window=args.kv_window)
     from mlx_lm import load
     import importlib
 
@@ -123,7 +133,7 @@ def main(argv):
         mx.random.seed(args.seed)
     model_name = resolve(args.model)
     try:
-        check_model_dir(model_name, args.kv_group_size, args.kv_bits)
+        check_model_dir(model_name, args)
     except UsageError as e:
         return fail(PROG, e)
     print(f"{PROG}: {model_name}; {describe_kv(args)}", file=sys.stderr, flush=True)
@@ -131,7 +141,7 @@ def main(argv):
                             model_config={"quantize_activations": args.quantize_activations},
                             tokenizer_config={"trust_remote_code": args.trust_remote_code})
     try:
-        check_loaded_model(model, args.kv_group_size, args.kv_bits)
+        check_loaded_model(model, args)
     except UsageError as e:
         return fail(PROG, e)
     for eos in args.extra_eos_token:

@@ -61,21 +61,22 @@ def _originals():
     return out
 
 
-def quantizer(scheme):
-    """mlx-lm's maybe_quantize_kv_cache, quantizing with ``scheme``."""
+def quantizer(scheme, window=None):
+    """mlx-lm's maybe_quantize_kv_cache, quantizing with ``scheme`` (and,
+    for "rotated-channel", a float ``window`` other than the default)."""
+    extra = {"scheme": scheme} if window is None else {"scheme": scheme, "window": window}
 
     def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
         if kv_bits is None:
             return
         for e, c in enumerate(prompt_cache):
             if hasattr(c, "to_quantized") and c.offset >= quantized_kv_start:
-                prompt_cache[e] = c.to_quantized(
-                    group_size=kv_group_size, bits=kv_bits, scheme=scheme)
+                prompt_cache[e] = c.to_quantized(group_size=kv_group_size, bits=kv_bits, **extra)
 
     return maybe_quantize_kv_cache
 
 
-def _replacements(originals, kv_scheme=None):
+def _replacements(originals, kv_scheme=None, kv_window=None):
     """{name: (mlx-lm's object, kvcore's)}."""
     import importlib
 
@@ -86,7 +87,7 @@ def _replacements(originals, kv_scheme=None):
     out = {n: (o, getattr(kvcore, n)) for n, o in originals.items()}
     generate = importlib.import_module("mlx_lm.generate")
     if kv_scheme is not None and kv_scheme != "affine":
-        out["maybe_quantize_kv_cache"] = (generate.maybe_quantize_kv_cache, quantizer(kv_scheme))
+        out["maybe_quantize_kv_cache"] = (generate.maybe_quantize_kv_cache, quantizer(kv_scheme, kv_window))
     out["stream_generate"] = (
         generate.stream_generate,
         _checkpoints.checkpointing_stream_generate(generate.stream_generate),
@@ -101,7 +102,7 @@ def _replacements(originals, kv_scheme=None):
 _replaced = None  # [(module, name, original)] while patched
 
 
-def patch_mlx_lm(kv_scheme=None):
+def patch_mlx_lm(kv_scheme=None, kv_window=None):
     """Use kvcore's caches everywhere in mlx-lm. Idempotent (unpatch first
     to change the scheme).
 
@@ -110,6 +111,8 @@ def patch_mlx_lm(kv_scheme=None):
           ``generate_step(kv_bits=...)`` uses: ``"affine"`` (mlx-lm's, the
           default) or ``"rotated-channel"``; ``None`` reads
           ``KVCORE_KV_SCHEME`` from the environment.
+        kv_window (int, optional): ``"rotated-channel"``: the newest tokens
+          kept in float (default 128).
     """
     global _replaced
     if _replaced is not None:
@@ -119,8 +122,11 @@ def patch_mlx_lm(kv_scheme=None):
     if kv_scheme is not None:
         from ._ext import QuantizedKVCache
 
-        QuantizedKVCache(scheme=kv_scheme)  # a typed error for an unknown name, before patching
-    replacements = _replacements(_originals(), kv_scheme)
+        # A typed error for an unknown name or a bad window, before patching.
+        QuantizedKVCache(scheme=kv_scheme, **({} if kv_window is None else {"window": kv_window}))
+    elif kv_window is not None:
+        QuantizedKVCache(window=kv_window)  # the affine scheme's error for any window
+    replacements = _replacements(_originals(), kv_scheme, kv_window)
     replaced = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):

@@ -11,6 +11,11 @@ from pathlib import Path
 # What mx.quantize (affine) takes, and kvcore's quantized caches with it.
 KV_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+KV_SCHEMES = ("affine", "rotated-channel")
+# rotated-channel: keys grouped over 32 tokens, values over 64 channels
+# (bench/reference/cpu-2core-kv-quality.md).
+DEFAULT_GROUP_SIZE = {"affine": 64, "rotated-channel": (32, 64)}
+DEFAULT_KV_WINDOW = 128
 DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's
 DEFAULT_DISK_BYTES = 20 * 10**9
 
@@ -90,23 +95,68 @@ def positive(text):
     return v
 
 
+def block_tokens(text):
+    v = non_negative(text)
+    if v > 65536:
+        raise argparse.ArgumentTypeError(f"expected at most 65536 tokens per block but got {v}")
+    return v
+
+
 def add_kv_options(parser):
     """Quantization and the sliding window: both commands."""
     g = parser.add_argument_group("KV cache (kvcore)")
     g.add_argument("--kv-bits", type=kv_bits, default=None, metavar="BITS",
                    help="quantize the KV cache: 4, or KEYS,VALUES such as 8,4 "
                         f"(each one of {', '.join(map(str, KV_BITS))}; default: float)")
-    g.add_argument("--kv-group-size", type=kv_group_size, default=64, metavar="N",
-                   help="quantization group size along the head dimension, or KEYS,VALUES "
-                        "(32, 64 or 128, dividing the head dimension; default: 64)")
+    g.add_argument("--kv-scheme", choices=KV_SCHEMES, default="affine",
+                   help="how --kv-bits quantizes: affine (mlx-lm's layout, the default) or "
+                        "rotated-channel (Hadamard-rotated keys and values, keys per channel "
+                        "over groups of tokens, the newest tokens in float: near float "
+                        "quality at 4 bits)")
+    g.add_argument("--kv-group-size", type=kv_group_size, default=None, metavar="N",
+                   help="quantization group size, or KEYS,VALUES (32, 64 or 128). affine: "
+                        "along the head dimension, which it must divide (default: 64); "
+                        "rotated-channel: keys over N tokens, values along the head "
+                        "dimension (default: 32,64)")
+    g.add_argument("--kv-window", type=non_negative, default=None, metavar="N",
+                   help="rotated-channel: the newest N tokens stay in float "
+                        f"(default: {DEFAULT_KV_WINDOW})")
     g.add_argument("--quantized-kv-start", type=non_negative,
                    default=DEFAULT_QUANTIZED_KV_START, metavar="N",
                    help="quantize once a sequence holds N tokens, as mlx-lm "
                         f"(default: {DEFAULT_QUANTIZED_KV_START}; 0: from the first token)")
     g.add_argument("--max-kv-size", type=positive, default=None, metavar="N",
                    help="a sliding window of N tokens per sequence (RotatingKVCache, "
-                        "quantizable; default: unbounded)")
+                        "quantizable with the affine scheme; default: unbounded)")
     return g
+
+
+def settle_kv(args):
+    """Fill in the defaults that depend on the scheme and refuse settings
+    that do not go together (UsageError)."""
+    if args.kv_group_size is None:
+        args.kv_group_size = DEFAULT_GROUP_SIZE[args.kv_scheme]
+    if args.kv_scheme == "affine":
+        if args.kv_window is not None:
+            raise UsageError("--kv-window is for --kv-scheme rotated-channel "
+                             "(the affine scheme keeps no float window)")
+        return args
+    if args.kv_window is None:
+        args.kv_window = DEFAULT_KV_WINDOW
+    if args.kv_bits is None:
+        raise UsageError("--kv-scheme rotated-channel quantizes: give --kv-bits too")
+    if args.max_kv_size is not None:
+        raise UsageError("--kv-scheme rotated-channel does not take --max-kv-size yet "
+                         "(sliding windows quantize with the affine scheme)")
+    return args
+
+
+def quantize_kwargs(args):
+    """to_quantized's arguments for these settings."""
+    kw = {"group_size": args.kv_group_size, "bits": args.kv_bits}
+    if args.kv_scheme != "affine":
+        kw.update(scheme=args.kv_scheme, window=args.kv_window)
+    return kw
 
 
 def add_prompt_cache_options(group):
@@ -117,6 +167,10 @@ def add_prompt_cache_options(group):
     group.add_argument("--disk-bytes", type=size, default=DEFAULT_DISK_BYTES, metavar="SIZE",
                        help="bytes of files kept in --disk-dir, oldest removed first "
                             "(default: 20G)")
+    group.add_argument("--disk-block-tokens", type=block_tokens, default=256, metavar="N",
+                       help="--disk-dir stores keys and values in blocks of N tokens, each "
+                            "written once and shared by every entry and process that holds "
+                            "it (default: 256; 0: one whole file per entry)")
     group.add_argument("--max-checkpoints", type=non_negative, default=8, metavar="N",
                        help="prefill checkpoints kept for caches that cannot be trimmed "
                             "(default: 8; 0: none)")
@@ -152,18 +206,27 @@ def head_dims_of(config):
     return (text.get("k_head_dim", hd), text.get("v_head_dim", hd))
 
 
-def check_group_size(group_size, head_dims):
-    """Each group size divides its head dimension."""
-    for which, g, d in zip(("keys", "values"), _pair_values(group_size), head_dims):
+def check_head_dims(args, head_dims):
+    """The quantization settings suit the model's (key, value) head dims."""
+    keys, values = _pair_values(args.kv_group_size)
+    if args.kv_scheme == "rotated-channel":
+        for which, d in zip(("keys", "values"), head_dims):
+            if d < 2 or d & (d - 1):
+                raise UsageError(f"--kv-scheme rotated-channel rotates the head dimension, which "
+                                 f"must be a power of two; the model's for {which} is {d}")
+        checks = [("values", values, head_dims[1])]  # keys group over tokens
+    else:
+        checks = [("keys", keys, head_dims[0]), ("values", values, head_dims[1])]
+    for which, g, d in checks:
         if d % g:
             raise UsageError(f"--kv-group-size {g} does not divide the model's head "
                              f"dimension for {which} ({d}); use one of "
                              f"{', '.join(str(x) for x in GROUP_SIZES if d % x == 0) or 'none'}")
 
 
-def check_model_dir(model, group_size, bits):
+def check_model_dir(model, args):
     """Checks a local model directory's config.json allows, before loading."""
-    if bits is None or model is None:
+    if args.kv_bits is None or model is None:
         return
     cfg = Path(model).expanduser() / "config.json"
     if not cfg.is_file():
@@ -173,21 +236,21 @@ def check_model_dir(model, group_size, bits):
     except (OSError, ValueError):
         return
     if dims:
-        check_group_size(group_size, dims)
+        check_head_dims(args, dims)
 
 
-def check_loaded_model(model, group_size, bits):
+def check_loaded_model(model, args):
     """The same check on a loaded model (hub names)."""
-    if bits is None:
+    if args.kv_bits is None:
         return
-    args = getattr(model, "args", None)
-    if args is None:
+    margs = getattr(model, "args", None)
+    if margs is None:
         return
-    cfg = {k: getattr(args, k) for k in ("head_dim", "hidden_size", "num_attention_heads")
-           if isinstance(getattr(args, k, None), int)}
+    cfg = {k: getattr(margs, k) for k in ("head_dim", "hidden_size", "num_attention_heads")
+           if isinstance(getattr(margs, k, None), int)}
     dims = head_dims_of(cfg)
     if dims:
-        check_group_size(group_size, dims)
+        check_head_dims(args, dims)
 
 
 def describe_kv(args):
@@ -201,7 +264,11 @@ def describe_kv(args):
         group = f"group {kg}" if kg == vg else f"groups {kg},{vg}"
         start = ("from the first token" if args.quantized_kv_start == 0
                  else f"from token {args.quantized_kv_start}")
-        kv = f"quantized KV cache: {bits}, {group}, {start}"
+        scheme = getattr(args, "kv_scheme", "affine")
+        if scheme != "affine":
+            group = (f"keys grouped over {kg} tokens, values group {vg}, "
+                     f"newest {args.kv_window} tokens in float")
+        kv = f"quantized KV cache: {scheme}, {bits}, {group}, {start}"
     window = (f"sliding window {args.max_kv_size} tokens" if args.max_kv_size
               else "no sliding window")
     return f"{kv}; {window}"

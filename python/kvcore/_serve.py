@@ -33,6 +33,8 @@ from ._options import (
     check_loaded_model,
     check_model_dir,
     describe_kv,
+    quantize_kwargs,
+    settle_kv,
     fail,
     human_bytes,
     make_caches,
@@ -103,10 +105,10 @@ def _quantizing_batch_generator(base, opts, stats):
     quantized, so they merge into kvcore's quantized batch caches. Also
     applies --max-kv-size, logs prefill progress and records batch sizes."""
     bits, group, start = opts.kv_bits, opts.kv_group_size, opts.quantized_kv_start
+    kwargs = quantize_kwargs(opts) if bits is not None else {}
 
     def quantize(caches):
-        return [c.to_quantized(group_size=group, bits=bits)
-                if hasattr(c, "to_quantized") else c for c in caches]
+        return [c.to_quantized(**kwargs) if hasattr(c, "to_quantized") else c for c in caches]
 
     def is_quantized(caches):
         return any(getattr(c, "bits", None) is not None for c in caches)
@@ -136,8 +138,8 @@ def _quantizing_batch_generator(base, opts, stats):
             for b in (self._prompt_batch, self._generation_batch):
                 b.prompt_cache = quantize(b.prompt_cache)
             self._kvcore_quantized = True
-            logging.info("kvcore: KV caches of this batch quantized (%s bits, group %s)",
-                         bits, group)
+            logging.info("kvcore: KV caches of this batch quantized (%s, %s bits, group %s)",
+                         opts.kv_scheme, bits, group)
 
         def insert_segments(self, segments, *args, **kwargs):
             if opts.max_kv_size is not None and not args:
@@ -216,6 +218,13 @@ def metrics_text(cache, stats):
            [({"tier": "memory"}, cache.nbytes)] + ([({"tier": "disk"}, cache.disk_nbytes)] if disk else []))
     metric("kvcore_prompt_cache_checkpoints", "gauge", "Prefill checkpoints held.",
            [({}, cache.n_checkpoints)])
+    if disk:
+        metric("kvcore_disk_blocks", "gauge",
+               "Blocks of keys and values in the disk tier (each stored once, shared by entries).",
+               [({}, cache.disk_blocks)])
+        metric("kvcore_disk_blocks_read_total", "counter",
+               "Blocks read from the disk tier and served (blocks memory held are not read).",
+               [({}, cache.disk_blocks_read)])
     with stats.lock:
         cached, computed, requests = stats.tokens_cached, stats.tokens_computed, stats.requests
         batch_max, batch_now = dict(stats.batch_max), stats.batch_now
@@ -248,6 +257,16 @@ def _handler_class(base, cache, stats):
             self.wfile.write(body)
 
     return Handler
+
+
+def _batch_takes(kvcore, opts):
+    """Whether kvcore's batch caches quantize with these settings (the
+    affine scheme always; others as kvcore's batch caches learn them)."""
+    try:
+        kvcore.BatchKVCache([0]).to_quantized(**quantize_kwargs(opts))
+    except kvcore.CacheValueError:
+        return False
+    return True
 
 
 def _disk_files(path):
@@ -300,13 +319,15 @@ def main(argv):
     try:
         if opts.disk_dir is not None:
             opts.disk_dir = check_disk_dir(opts.disk_dir)
-        check_model_dir(_model_arg(rest), opts.kv_group_size, opts.kv_bits)
+        settle_kv(opts)
+        check_model_dir(_model_arg(rest), opts)
     except UsageError as e:
         return fail(PROG, e)
 
     import kvcore
 
-    kvcore.patch_mlx_lm()
+    kvcore.patch_mlx_lm(kv_scheme=opts.kv_scheme, kv_window=opts.kv_window)
+    batch_quantizes = opts.kv_bits is None or _batch_takes(kvcore, opts)
     import mlx_lm.server as server
 
     from ._model import resolve
@@ -318,15 +339,16 @@ def main(argv):
         def load_default(self):
             super().load_default()
             try:
-                check_loaded_model(self.model, opts.kv_group_size, opts.kv_bits)
+                check_loaded_model(self.model, opts)
             except UsageError as e:
                 fail(PROG, e)
                 os._exit(2)
 
     class ResponseGenerator(server.ResponseGenerator):
         def _is_batchable(self, args):
-            # kvcore has quantized batch caches: --kv-bits keeps batching.
-            return self.model_provider.is_batchable and args.seed is None
+            # kvcore has quantized batch caches: --kv-bits keeps batching
+            # (for a scheme its batch caches take).
+            return self.model_provider.is_batchable and args.seed is None and batch_quantizes
 
     def run(host, port, model_provider, **_):
         cli = model_provider.cli_args
@@ -334,7 +356,7 @@ def main(argv):
         cli.quantized_kv_start = opts.quantized_kv_start
         try:
             model = resolve(cli.model)
-            check_model_dir(model, opts.kv_group_size, opts.kv_bits)
+            check_model_dir(model, opts)
         except UsageError as e:
             sys.exit(fail(PROG, e))
         cli.model = model
@@ -343,11 +365,14 @@ def main(argv):
             cli.prompt_cache_size,
             cli.prompt_cache_bytes if cli.prompt_cache_bytes is not None else 1 << 63,
             disk_dir=opts.disk_dir, disk_bytes=opts.disk_bytes,
+            disk_block_tokens=opts.disk_block_tokens,
             max_checkpoints=opts.max_checkpoints, checkpoint_every=opts.checkpoint_every)
         state["cache"] = cache
-        disk = (f"disk tier {opts.disk_dir} ({human_bytes(opts.disk_bytes)})"
-                if opts.disk_dir else "no disk tier")
-        print(f"{PROG}: {model} at http://{host}:{port}; {describe_kv(opts)}; prompt cache "
+        disk = (f"disk tier {opts.disk_dir} ({human_bytes(opts.disk_bytes)}, blocks of "
+                f"{opts.disk_block_tokens} tokens)" if opts.disk_dir else "no disk tier")
+        batching = ("" if batch_quantizes else
+                    " (one request at a time: kvcore's batch caches do not take this scheme yet)")
+        print(f"{PROG}: {model} at http://{host}:{port}; {describe_kv(opts)}{batching}; prompt cache "
               f"{cli.prompt_cache_size} entries, {human_bytes(cli.prompt_cache_bytes)}, {disk}, "
               f"{opts.max_checkpoints} checkpoints every >= {opts.checkpoint_every} tokens; "
               f"GET /metrics", file=sys.stderr, flush=True)
