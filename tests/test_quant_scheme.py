@@ -409,3 +409,37 @@ def test_inspect_names_the_scheme_and_window(tmp_path):
     layers = describe(path)["layers"]
     assert layers[0]["scheme"] == SCHEME and layers[0]["window"] == 16
     assert "scheme" not in layers[1]
+
+
+@pytest.fixture
+def matmul_mode():
+    yield kvcore.set_quantized_matmul
+    kvcore.set_quantized_matmul("auto")
+
+
+@pytest.mark.parametrize("scheme, group, bits", [("affine", 32, (4, 8)),
+                                                 ("rotated-channel", (32, 64), (4, 2))])
+def test_dequantizing_attention_equals_the_kernel_path(matmul_mode, scheme, group, bits):
+    # The path kvcore takes on CUDA, where mlx's quantized_matmul lacks shapes.
+    assert kvcore.quantized_matmul_mode() == "auto"
+    assert kvcore.dequantizes_in_attention() is False  # the CPU's kernel is trusted
+    extra = {} if scheme == "affine" else {"scheme": scheme, "window": 16}
+    c = kvcore.QuantizedKVCache(group_size=group, bits=bits, **extra)
+    mx.random.seed(3)
+    keys, values = c.update_and_fetch(mx.random.normal((1, 2, 90, 64)), mx.random.normal((1, 2, 90, 64)))
+    q = mx.random.normal((1, 6, 5, 64))
+    kw = dict(scale=0.125, mask="causal", group_size=group, bits=bits, scheme=scheme)
+    matmul_mode("kernel")
+    kernel = kvcore.quantized_scaled_dot_product_attention(q, keys, values, **kw)
+    matmul_mode("dequantize")
+    assert kvcore.quantized_matmul_mode() == "dequantize" and kvcore.dequantizes_in_attention()
+    dequantized = kvcore.quantized_scaled_dot_product_attention(q, keys, values, **kw)
+    assert dequantized.shape == kernel.shape == (1, 6, 5, 64)
+    assert mx.allclose(dequantized, kernel, atol=1e-5, rtol=1e-5).item()
+
+
+def test_an_unknown_matmul_mode_is_refused(matmul_mode):
+    with pytest.raises(kvcore.CacheValueError) as e:
+        matmul_mode("cuda")
+    assert str(e.value) == "[set_quantized_matmul] expected 'auto', 'kernel' or 'dequantize' but got 'cuda'"
+    assert kvcore.quantized_matmul_mode() == "auto"

@@ -131,8 +131,54 @@ void bind_quantized_rotating(nb::module_& m) {
 
         Returns:
             array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
-            group size, equal to mlx-lm's bit for bit.
+            group size, equal to mlx-lm's bit for bit (on CUDA, see
+            ``set_quantized_matmul``).
       )pbdoc");
+
+  m.def(
+      "set_quantized_matmul",
+      [](const std::string& mode) {
+        if (mode == "auto") {
+          set_quantized_matmul(QuantizedMatmul::automatic);
+        } else if (mode == "kernel") {
+          set_quantized_matmul(QuantizedMatmul::kernel);
+        } else if (mode == "dequantize") {
+          set_quantized_matmul(QuantizedMatmul::dequantize);
+        } else {
+          throw ValueError("set_quantized_matmul", "'auto', 'kernel' or 'dequantize'", "'" + mode + "'");
+        }
+      },
+      "mode"_a, nb::sig("def set_quantized_matmul(mode: str) -> None"),
+      R"pbdoc(
+        How kvcore's quantized attention multiplies by quantized keys and values.
+
+        Args:
+            mode (str): ``"kernel"``: ``mx.quantized_matmul``;
+              ``"dequantize"``: a matmul over the dequantized keys and
+              values (one layer at a time, in the queries' dtype);
+              ``"auto"`` (at start): the kernel, except on a CUDA GPU,
+              where mlx 0.32.4's ``quantized_matmul`` lacks most of the
+              shapes attention needs and is wrong for some it has.
+      )pbdoc");
+  m.def(
+      "quantized_matmul_mode",
+      [] {
+        switch (quantized_matmul_mode()) {
+          case QuantizedMatmul::kernel:
+            return "kernel";
+          case QuantizedMatmul::dequantize:
+            return "dequantize";
+          case QuantizedMatmul::automatic:
+            break;
+        }
+        return "auto";
+      },
+      nb::sig("def quantized_matmul_mode() -> str"),
+      "The mode ``set_quantized_matmul`` set (``\"auto\"`` at start).");
+  m.def("dequantizes_in_attention", &dequantizes_in_attention,
+        nb::sig("def dequantizes_in_attention() -> bool"),
+        "Whether kvcore's quantized attention dequantizes now: the mode and, for ``\"auto\"``, the "
+        "default device.");
 
   using C = QuantizedRotatingKVCache;
   auto q = nb::class_<C>(

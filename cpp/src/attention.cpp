@@ -1,5 +1,8 @@
 #include "kvcore/attention.h"
 
+#include <atomic>
+
+#include <mlx/backend/cuda/cuda.h>
 #include <mlx/ops.h>
 #include <mlx/utils.h>
 
@@ -36,7 +39,44 @@ mx::array masked(mx::array scores, const Mask& mask, int repeats) {
   return scores;
 }
 
+std::atomic<QuantizedMatmul> matmul_mode{QuantizedMatmul::automatic};
+
+// mx::quantized_matmul, or on a backend whose kernel cannot be trusted a
+// matmul over the dequantized weights: mlx 0.32.4's CUDA quantized_matmul
+// lacks most of the shapes attention needs and gives wrong scores for some
+// it has (head dim 64, group 32, several query rows). The dequantized
+// weights are one layer's keys or values in the query dtype, freed after
+// the step.
+mx::array qmatmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                  const mx::array& biases, bool transpose, QuantSpec spec) {
+  if (!dequantizes_in_attention()) {
+    return mx::quantized_matmul(x, w, scales, biases, transpose, spec.group_size, spec.bits);
+  }
+  auto full = mx::astype(mx::dequantize(w, scales, biases, spec.group_size, spec.bits), x.dtype());
+  return mx::matmul(x, transpose ? mx::swapaxes(full, -1, -2) : full);
+}
+
 } // namespace
+
+void set_quantized_matmul(QuantizedMatmul mode) {
+  matmul_mode.store(mode);
+}
+
+QuantizedMatmul quantized_matmul_mode() {
+  return matmul_mode.load();
+}
+
+bool dequantizes_in_attention() {
+  switch (matmul_mode.load()) {
+    case QuantizedMatmul::kernel:
+      return false;
+    case QuantizedMatmul::dequantize:
+      return true;
+    case QuantizedMatmul::automatic:
+      break;
+  }
+  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
+}
 
 mx::array quantized_attention(
     const mx::array& queries,
@@ -73,12 +113,10 @@ mx::array quantized_attention(
   if (repeats > 1) {
     q = mx::reshape(q, {B, n_kv, repeats, L, D});
   }
-  auto scores = mx::quantized_matmul(q, std::get<0>(k), std::get<1>(k), std::get<2>(k), true,
-                                     key_spec.group_size, key_spec.bits);
+  auto scores = qmatmul(q, std::get<0>(k), std::get<1>(k), std::get<2>(k), true, key_spec);
   scores = masked(scores, mask, repeats);
   scores = mx::softmax(scores, -1, true);
-  auto out = mx::quantized_matmul(scores, std::get<0>(v), std::get<1>(v), std::get<2>(v), false,
-                                  value_spec.group_size, value_spec.bits);
+  auto out = qmatmul(scores, std::get<0>(v), std::get<1>(v), std::get<2>(v), false, value_spec);
   if (repeats > 1) {
     out = mx::reshape(out, {B, n_q, L, out.shape(-1)});
   }
@@ -144,8 +182,7 @@ mx::array channel_attention(
   }
   std::vector<mx::array> parts;
   if (quantized > 0) {
-    parts.push_back(mx::quantized_matmul(q, expand(kw), expand(ks), expand(kb), false,
-                                         key_spec.group_size, key_spec.bits));
+    parts.push_back(qmatmul(q, expand(kw), expand(ks), expand(kb), false, key_spec));
   }
   if (R > 0) {
     parts.push_back(mx::matmul(q, mx::swapaxes(expand(*key_residual), -1, -2)));
@@ -157,8 +194,7 @@ mx::array channel_attention(
     auto p = R > 0 ? mx::slice(scores, mx::Shape(scores.ndim(), 0),
                                [&] { auto e = scores.shape(); e.back() = quantized; return e; }())
                    : scores;
-    out = mx::quantized_matmul(p, expand(vw), expand(vs), expand(vb), false,
-                               value_spec.group_size, value_spec.bits);
+    out = qmatmul(p, expand(vw), expand(vs), expand(vb), false, value_spec);
   }
   if (R > 0) {
     mx::Shape lo(scores.ndim(), 0);

@@ -32,8 +32,11 @@ from ._ext import (  # noqa: E402
     RotatingKVCache,
     create_attention_mask,
     create_causal_mask,
+    dequantizes_in_attention,
     dynamic_roll,
+    quantized_matmul_mode,
     quantized_scaled_dot_product_attention,
+    set_quantized_matmul,
 )
 from ._cache_list import CacheList  # noqa: E402
 from ._prefix import PromptTrieResult  # noqa: E402
@@ -74,13 +77,16 @@ __all__ = [
     "can_trim_prompt_cache",
     "create_attention_mask",
     "create_causal_mask",
+    "dequantizes_in_attention",
     "dynamic_roll",
     "load_prompt_cache",
     "make_prompt_cache",
     "patch_mlx_lm",
+    "quantized_matmul_mode",
     "quantized_scaled_dot_product_attention",
     "save_prompt_cache",
     "scaled_dot_product_attention",
+    "set_quantized_matmul",
     "trim_prompt_cache",
     "unpatch_mlx_lm",
 ]

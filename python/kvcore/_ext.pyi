@@ -686,7 +686,29 @@ def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tupl
 
     Returns:
         array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
-        group size, equal to mlx-lm's bit for bit.
+        group size, equal to mlx-lm's bit for bit (on CUDA, see
+        ``set_quantized_matmul``).
+    """
+
+def set_quantized_matmul(mode: str) -> None:
+    """
+    How kvcore's quantized attention multiplies by quantized keys and values.
+
+    Args:
+        mode (str): ``"kernel"``: ``mx.quantized_matmul``;
+          ``"dequantize"``: a matmul over the dequantized keys and
+          values (one layer at a time, in the queries' dtype);
+          ``"auto"`` (at start): the kernel, except on a CUDA GPU,
+          where mlx 0.32.4's ``quantized_matmul`` lacks most of the
+          shapes attention needs and is wrong for some it has.
+    """
+
+def quantized_matmul_mode() -> str:
+    """The mode ``set_quantized_matmul`` set (``"auto"`` at start)."""
+
+def dequantizes_in_attention() -> bool:
+    """
+    Whether kvcore's quantized attention dequantizes now: the mode and, for ``"auto"``, the default device.
     """
 
 class QuantizedRotatingKVCache:

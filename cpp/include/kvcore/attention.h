@@ -5,6 +5,25 @@
 
 namespace kvcore {
 
+/// How quantized attention multiplies by the quantized keys and values.
+enum class QuantizedMatmul {
+  /// The kernel, except on CUDA, where mlx 0.32.4's quantized_matmul lacks
+  /// shapes or is wrong: there, dequantize.
+  automatic,
+  /// Always mx::quantized_matmul.
+  kernel,
+  /// Always a matmul over the dequantized keys and values.
+  dequantize,
+};
+
+/// Sets the mode for every later call (process-wide; automatic at start).
+void set_quantized_matmul(QuantizedMatmul mode);
+/// The mode set.
+QuantizedMatmul quantized_matmul_mode();
+/// Whether quantized attention dequantizes now (the mode, and for automatic
+/// the default device).
+bool dequantizes_in_attention();
+
 /// mlx-lm's quantized_scaled_dot_product_attention, with the keys and the
 /// values each quantized as their spec says: softmax(scale * q k^T + mask) v
 /// computed by mx::quantized_matmul on the triples, grouped-query heads
