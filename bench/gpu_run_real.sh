@@ -8,5 +8,6 @@
 set -euo pipefail
 # shellcheck disable=SC1091
 source scripts/gpu_build.sh
-python3 bench/bench_quality.py --out bench/results/gpu-quality.md
+python3 bench/bench_kv_quality.py --mlx --tokens 4096 --greedy 256 --json bench/results/gpu-quality.jsonl \
+  --schemes float,kvcore:affine:8:64,kvcore:affine:8/4:64,affine4,affine3
 python3 bench/bench_serve_real.py --out bench/results/gpu-serve-real.md
