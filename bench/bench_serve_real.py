@@ -96,7 +96,11 @@ class Server:
 def client_turns(server, system, question, turns, max_tokens, out):
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     for t in range(turns):
-        ttft, text, usage = server.chat(messages, max_tokens=max_tokens)
+        try:
+            ttft, text, usage = server.chat(messages, max_tokens=max_tokens)
+        except Exception as e:  # reported with the server's log by run_phase
+            out.append({"turn": t, "error": f"{type(e).__name__}: {e}"})
+            return
         out.append({"turn": t, "ttft": ttft, "completion_tokens": usage["completion_tokens"],
                     "prompt_tokens": usage["prompt_tokens"],
                     "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)})
@@ -127,10 +131,20 @@ def run_phase(name, argv, args, system, log, stats=None):
         entries, nbytes = server.cache_stats()
     finally:
         server.stop()
+    errors = [r["error"] for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
+    if errors:
+        log.flush()
+        with open(log.name) as f:
+            tail = f.read()[-3000:]
+        print(f"{name}: {len(errors)} client(s) failed, e.g. {errors[0]}\nserver log tail:\n{tail}",
+              flush=True)
+    if not records:
+        raise RuntimeError(f"{name}: no request succeeded")
     ttfts = [r["ttft"] for r in records]
     later = [r["ttft"] for r in records if r["turn"] > 0]
     row = {
-        "phase": name, "requests": len(records),
+        "phase": name, "requests": len(records), "failed_clients": len(errors),
         "ttft_median": statistics.median(ttfts), "ttft_p90": percentile(ttfts, 0.9),
         "later_turns_ttft_median": statistics.median(later) if later else None,
         "tokens_per_s": sum(r["completion_tokens"] for r in records) / wall,
