@@ -385,9 +385,11 @@ ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> side
   int T = 0;
   for (auto& s : sides) {
     const int d = max_idx - s.idx_, B = s.rows();
-    if (!s.keys_ || d % G != 0) {
-      // Off the grid (or nothing yet): the tokens, dequantized, go to the
-      // float residual behind d pad positions and are quantized below.
+    if (!s.keys_ || d % G != 0 || s.quantized_tokens() == 0) {
+      // Off the grid, or nothing quantized yet (whole groups of padding in
+      // front would then count as quantized positions inside the window):
+      // the tokens, dequantized, go to the float residual behind d pad
+      // positions and are quantized below.
       mx::array k = mx::zeros({B, H, 0, D}, dtype), v = mx::zeros({B, H, 0, Dv}, dtype);
       if (s.keys_) {
         std::tie(k, v) = s.dequantized();
