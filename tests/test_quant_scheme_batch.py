@@ -221,11 +221,19 @@ def test_attention_over_the_batch_matches_each_row(L, window):
     # rounding differs (float32, as tests/test_quant_scheme.py).
     assert mx.abs(got - over).max().item() < 2e-5
     # Against each sequence's own cache: the same stored data for the rows
-    # padded by whole groups (float rounding only); the row off the grid was
-    # quantized again at merge and agrees within quantization error.
+    # padded by whole groups (float rounding only).
     for i in (0, 2):
         assert mx.abs(got[i:i + 1] - own[i]).max().item() < 2e-5, i
-    assert mx.abs(got[1:2] - own[1]).max().item() < 0.1
+    # The row off the grid was quantized again at merge: against float
+    # attention over its original tokens it errs as a 4-bit cache does (its
+    # own cache errs by up to ~0.11 here; the batch row by up to ~0.1).
+    k0, v0 = kv(S=45, seed=10)
+    k, v = kv(B=3, S=L, seed=L + window)
+    q = mx.random.normal((3, 4, L, D), key=mx.random.key(L + window + 7))
+    ref = mx.fast.scaled_dot_product_attention(
+        q[1:2], mx.concatenate([k0, k[1:2]], axis=2), mx.concatenate([v0, v[1:2]], axis=2),
+        scale=0.125, mask="causal" if L > 1 else None)
+    assert mx.abs(got[1:2] - ref).max().item() < 0.15
 
 
 def test_mlx_lms_entry_point_routes_the_batch_to_channel_attention():
