@@ -563,3 +563,49 @@ def test_batch_generator_with_prompts_off_the_grid():
         assert [t[0] for t in got] == [t[0] for t in want]
     finally:
         unpatch_mlx_lm()
+
+
+def test_batch_generator_extends_a_running_batch():
+    # A second request arrives while the first decodes: BatchGenerator
+    # extends the running batch (_idx 65, 32 positions quantized) with the
+    # new one (_idx 21, all in float). The running row keeps its groups; the
+    # newcomer, 44 positions behind (not whole groups), joins through the
+    # float residual, so nothing of it is quantized twice. Both finish; the
+    # tokens before the extend and the newcomer's first are their own.
+    from mlx_lm.generate import BatchGenerator
+
+    from kvcore._demo import tiny_qwen2
+
+    patch_mlx_lm()
+    try:
+        model = tiny_qwen2(2)
+        prompts = [[(3 * i) % 500 + 1 for i in range(60)], [(11 * i) % 500 + 1 for i in range(21)]]
+        n = 10
+
+        def cache():
+            return [c.to_quantized(group_size=G, bits=4, scheme=SCHEME, window=16)
+                    for c in kvcore.make_prompt_cache(model)]
+
+        gen = BatchGenerator(model, max_tokens=n, completion_batch_size=4, prefill_batch_size=4)
+        try:
+            out = {}
+            (first,) = gen.insert([prompts[0]], caches=[cache()])
+            out[first] = []
+            for _ in range(3):
+                for r in gen.next_generated():
+                    out[r.uid].append(r.token)
+            (second,) = gen.insert([prompts[1]], caches=[cache()])
+            out[second] = []
+            for _ in range(8 * n):
+                for r in gen.next_generated():
+                    out[r.uid].append(r.token)
+                if all(len(t) == n for t in out.values()):
+                    break
+        finally:
+            gen.close()
+        assert [len(t) for t in out.values()] == [n, n]
+        want = _own_tokens(model, prompts, cache, n)
+        assert out[first][:3] == want[0][:3]
+        assert out[second][0] == want[1][0]
+    finally:
+        unpatch_mlx_lm()
