@@ -9,19 +9,23 @@ namespace kvcore {
 
 /// Rows right-aligned at the write position as in BatchKVCache, keys and
 /// values rotated. The key groups run along buffer positions shared by all
-/// rows: group j holds positions [j G, (j + 1) G) of every row, so one
-/// transposed triple (B, H, D, packed) serves the whole batch and a mask over
-/// positions masks it. Positions [0, T) are quantized (T a multiple of G, the
-/// whole groups older than the window), [T, _idx) are the float residuals.
-/// A row's padding never widens a group's range: pad positions are filled
-/// with the group's smallest real value before quantizing.
+/// rows: group j holds positions [j G, (j + 1) G) of every row. Why: a
+/// decode step writes one position for every row and the mask is over
+/// positions, so column c of the scores must be position c in every row;
+/// groups aligned per row (at each row's first token) would need a ragged
+/// layout. One transposed triple (B, H, D, packed) then serves the batch.
+/// Positions [0, T) are quantized (T a multiple of G, the whole groups older
+/// than the window), [T, _idx) are the float residuals. A row's padding
+/// never widens a group's range: pad positions are filled with the group's
+/// smallest real value before quantizing.
 ///
 /// A row whose tokens move by a whole number of groups (a merge or extend
 /// whose left padding is a multiple of G, filter dropping whole groups)
-/// keeps its quantized groups as they were; a row moved otherwise (its
-/// groups no longer fall on the grid) is quantized again from its
-/// dequantized tokens. While right padding is pending (prepare), nothing is
-/// quantized, so that finalize moves float tokens only.
+/// keeps its quantized groups as they were, which are its own cache's; a
+/// row moved otherwise (its groups no longer fall on the grid) is quantized
+/// again from its dequantized tokens. While right padding is pending
+/// (prepare) nothing is quantized, so finalize rolls the new tokens in
+/// float; the quantized history of a row it moves is quantized again.
 class ChannelBatch {
  public:
   ChannelBatch(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values, int window);
