@@ -10,12 +10,32 @@ namespace {
 constexpr const char* kTripleSig =
     "tuple[mlx.core.array, mlx.core.array, mlx.core.array]";
 
+using Fetched = std::pair<QuantizedArrays, QuantizedArrays>;
+
+nb::object fetched(const QuantizedBatchRotatingKVCache&, const Fetched& kv) {
+  return nb::make_tuple(to_py(OptionalQuantized(kv.first)), to_py(OptionalQuantized(kv.second)));
+}
+
+// (keys, values) as update_and_fetch returns them: triples, or under the
+// rotated-channel scheme (weights, scales, biases, residual) each, as
+// QuantizedKVCache's.
+nb::object fetched(const QuantizedBatchKVCache& c, const Fetched& kv) {
+  if (c.scheme() == QuantScheme::affine) {
+    return nb::make_tuple(to_py(OptionalQuantized(kv.first)), to_py(OptionalQuantized(kv.second)));
+  }
+  const auto& [k, v] = kv;
+  return nb::make_tuple(
+      nb::make_tuple(std::get<0>(k), std::get<1>(k), std::get<2>(k), to_py(c.residual())),
+      nb::make_tuple(std::get<0>(v), std::get<1>(v), std::get<2>(v), to_py(c.value_residual())));
+}
+
 // What both quantized batch caches show Python.
 template <class T>
 void def_quantized_batch_api(nb::class_<T>& cls) {
-  cls.def("update_and_fetch", &update_param<T>, "keys"_a, "values"_a,
-          nb::sig(("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> "
-                   "tuple[" + std::string(kTripleSig) + ", " + kTripleSig + "]").c_str()),
+  cls.def("update_and_fetch",
+          [](T& c, nb::handle keys, nb::handle values) { return fetched(c, update_param(c, keys, values)); },
+          "keys"_a, "values"_a,
+          nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]"),
           R"pbdoc(
             Quantize new keys and values and add them to the batch.
 
@@ -26,8 +46,11 @@ void def_quantized_batch_api(nb::class_<T>& cls) {
             Returns:
                 tuple: The cached ``(weights, scales, biases)`` of the keys and
                 of the values, as the float batch cache returns its arrays.
+                ``"rotated-channel"``: ``(weights, scales, biases, residual)``
+                for each, as QuantizedKVCache returns them.
           )pbdoc")
-      .def("keys_and_values", &T::keys_and_values, "The cached key and value triples.")
+      .def("keys_and_values", [](const T& c) { return fetched(c, c.keys_and_values()); },
+           "The cached keys and values as ``update_and_fetch`` returns them.")
       .def_prop_ro("keys", [](const T& c) { return to_py(c.keys()); },
                    "The keys' ``(weights, scales, biases)``, or None.")
       .def_prop_ro("values", [](const T& c) { return to_py(c.values()); },
@@ -78,20 +101,37 @@ void bind_quantized_batch(nb::module_& m) {
       m, "QuantizedBatchKVCache", nb::dynamic_attr(),
       "BatchKVCache holding keys and values quantized by ``mx.quantize``.");
   qb.def("__init__",
-         [](QB* self, nb::handle left_padding, nb::handle group_size, nb::handle bits) {
+         [](QB* self, nb::handle left_padding, nb::handle group_size, nb::handle bits,
+            nb::handle scheme, nb::handle window) {
            constexpr const char* ctx = "QuantizedBatchKVCache";
            auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-           new (self) PyCache<QB>(int_list_required(ctx, "left_padding", left_padding), ks, vs);
+           auto sc = scheme_arg(ctx, scheme);
+           new (self) PyCache<QB>(int_list_required(ctx, "left_padding", left_padding), ks, vs, sc,
+                                  window_arg(ctx, sc, window));
          },
-         "left_padding"_a, "group_size"_a = 64, "bits"_a = 8,
-         nb::sig("def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None"),
+         "left_padding"_a, "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "scheme"_a = "affine",
+         "window"_a.none() = nb::none(),
+         nb::sig("def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None) -> None"),
          R"pbdoc(
            Args:
                left_padding (list[int]): Pad tokens before each row's prompt.
                group_size (int | tuple): 32, 64 or 128, or ``(keys, values)``.
                bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
+               scheme (str): ``"affine"`` or ``"rotated-channel"`` (as
+                 QuantizedKVCache's; key groups run along buffer positions
+                 shared by all rows).
+               window (int, optional): ``"rotated-channel"``: tokens kept in
+                 float (default 128).
          )pbdoc");
   def_quantized_batch_api(qb);
+  qb.def_prop_ro("scheme", [](const QB& c) { return scheme_name(c.scheme()); },
+                 "``\"affine\"`` or ``\"rotated-channel\"``.")
+      .def_prop_ro("window", &QB::window,
+                   "``\"rotated-channel\"``: the newest positions kept in float (0 for affine).")
+      .def_prop_ro("residual", [](const QB& c) { return to_py(c.residual()); },
+                   "``\"rotated-channel\"``: the float keys of the newest positions, rotated, or None.")
+      .def_prop_ro("value_residual", [](const QB& c) { return to_py(c.value_residual()); },
+                   "``\"rotated-channel\"``: their values, rotated, in float, or None.");
   qb.def("prepare",
          [](QB& c, nb::handle left_padding, nb::handle lengths, nb::handle right_padding) {
            constexpr const char* ctx = "QuantizedBatchKVCache.prepare";
@@ -119,24 +159,42 @@ void bind_quantized_batch(nb::module_& m) {
       .def_prop_rw(
           "state",
           [](const QB& c) {
-            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.left_padding(),
-                                  c.idx(),
-                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
-                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            nb::tuple out = nb::make_tuple(
+                to_py(c.keys()), to_py(c.values()), c.offset(), c.left_padding(), c.idx(),
+                spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            if (c.scheme() == QuantScheme::affine) {
+              return out;
+            }
+            return nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(),
+                                                  to_py(c.residual()), to_py(c.value_residual())));
           },
           [](QB& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedBatchKVCache.state";
-            StateReader r(ctx, v, 7);
+            const bool scheme = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) && nb::len(v) == 11;
+            StateReader r(ctx, v, scheme ? 11 : 7);
             nb::tuple t(v);
             auto [ks, vs] = quant_specs_arg(ctx, t[5], t[6]);
-            c.set(quantized_from_py(ctx, "keys", t[0]), quantized_from_py(ctx, "values", t[1]),
-                  array_arg(ctx, "offset", t[2]), array_arg(ctx, "left_padding", t[3]),
-                  r.integer(4, "_idx"), ks, vs);
+            auto keys = quantized_from_py(ctx, "keys", t[0]);
+            auto values = quantized_from_py(ctx, "values", t[1]);
+            auto offset = array_arg(ctx, "offset", t[2]);
+            auto left_padding = array_arg(ctx, "left_padding", t[3]);
+            if (!scheme) {
+              c.set(std::move(keys), std::move(values), offset, left_padding, r.integer(4, "_idx"), ks, vs);
+              return;
+            }
+            if (scheme_arg(ctx, t[7]) != QuantScheme::rotated_channel) {
+              throw ValueError(ctx, "scheme 'rotated-channel' in an 11-item state",
+                               nb::cast<std::string>(nb::repr(t[7])));
+            }
+            c.set(std::move(keys), std::move(values), offset, left_padding, r.integer(4, "_idx"),
+                  r.array(9, "residual"), r.array(10, "value residual"), ks, vs, r.integer(8, "window"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values "
-          "are triples.");
+          "are triples. A ``\"rotated-channel\"`` cache adds ``(scheme, window, residual keys, "
+          "residual values)``.");
   def_from_state<QB>(qb, "Build a cache from ``state`` without calling __init__.",
                      std::vector<int>{}, QuantSpec{64, 8}, QuantSpec{64, 8});
   auto merge_qb = [](nb::handle type, nb::handle caches) {
@@ -240,15 +298,18 @@ void bind_quantized_batch(nb::module_& m) {
   nb::object b_cls = m.attr("BatchKVCache"), r_cls = m.attr("BatchRotatingKVCache");
   nb::object q_cls = m.attr("QuantizedKVCache"), qrot_cls = m.attr("QuantizedRotatingKVCache");
   nb::setattr(b_cls, "to_quantized", nb::cpp_function(
-      [qb](const BatchKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme) {
-        auto [ks, vs] = quant_specs_arg("BatchKVCache.to_quantized", group_size, bits);
-        require_affine("BatchKVCache.to_quantized", scheme);
-        return make_instance<QB>(qb, to_quantized(c, ks, vs));
+      [qb](const BatchKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme,
+           nb::handle window) {
+        constexpr const char* ctx = "BatchKVCache.to_quantized";
+        auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+        auto sc = scheme_arg(ctx, scheme);
+        return make_instance<QB>(qb, to_quantized(c, ks, vs, sc, window_arg(ctx, sc, window)));
       },
       nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
-      "scheme"_a = "affine",
-      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchKVCache"),
-      "The same rows and padding with keys and values quantized."));
+      "scheme"_a = "affine", "window"_a.none() = nb::none(),
+      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedBatchKVCache"),
+      "The same rows and padding with keys and values quantized (``scheme`` and ``window`` "
+      "as QuantizedKVCache's)."));
   nb::setattr(r_cls, "to_quantized", nb::cpp_function(
       [qr](const BatchRotatingKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme) {
         auto [ks, vs] = quant_specs_arg("BatchRotatingKVCache.to_quantized", group_size, bits);

@@ -142,14 +142,112 @@ QuantizedBatchKVCache::QuantizedBatchKVCache(
   check_specs("QuantizedBatchKVCache", keys, values);
 }
 
+QuantizedBatchKVCache::QuantizedBatchKVCache(
+    const std::vector<int>& left_padding,
+    QuantSpec keys,
+    QuantSpec values,
+    QuantScheme scheme,
+    int window)
+    : QuantizedBatchKVCache(left_padding, keys, values) {
+  check_window("QuantizedBatchKVCache", scheme, window);
+  if (scheme != QuantScheme::affine) {
+    channel_.emplace(left_padding, keys, values, window);
+  }
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchKVCache::update_and_fetch(
+    const mx::array& keys,
+    const mx::array& values) {
+  if (channel_) {
+    return channel_->update_and_fetch(keys, values);
+  }
+  return QuantizedBatchCache::update_and_fetch(keys, values);
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchKVCache::keys_and_values() const {
+  return channel_ ? channel_->keys_and_values() : QuantizedBatchCache::keys_and_values();
+}
+
+void QuantizedBatchKVCache::finalize() {
+  channel_ ? channel_->finalize() : QuantizedBatchCache::finalize();
+}
+
+void QuantizedBatchKVCache::filter(const std::vector<int>& indices) {
+  channel_ ? channel_->filter(indices) : QuantizedBatchCache::filter(indices);
+}
+
+int QuantizedBatchKVCache::trim(int n) {
+  return channel_ ? channel_->trim(n) : QuantizedBatchCache::trim(n);
+}
+
+Mask QuantizedBatchKVCache::make_mask(int N, bool return_array, std::optional<int> window_size) const {
+  return channel_ ? channel_->make_mask(N, window_size)
+                  : QuantizedBatchCache::make_mask(N, return_array, window_size);
+}
+
+std::vector<OptionalArray> QuantizedBatchKVCache::state() const {
+  return channel_ ? channel_->state() : QuantizedBatchCache::state();
+}
+
+bool QuantizedBatchKVCache::empty() const {
+  return channel_ ? channel_->empty() : QuantizedBatchCache::empty();
+}
+
+size_t QuantizedBatchKVCache::nbytes() const {
+  return channel_ ? channel_->nbytes() : QuantizedBatchCache::nbytes();
+}
+
+OptionalQuantized QuantizedBatchKVCache::keys() const {
+  return channel_ ? channel_->keys() : QuantizedBatchCache::keys();
+}
+
+OptionalQuantized QuantizedBatchKVCache::values() const {
+  return channel_ ? channel_->values() : QuantizedBatchCache::values();
+}
+
+const mx::array& QuantizedBatchKVCache::offset() const {
+  return channel_ ? channel_->offset() : QuantizedBatchCache::offset();
+}
+
+const mx::array& QuantizedBatchKVCache::left_padding() const {
+  return channel_ ? channel_->left_padding() : QuantizedBatchCache::left_padding();
+}
+
+int QuantizedBatchKVCache::idx() const {
+  return channel_ ? channel_->idx() : QuantizedBatchCache::idx();
+}
+
+const OptionalArray& QuantizedBatchKVCache::residual() const {
+  static const OptionalArray none;
+  return channel_ ? channel_->residual() : none;
+}
+
+const OptionalArray& QuantizedBatchKVCache::value_residual() const {
+  static const OptionalArray none;
+  return channel_ ? channel_->value_residual() : none;
+}
+
 void QuantizedBatchKVCache::prepare(
     const std::optional<std::vector<int>>& left_padding,
     const std::optional<std::vector<int>>& right_padding) {
+  if (channel_) {
+    channel_->prepare(left_padding, right_padding);
+    return;
+  }
   staged([&](BatchKVCache& p, int) { p.prepare(left_padding, right_padding); });
 }
 
 void QuantizedBatchKVCache::extend(const QuantizedBatchKVCache& other) {
-  check_same_specs("QuantizedBatchKVCache.extend", other);
+  constexpr const char* ctx = "QuantizedBatchKVCache.extend";
+  if (scheme() != other.scheme()) {
+    throw ValueError(ctx, std::string("a cache of the scheme '") + scheme_name(scheme()) + "'",
+                     std::string("'") + scheme_name(other.scheme()) + "'");
+  }
+  if (channel_) {
+    channel_->extend(*other.channel_);
+    return;
+  }
+  check_same_specs(ctx, other);
   staged([&](BatchKVCache& p, int i) {
     BatchKVCache o = other.parts_[i];
     p.extend(o);
@@ -157,6 +255,9 @@ void QuantizedBatchKVCache::extend(const QuantizedBatchKVCache& other) {
 }
 
 QuantizedKVCache QuantizedBatchKVCache::extract(int idx) const {
+  if (channel_) {
+    return channel_->extract(idx);
+  }
   KVCache rows[3] = {parts_[0].extract(idx), parts_[1].extract(idx), parts_[2].extract(idx)};
   QuantizedKVCache out(key_spec_, value_spec_);
   out.set(QuantizedArrays{*rows[0].keys(), *rows[1].keys(), *rows[2].keys()},
@@ -170,11 +271,16 @@ QuantizedBatchKVCache QuantizedBatchKVCache::merge(
   constexpr const char* ctx = "QuantizedBatchKVCache.merge";
   check_non_null_list(ctx, caches);
   const QuantSpec ks = caches[0]->key_spec(), vs = caches[0]->value_spec();
+  if (caches[0]->scheme() != QuantScheme::affine) {
+    QuantizedBatchKVCache out(std::vector<int>{}, ks, vs, caches[0]->scheme(), caches[0]->window());
+    out.channel_ = ChannelBatch::merge(caches);
+    return out;
+  }
   // Each cache's part i as a KVCache over the same offset.
   std::vector<KVCache> views[3];
   for (const auto* c : caches) {
     if (c->scheme() != QuantScheme::affine) {
-      throw ValueError(ctx, "caches of the affine scheme (the only one batches take for now)",
+      throw ValueError(ctx, "caches of one scheme, 'affine'",
                        std::string("'") + scheme_name(c->scheme()) + "'");
     }
     if (!same(c->key_spec(), ks) || !same(c->value_spec(), vs)) {
@@ -199,13 +305,26 @@ QuantizedBatchKVCache QuantizedBatchKVCache::merge(
 }
 
 std::vector<std::string> QuantizedBatchKVCache::meta_state() const {
-  return parts_[0].meta_state();
+  return channel_ ? channel_->meta_state() : parts_[0].meta_state();
 }
 
 void QuantizedBatchKVCache::restore(
     const std::vector<OptionalArray>& arrays,
     const std::vector<std::string>& meta) {
   constexpr const char* ctx = "QuantizedBatchKVCache.state";
+  if (meta.size() == 3) {
+    check_count(ctx, "arrays", arrays.size(), 10);
+    if (!arrays[6] || !arrays[7]) {
+      throw ValueError(ctx, "offset and left_padding arrays", "None");
+    }
+    if (parse_scheme(ctx, meta[1]) != QuantScheme::rotated_channel) {
+      throw ValueError(ctx, "scheme 'rotated-channel' with a window", "'" + meta[1] + "'");
+    }
+    auto [keys, values] = triples_from_arrays(ctx, arrays);
+    set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "_idx", meta[0]),
+        arrays[8], arrays[9], key_spec_, value_spec_, parse_int(ctx, "window", meta[2]));
+    return;
+  }
   check_count(ctx, "arrays", arrays.size(), 8);
   check_count(ctx, "scalars", meta.size(), 1);
   if (!arrays[6] || !arrays[7]) {
@@ -228,11 +347,44 @@ void QuantizedBatchKVCache::set(
             value_spec, [&](BatchKVCache& p, OptionalArray k, OptionalArray v, int) {
               p.set(std::move(k), std::move(v), offset, left_padding, idx);
             });
+  channel_.reset();
 }
 
-QuantizedBatchKVCache to_quantized(const BatchKVCache& cache, QuantSpec keys, QuantSpec values) {
+void QuantizedBatchKVCache::set(
+    OptionalQuantized keys,
+    OptionalQuantized values,
+    mx::array offset,
+    mx::array left_padding,
+    int idx,
+    OptionalArray residual,
+    OptionalArray value_residual,
+    QuantSpec key_spec,
+    QuantSpec value_spec,
+    int window) {
+  ChannelBatch c(std::vector<int>{}, key_spec, value_spec, window);
+  c.set(std::move(keys), std::move(values), std::move(offset), std::move(left_padding), idx,
+        std::move(residual), std::move(value_residual), key_spec, value_spec, window);
+  channel_ = std::move(c);
+  for (auto& p : parts_) {
+    p = BatchKVCache(std::vector<int>{});
+  }
+  key_spec_ = key_spec;
+  value_spec_ = value_spec;
+}
+
+QuantizedBatchKVCache to_quantized(
+    const BatchKVCache& cache,
+    QuantSpec keys,
+    QuantSpec values,
+    QuantScheme scheme,
+    int window) {
   constexpr const char* ctx = "BatchKVCache.to_quantized";
   check_specs(ctx, keys, values);
+  if (scheme != QuantScheme::affine) {
+    QuantizedBatchKVCache out(std::vector<int>{}, keys, values, scheme, window);
+    out.channel_ = ChannelBatch::from_float(cache, keys, values, window);
+    return out;
+  }
   auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);
   QuantizedBatchKVCache out(std::vector<int>{}, keys, values);
   for (int i = 0; i < 3; ++i) {

@@ -286,17 +286,37 @@ const std::map<std::string, ClassEntry>& table() {
       {"QuantizedBatchKVCache",
        {[](const Cache& c) -> StateValue {
           auto& b = as<QuantizedBatchKVCache>(c);
-          return StateValue::List{quantized_state(b.keys()), quantized_state(b.values()),
-                                  b.offset(), b.left_padding(), b.idx(),
-                                  spec_state(b.key_spec().group_size, b.value_spec().group_size),
-                                  spec_state(b.key_spec().bits, b.value_spec().bits)};
+          StateValue::List out{quantized_state(b.keys()), quantized_state(b.values()),
+                               b.offset(), b.left_padding(), b.idx(),
+                               spec_state(b.key_spec().group_size, b.value_spec().group_size),
+                               spec_state(b.key_spec().bits, b.value_spec().bits)};
+          if (b.scheme() != QuantScheme::affine) {
+            // As QuantizedKVCache's: the scheme's name, window and residuals.
+            out.push_back(std::string(scheme_name(b.scheme())));
+            out.push_back(b.window());
+            out.push_back(StateValue(b.residual()));
+            out.push_back(StateValue(b.value_residual()));
+          }
+          return out;
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedBatchKVCache.state";
-          const auto& l = s.list(ctx, "state", 7);
+          const bool scheme = s.is_list() && s.as_list().size() == 11;
+          const auto& l = s.list(ctx, "state", scheme ? 11 : 7);
           auto [kg, vg] = spec_from(ctx, "group_size", l[5]);
           auto [kb, vb] = spec_from(ctx, "bits", l[6]);
           auto c = std::make_unique<QuantizedBatchKVCache>(std::vector<int>{});
+          if (scheme) {
+            if (!l[7].is_string() || parse_scheme(ctx, l[7].as_string()) != QuantScheme::rotated_channel) {
+              throw ValueError(ctx, "the scheme name 'rotated-channel'", l[7].repr());
+            }
+            c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                   l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"),
+                   l[4].integer(ctx, "_idx"), l[9].optional_array(ctx, "residual"),
+                   l[10].optional_array(ctx, "value residual"), {kg, kb}, {vg, vb},
+                   l[8].integer(ctx, "window"));
+            return c;
+          }
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                  l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"),
                  l[4].integer(ctx, "_idx"), {kg, kb}, {vg, vb});

@@ -196,6 +196,7 @@ TEST(copy_is_independent) {
 #include "kvcore/chunked.h"
 #include "kvcore/attention.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_batch.h"
 
 TEST(quantized_cache_round_trips_through_dequantize) {
   QuantizedKVCache c(32, 8);
@@ -243,6 +244,42 @@ TEST(rotated_channel_cache_keeps_whole_groups_quantized_and_the_rest_in_float) {
   CHECK_THROWS(ValueError, "power of two", c.update_and_fetch(mx::zeros({1, 2, 1, 48}), mx::zeros({1, 2, 1, 48})));
   CHECK_EQ(c.offset(), 75);
   CHECK_THROWS(ValueError, "'nope'", parse_scheme("test", "nope"));
+}
+
+TEST(rotated_channel_batch_merges_on_one_grid_and_extracts_rows_whole) {
+  // Lengths 70 and 38: paddings 0 and 32, whole groups of 32 positions, so
+  // each row keeps its own cache's groups.
+  std::vector<QuantizedKVCache> singles;
+  for (int n : {70, 38}) {
+    QuantizedKVCache c({32, 4}, {32, 4}, QuantScheme::rotated_channel, 0);
+    c.update_and_fetch(mx::random::normal({1, 2, n, 64}, mx::float32, 0.0, 1.0, mx::random::key(n)),
+                       mx::random::normal({1, 2, n, 64}, mx::float32, 0.0, 1.0, mx::random::key(n + 1)));
+    singles.push_back(c);
+  }
+  auto b = QuantizedBatchKVCache::merge({&singles[0], &singles[1]});
+  CHECK(b.scheme() == QuantScheme::rotated_channel);
+  CHECK_EQ(b.idx(), 70);
+  auto [qk, qv] = b.keys_and_values();
+  CHECK(std::get<1>(qk).shape() == mx::Shape({2, 2, 64, 2}));  // (B, H, D, 64 positions / 32)
+  CHECK(b.residual()->shape() == mx::Shape({2, 2, 6, 64}));
+  auto row = b.extract(1);
+  CHECK_EQ(row.offset(), 38);
+  auto [rk, rv] = row.keys_and_values();
+  auto [sk, sv] = singles[1].keys_and_values();
+  CHECK(mx::array_equal(std::get<0>(rk), std::get<0>(sk)).item<bool>());
+  CHECK(mx::array_equal(std::get<1>(rv), std::get<1>(sv)).item<bool>());
+  CHECK(mx::array_equal(*row.residual(), *singles[1].residual()).item<bool>());
+  // A mix of schemes is refused; a bad update changes nothing.
+  QuantizedKVCache affine(32, 4);
+  CHECK_THROWS(ValueError, "one scheme", QuantizedBatchKVCache::merge({&singles[0], &affine}));
+  CHECK_THROWS(ValueError, "batch of 2", b.update_and_fetch(mx::zeros({1, 2, 1, 64}), mx::zeros({1, 2, 1, 64})));
+  CHECK_EQ(b.idx(), 70);
+  // meta_state names the scheme and window; the specs are the cache's own,
+  // as for affine batches.
+  QuantizedBatchKVCache back(std::vector<int>{}, 32, 4);
+  back.restore(b.state(), b.meta_state());
+  CHECK(back.scheme() == QuantScheme::rotated_channel);
+  CHECK(mx::array_equal(*back.residual(), *b.residual()).item<bool>());
 }
 
 TEST(to_quantized_keeps_offset) {

@@ -1016,8 +1016,10 @@ class BatchKVCache:
         RotatingKVCaches), left-padded.
         """
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchKVCache:
-        """The same rows and padding with keys and values quantized."""
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedBatchKVCache:
+        """
+        The same rows and padding with keys and values quantized (``scheme`` and ``window`` as QuantizedKVCache's).
+        """
 
 class BatchRotatingKVCache:
     """Sliding-window cache for a batch of left-padded sequences."""
@@ -1138,15 +1140,20 @@ class BatchRotatingKVCache:
 class QuantizedBatchKVCache:
     """BatchKVCache holding keys and values quantized by ``mx.quantize``."""
 
-    def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None:
+    def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None) -> None:
         """
         Args:
             left_padding (list[int]): Pad tokens before each row's prompt.
             group_size (int | tuple): 32, 64 or 128, or ``(keys, values)``.
             bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
+            scheme (str): ``"affine"`` or ``"rotated-channel"`` (as
+              QuantizedKVCache's; key groups run along buffer positions
+              shared by all rows).
+            window (int, optional): ``"rotated-channel"``: tokens kept in
+              float (default 128).
         """
 
-    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]:
         """
         Quantize new keys and values and add them to the batch.
 
@@ -1157,10 +1164,12 @@ class QuantizedBatchKVCache:
         Returns:
             tuple: The cached ``(weights, scales, biases)`` of the keys and
             of the values, as the float batch cache returns its arrays.
+            ``"rotated-channel"``: ``(weights, scales, biases, residual)``
+            for each, as QuantizedKVCache returns them.
         """
 
-    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
-        """The cached key and value triples."""
+    def keys_and_values(self) -> object:
+        """The cached keys and values as ``update_and_fetch`` returns them."""
 
     @property
     def keys(self) -> object:
@@ -1217,6 +1226,26 @@ class QuantizedBatchKVCache:
 
     def __deepcopy__(self, memo: object | None) -> object: ...
 
+    @property
+    def scheme(self) -> str:
+        """``"affine"`` or ``"rotated-channel"``."""
+
+    @property
+    def window(self) -> int:
+        """
+        ``"rotated-channel"``: the newest positions kept in float (0 for affine).
+        """
+
+    @property
+    def residual(self) -> object:
+        """
+        ``"rotated-channel"``: the float keys of the newest positions, rotated, or None.
+        """
+
+    @property
+    def value_residual(self) -> object:
+        """``"rotated-channel"``: their values, rotated, in float, or None."""
+
     def prepare(self, *, left_padding: object | None = None, lengths: object | None = None, right_padding: object | None = None) -> None:
         """As BatchKVCache.prepare."""
 
@@ -1229,7 +1258,7 @@ class QuantizedBatchKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values are triples.
+        ``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values are triples. A ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``.
         """
 
     @state.setter
@@ -1257,7 +1286,7 @@ class QuantizedBatchRotatingKVCache:
             bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
         """
 
-    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]:
         """
         Quantize new keys and values and add them to the batch.
 
@@ -1268,10 +1297,12 @@ class QuantizedBatchRotatingKVCache:
         Returns:
             tuple: The cached ``(weights, scales, biases)`` of the keys and
             of the values, as the float batch cache returns its arrays.
+            ``"rotated-channel"``: ``(weights, scales, biases, residual)``
+            for each, as QuantizedKVCache returns them.
         """
 
-    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
-        """The cached key and value triples."""
+    def keys_and_values(self) -> object:
+        """The cached keys and values as ``update_and_fetch`` returns them."""
 
     @property
     def keys(self) -> object:

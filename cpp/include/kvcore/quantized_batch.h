@@ -4,6 +4,7 @@
 
 #include "kvcore/batch.h"
 #include "kvcore/quantized.h"
+#include "kvcore/quantized_channel_batch.h"
 #include "kvcore/quantized_rotating.h"
 
 namespace kvcore {
@@ -99,9 +100,19 @@ class QuantizedBatchCache : public Cache {
   QuantSpec value_spec_;
 };
 
+/// Under the affine scheme, BatchKVCache in lockstep (QuantizedBatchCache);
+/// under rotated_channel, a ChannelBatch (quantized_channel_batch.h), to
+/// which every method below passes the call.
 class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
  public:
   QuantizedBatchKVCache(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values);
+  /// window: as QuantizedKVCache's (0 for affine).
+  QuantizedBatchKVCache(
+      const std::vector<int>& left_padding,
+      QuantSpec keys,
+      QuantSpec values,
+      QuantScheme scheme,
+      int window);
   explicit QuantizedBatchKVCache(
       const std::vector<int>& left_padding,
       int group_size = 64,
@@ -111,19 +122,58 @@ class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
   const char* name() const override {
     return "QuantizedBatchKVCache";
   }
+  /// rotated_channel: the keys' triple is transposed and holds the
+  /// quantized positions only (residual() the rest), as QuantizedKVCache's.
+  std::pair<QuantizedArrays, QuantizedArrays> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values);
+  std::pair<QuantizedArrays, QuantizedArrays> keys_and_values() const;
   /// As BatchKVCache::prepare.
   void prepare(
       const std::optional<std::vector<int>>& left_padding,
       const std::optional<std::vector<int>>& right_padding);
-  /// Append other's rows; both must quantize alike.
+  void finalize();
+  void filter(const std::vector<int>& indices);
+  /// Append other's rows; both must quantize alike (scheme and window too).
   void extend(const QuantizedBatchKVCache& other);
   /// Row idx as a QuantizedKVCache holding only its tokens.
   QuantizedKVCache extract(int idx) const;
-  /// One batch cache from QuantizedKVCaches that quantize alike,
-  /// left-padded to the longest.
+  /// One batch cache from QuantizedKVCaches that quantize alike (one
+  /// scheme), left-padded to the longest.
   static QuantizedBatchKVCache merge(const std::vector<const QuantizedKVCache*>& caches);
 
-  /// (_idx).
+  bool is_trimmable() const override {
+    return true;
+  }
+  int trim(int n) override;
+  Mask make_mask(
+      int N,
+      bool return_array = false,
+      std::optional<int> window_size = std::nullopt) const override;
+  /// affine: the six arrays, offset, left_padding; rotated_channel adds the
+  /// residual keys and values.
+  std::vector<OptionalArray> state() const override;
+  int size() const override {
+    return idx();
+  }
+  bool empty() const override;
+  size_t nbytes() const override;
+  OptionalQuantized keys() const;
+  OptionalQuantized values() const;
+  const mx::array& offset() const;
+  const mx::array& left_padding() const;
+  int idx() const;
+  QuantScheme scheme() const {
+    return channel_ ? QuantScheme::rotated_channel : QuantScheme::affine;
+  }
+  int window() const {
+    return channel_ ? channel_->window() : 0;
+  }
+  /// rotated_channel: the float keys and values of positions [T, _idx).
+  const OptionalArray& residual() const;
+  const OptionalArray& value_residual() const;
+
+  /// (_idx); rotated_channel adds the scheme's name and the window.
   std::vector<std::string> meta_state() const override;
   void restore(
       const std::vector<OptionalArray>& arrays,
@@ -137,12 +187,32 @@ class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
       int idx,
       QuantSpec key_spec,
       QuantSpec value_spec);
+  /// Typed restore of a rotated_channel cache: validates, then replaces
+  /// everything.
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      mx::array offset,
+      mx::array left_padding,
+      int idx,
+      OptionalArray residual,
+      OptionalArray value_residual,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      int window);
   std::unique_ptr<Cache> copy() const override {
     return std::make_unique<QuantizedBatchKVCache>(*this);
   }
 
  private:
-  friend QuantizedBatchKVCache to_quantized(const BatchKVCache&, QuantSpec, QuantSpec);
+  friend QuantizedBatchKVCache to_quantized(
+      const BatchKVCache&,
+      QuantSpec,
+      QuantSpec,
+      QuantScheme,
+      int);
+
+  std::optional<ChannelBatch> channel_;
 };
 
 class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKVCache> {
@@ -211,8 +281,14 @@ class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKV
 };
 
 /// BatchKVCache.to_quantized: the same rows, padding and bookkeeping (a
-/// pending right padding included), each slot quantized.
-QuantizedBatchKVCache to_quantized(const BatchKVCache& cache, QuantSpec keys, QuantSpec values);
+/// pending right padding included), each slot quantized (rotated_channel:
+/// the tokens up to _idx, as updates would have quantized them).
+QuantizedBatchKVCache to_quantized(
+    const BatchKVCache& cache,
+    QuantSpec keys,
+    QuantSpec values,
+    QuantScheme scheme = QuantScheme::affine,
+    int window = 0);
 /// BatchRotatingKVCache.to_quantized, likewise.
 QuantizedBatchRotatingKVCache to_quantized(
     const BatchRotatingKVCache& cache,

@@ -1,0 +1,147 @@
+// The rotated_channel scheme (quant_scheme.h) on a left-padded batch: what a
+// QuantizedBatchKVCache of that scheme holds.
+#pragma once
+
+#include "kvcore/batch.h"
+#include "kvcore/quantized.h"
+
+namespace kvcore {
+
+/// Rows right-aligned at the write position as in BatchKVCache, keys and
+/// values rotated. The key groups run along buffer positions shared by all
+/// rows: group j holds positions [j G, (j + 1) G) of every row. Why: a
+/// decode step writes one position for every row and the mask is over
+/// positions, so column c of the scores must be position c in every row;
+/// groups aligned per row (at each row's first token) would need a ragged
+/// layout. One transposed triple (B, H, D, packed) then serves the batch.
+/// Positions [0, T) are quantized (T a multiple of G, the whole groups older
+/// than the window), [T, _idx) are the float residuals. A row's padding
+/// never widens a group's range: pad positions are filled with the group's
+/// smallest real value before quantizing.
+///
+/// A row whose tokens move by a whole number of groups (a merge or extend
+/// whose left padding is a multiple of G, filter dropping whole groups)
+/// keeps its quantized groups as they were, which are its own cache's; a
+/// row moved otherwise (its groups no longer fall on the grid) is quantized
+/// again from its dequantized tokens. While right padding is pending
+/// (prepare) nothing is quantized, so finalize rolls the new tokens in
+/// float; the quantized history of a row it moves is quantized again.
+class ChannelBatch {
+ public:
+  ChannelBatch(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values, int window);
+
+  /// Rotate and append keys and values (B, H, S, D); returns the quantized
+  /// triples (keys transposed) of positions [0, T); residual() the rest.
+  std::pair<QuantizedArrays, QuantizedArrays> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values);
+  std::pair<QuantizedArrays, QuantizedArrays> keys_and_values() const;
+
+  /// As BatchKVCache::prepare.
+  void prepare(
+      const std::optional<std::vector<int>>& left_padding,
+      const std::optional<std::vector<int>>& right_padding);
+  /// Roll right-padded rows so every row ends at the write position.
+  void finalize();
+  /// Keep the rows `indices`; drop the whole groups of padding all keep.
+  void filter(const std::vector<int>& indices);
+  /// Append other's rows (same specs and window).
+  void extend(const ChannelBatch& other);
+  /// Row idx as a rotated_channel QuantizedKVCache of its tokens: its
+  /// quantized groups as stored when its padding is whole groups, else its
+  /// tokens (dequantized) in the float residual.
+  QuantizedKVCache extract(int idx) const;
+  /// One batch from rotated_channel QuantizedKVCaches of one spec and window.
+  static ChannelBatch merge(const std::vector<const QuantizedKVCache*>& caches);
+  /// The float cache's rows, rotated, quantized as updates would have.
+  static ChannelBatch from_float(
+      const BatchKVCache& cache,
+      QuantSpec keys,
+      QuantSpec values,
+      int window);
+
+  /// As QuantizedKVCache::trim: a trim into a group returns its kept
+  /// tokens, dequantized, to the residual.
+  int trim(int n);
+  Mask make_mask(int N, std::optional<int> window_size) const;
+
+  /// keys' triple, values' triple, offset, left_padding, residual keys,
+  /// residual values.
+  std::vector<OptionalArray> state() const;
+  /// (_idx, scheme, window).
+  std::vector<std::string> meta_state() const;
+  /// Validates everything, then replaces the whole contents.
+  void set(
+      OptionalQuantized keys,
+      OptionalQuantized values,
+      mx::array offset,
+      mx::array left_padding,
+      int idx,
+      OptionalArray residual,
+      OptionalArray value_residual,
+      QuantSpec key_spec,
+      QuantSpec value_spec,
+      int window);
+
+  size_t nbytes() const;
+  bool empty() const {
+    return !keys_;
+  }
+  int idx() const {
+    return idx_;
+  }
+  const mx::array& offset() const {
+    return offset_.get();
+  }
+  const mx::array& left_padding() const {
+    return left_padding_.get();
+  }
+  const OptionalQuantized& keys() const {
+    return keys_;
+  }
+  const OptionalQuantized& values() const {
+    return values_;
+  }
+  const OptionalArray& residual() const {
+    return residual_;
+  }
+  const OptionalArray& value_residual() const {
+    return value_residual_;
+  }
+  const QuantSpec& key_spec() const {
+    return key_spec_;
+  }
+  const QuantSpec& value_spec() const {
+    return value_spec_;
+  }
+  int window() const {
+    return window_;
+  }
+  /// Positions whose keys and values are quantized (T).
+  int quantized_tokens() const;
+
+ private:
+  int rows() const {
+    return static_cast<int>(offset_.size());
+  }
+  /// All keys and values as floats (B, H, _idx, D), rotated.
+  std::pair<mx::array, mx::array> dequantized() const;
+  /// Quantize the residual's positions up to `to` (a multiple of G).
+  void quantize_up_to(int to);
+  /// Rows stacked and right-aligned at the largest write position.
+  static ChannelBatch stack(const char* ctx, std::vector<ChannelBatch> sides);
+
+  OptionalQuantized keys_;
+  OptionalQuantized values_;
+  OptionalArray residual_;
+  OptionalArray value_residual_;
+  ShiftedRows offset_;
+  ShiftedRows left_padding_;
+  OptionalArray right_padding_;
+  int idx_ = 0;
+  QuantSpec key_spec_;
+  QuantSpec value_spec_;
+  int window_ = 0;
+};
+
+} // namespace kvcore

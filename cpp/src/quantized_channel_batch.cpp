@@ -1,0 +1,696 @@
+#include "kvcore/quantized_channel_batch.h"
+
+#include <algorithm>
+#include <limits>
+
+#include <mlx/ops.h>
+
+#include "kvcore/buffer.h"
+#include "kvcore/errors.h"
+#include "kvcore/mask.h"
+
+namespace kvcore {
+
+namespace {
+
+mx::array int_rows(const std::vector<int>& v) {
+  return mx::array(v.data(), mx::Shape{static_cast<int>(v.size())}, mx::int32);
+}
+
+std::vector<int> to_ints(const mx::array& a) {
+  auto x = mx::astype(a, mx::int32);
+  x.eval();
+  return std::vector<int>(x.data<int32_t>(), x.data<int32_t>() + x.size());
+}
+
+mx::array columns(const mx::array& a, int from, int to) {
+  mx::Shape lo(a.ndim(), 0), hi = a.shape();
+  lo.back() = from;
+  hi.back() = to;
+  return mx::slice(a, lo, hi);
+}
+
+mx::array row(const mx::array& a, int i) {
+  mx::Shape lo(a.ndim(), 0), hi = a.shape();
+  lo[0] = i;
+  hi[0] = i + 1;
+  return mx::contiguous(mx::slice(a, lo, hi));
+}
+
+template <class F>
+QuantizedArrays map3(const QuantizedArrays& q, F f) {
+  return {f(std::get<0>(q)), f(std::get<1>(q)), f(std::get<2>(q))};
+}
+
+QuantizedArrays concat3(const QuantizedArrays& a, const QuantizedArrays& b, int axis) {
+  return {mx::concatenate({std::get<0>(a), std::get<0>(b)}, axis),
+          mx::concatenate({std::get<1>(a), std::get<1>(b)}, axis),
+          mx::concatenate({std::get<2>(a), std::get<2>(b)}, axis)};
+}
+
+OptionalArray tail(const mx::array& x, int from) {
+  if (from >= x.shape(2)) {
+    return std::nullopt;
+  }
+  return from == 0 ? x : seq_slice(x, from, x.shape(2));
+}
+
+int target(int idx, int window, int G) {
+  return std::max(0, idx - window) / G * G;
+}
+
+// Keys (B, H, D, 0) and values (B, H, 0, packed): no quantized position yet.
+std::pair<QuantizedArrays, QuantizedArrays> no_groups(
+    int B, int H, int D, int Dv, QuantSpec values, mx::Dtype dtype) {
+  auto z = [&](mx::Shape s, mx::Dtype t) { return mx::zeros(s, t); };
+  return {{z({B, H, D, 0}, mx::uint32), z({B, H, D, 0}, dtype), z({B, H, D, 0}, dtype)},
+          {z({B, H, 0, Dv * values.bits / 32}, mx::uint32), z({B, H, 0, Dv / values.group_size}, dtype),
+           z({B, H, 0, Dv / values.group_size}, dtype)}};
+}
+
+// Rotated keys (B, H, n, D) at positions [from, from + n), n a multiple of
+// G, quantized per channel over groups of G positions (transposed). A row's
+// padding (positions below its left padding) takes the group's smallest real
+// value, so it never widens the range the group's real tokens span; a group
+// of padding only is zeros.
+QuantizedArrays quantize_keys(const mx::array& x, const mx::array& left_padding, int from, QuantSpec spec) {
+  const int B = x.shape(0), H = x.shape(1), n = x.shape(2), D = x.shape(3), G = spec.group_size;
+  auto pos = mx::reshape(mx::arange(from, from + n, mx::int32), {1, 1, n / G, G, 1});
+  auto lp = mx::reshape(mx::astype(left_padding, mx::int32), {B, 1, 1, 1, 1});
+  auto real = mx::greater_equal(pos, lp);
+  auto g = mx::reshape(x, {B, H, n / G, G, D});
+  auto low = mx::min(mx::where(real, g, mx::array(std::numeric_limits<float>::infinity(), x.dtype())), 3, true);
+  auto fill = mx::where(mx::any(real, 3, true), low, mx::zeros_like(low));
+  auto filled = mx::reshape(mx::where(real, g, fill), {B, H, n, D});
+  auto q = mx::quantize(mx::swapaxes(filled, 2, 3), G, spec.bits);
+  return {q[0], q[1], q[2]};
+}
+
+bool same(QuantSpec a, QuantSpec b) {
+  return a.group_size == b.group_size && a.bits == b.bits;
+}
+
+void check_rows(const char* ctx, const char* what, const mx::array& v) {
+  if (v.ndim() != 1 || !mx::issubdtype(v.dtype(), mx::integer)) {
+    throw ValueError(ctx, std::string(what) + " of rank 1 (B,) and an integer dtype",
+                     shape_str(v.shape()) + " " + dtype_str(v.dtype()));
+  }
+}
+
+void check_index(const char* ctx, int i, int B) {
+  if (i < 0 || i >= B) {
+    throw IndexError(ctx, "batch indices in [0, " + std::to_string(B) + ")", std::to_string(i));
+  }
+}
+
+} // namespace
+
+ChannelBatch::ChannelBatch(
+    const std::vector<int>& left_padding,
+    QuantSpec keys,
+    QuantSpec values,
+    int window)
+    : offset_(mx::negative(int_rows(left_padding))),
+      left_padding_(int_rows(left_padding)),
+      key_spec_(keys),
+      value_spec_(values),
+      window_(window) {
+  check_specs("QuantizedBatchKVCache", keys, values);
+  check_window("QuantizedBatchKVCache", QuantScheme::rotated_channel, window);
+}
+
+int ChannelBatch::quantized_tokens() const {
+  return keys_ ? std::get<1>(*keys_).shape(3) * key_spec_.group_size : 0;
+}
+
+std::pair<mx::array, mx::array> ChannelBatch::dequantized() const {
+  const auto& [kw, ks, kb] = *keys_;
+  const auto& [vw, vs, vb] = *values_;
+  const int T = quantized_tokens();
+  std::vector<mx::array> k, v;
+  if (T > 0) {
+    k.push_back(dequantize_channel_keys(*keys_, 0, T, key_spec_.group_size, key_spec_.bits, ks.dtype()));
+    v.push_back(mx::dequantize(vw, vs, vb, value_spec_.group_size, value_spec_.bits, "affine",
+                               std::nullopt, ks.dtype()));
+  }
+  if (residual_) {
+    k.push_back(*residual_);
+    v.push_back(*value_residual_);
+  }
+  if (k.empty()) {
+    const int Dv = vs.shape(3) * value_spec_.group_size;
+    return {mx::zeros({ks.shape(0), ks.shape(1), 0, ks.shape(2)}, ks.dtype()),
+            mx::zeros({ks.shape(0), ks.shape(1), 0, Dv}, ks.dtype())};
+  }
+  return {seq_concat(k), seq_concat(v)};
+}
+
+void ChannelBatch::quantize_up_to(int to) {
+  const int T = quantized_tokens(), add = to - T;
+  if (add <= 0) {
+    return;
+  }
+  auto qk = quantize_keys(seq_slice(*residual_, 0, add), left_padding(), T, key_spec_);
+  auto qv = quantize("QuantizedBatchKVCache", seq_slice(*value_residual_, 0, add),
+                     value_spec_.group_size, value_spec_.bits);
+  keys_ = concat3(*keys_, qk, -1);
+  values_ = concat3(*values_, qv, 2);
+  residual_ = tail(*residual_, add);
+  value_residual_ = tail(*value_residual_, add);
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> ChannelBatch::update_and_fetch(
+    const mx::array& keys,
+    const mx::array& values) {
+  constexpr const char* ctx = "QuantizedBatchKVCache.update_and_fetch";
+  check_kv(ctx, keys, values);
+  const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2), D = keys.shape(3);
+  const int Dv = values.shape(3);
+  if (left_padding_.size() != offset_.size() || B != rows()) {
+    throw ValueError(ctx, "keys for the batch of " + std::to_string(rows()) + " rows",
+                     shape_str(keys.shape()));
+  }
+  if (values.dtype() != keys.dtype()) {
+    throw ValueError(ctx, "values of the keys' dtype " + dtype_str(keys.dtype()),
+                     dtype_str(values.dtype()));
+  }
+  if (keys.dtype() != mx::float16 && keys.dtype() != mx::bfloat16 && keys.dtype() != mx::float32) {
+    throw ValueError(ctx, "keys and values of dtype float16, bfloat16 or float32 to quantize",
+                     dtype_str(keys.dtype()));
+  }
+  check_rotation(ctx, "a key head dim", D);
+  check_rotation(ctx, "a value head dim", Dv);
+  if (Dv % value_spec_.group_size != 0 || (Dv * value_spec_.bits) % 32 != 0) {
+    throw ValueError(ctx, "a value head dim divisible by group_size " +
+                              std::to_string(value_spec_.group_size),
+                     "head dim " + std::to_string(Dv));
+  }
+  if (keys_) {
+    const auto& ks = std::get<1>(*keys_);
+    const auto& vs = std::get<1>(*values_);
+    if (ks.shape(1) != H || ks.shape(2) != D || ks.dtype() != keys.dtype() ||
+        vs.shape(3) * value_spec_.group_size != Dv) {
+      throw ValueError(ctx, "keys (B, H, S, D) like the cache's " +
+                                shape_str({ks.shape(0), ks.shape(1), S, ks.shape(2)}) + " " +
+                                dtype_str(ks.dtype()) + " and values of head dim " +
+                                std::to_string(vs.shape(3) * value_spec_.group_size),
+                       shape_str(keys.shape()) + " " + dtype_str(keys.dtype()) + ", values " +
+                           shape_str(values.shape()));
+    }
+  }
+  const int end = check_size(ctx, "_idx + S", 1LL * idx_ + S);
+
+  ChannelBatch next = *this;
+  auto pk = hadamard(keys), pv = hadamard(values);
+  if (!next.keys_) {
+    std::tie(next.keys_, next.values_) = no_groups(B, H, D, Dv, value_spec_, keys.dtype());
+  }
+  next.residual_ = residual_ ? seq_concat({*residual_, pk}) : pk;
+  next.value_residual_ = value_residual_ ? seq_concat({*value_residual_, pv}) : pv;
+  next.idx_ = end;
+  next.offset_.shift(S);
+  // Right-padded rows are rolled by finalize: their tokens stay in float
+  // until then.
+  if (!right_padding_) {
+    next.quantize_up_to(target(end, window_, key_spec_.group_size));
+  }
+  *this = std::move(next);
+  return keys_and_values();
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> ChannelBatch::keys_and_values() const {
+  if (!keys_ || !values_) {
+    throw RuntimeError("QuantizedBatchKVCache.keys_and_values", "the cache is empty: no keys or values yet");
+  }
+  return {*keys_, *values_};
+}
+
+void ChannelBatch::prepare(
+    const std::optional<std::vector<int>>& left_padding,
+    const std::optional<std::vector<int>>& right_padding) {
+  constexpr const char* ctx = "QuantizedBatchKVCache.prepare";
+  if (left_padding) {
+    if (keys_) {
+      throw ValueError(ctx, "Left padding can only be added to an empty BatchKVCache");
+    }
+    check_count(ctx, "left paddings", left_padding->size(), rows());
+  }
+  if (right_padding) {
+    check_count(ctx, "right paddings", right_padding->size(), rows());
+  }
+  if (left_padding) {
+    auto lp = int_rows(*left_padding);
+    auto padded = mx::add(this->left_padding(), lp);
+    offset_ = mx::subtract(offset(), lp);
+    left_padding_ = std::move(padded);
+  }
+  if (right_padding && !right_padding->empty() &&
+      *std::max_element(right_padding->begin(), right_padding->end()) > 0) {
+    right_padding_ = int_rows(*right_padding);
+  }
+}
+
+void ChannelBatch::finalize() {
+  if (!right_padding_) {
+    return;
+  }
+  const auto& pad = *right_padding_;
+  ChannelBatch next = *this;
+  next.left_padding_ = mx::add(left_padding(), pad);
+  next.offset_ = mx::subtract(offset(), pad);
+  next.right_padding_.reset();
+  if (keys_) {
+    auto [k, v] = dequantized();
+    auto shifts = mx::expand_dims(pad, 1);
+    k = dynamic_roll(k, shifts, 2);
+    v = dynamic_roll(v, shifts, 2);
+    const int T = quantized_tokens();
+    if (T > 0) {
+      // Rows that moved left the grid: quantized again from their
+      // dequantized tokens; the others keep their groups.
+      auto moved = mx::reshape(mx::greater(pad, mx::array(0, pad.dtype())), {rows(), 1, 1, 1});
+      auto qk = quantize_keys(seq_slice(k, 0, T), next.left_padding(), 0, key_spec_);
+      auto qv = quantize("QuantizedBatchKVCache.finalize", seq_slice(v, 0, T),
+                         value_spec_.group_size, value_spec_.bits);
+      auto pick = [&](const QuantizedArrays& a, const QuantizedArrays& b) {
+        return QuantizedArrays{mx::where(moved, std::get<0>(a), std::get<0>(b)),
+                               mx::where(moved, std::get<1>(a), std::get<1>(b)),
+                               mx::where(moved, std::get<2>(a), std::get<2>(b))};
+      };
+      next.keys_ = pick(qk, *keys_);
+      next.values_ = pick(qv, *values_);
+    }
+    next.residual_ = tail(k, T);
+    next.value_residual_ = tail(v, T);
+    next.quantize_up_to(target(idx_, window_, key_spec_.group_size));
+  }
+  *this = std::move(next);
+}
+
+void ChannelBatch::filter(const std::vector<int>& indices) {
+  constexpr const char* ctx = "filter";
+  for (int i : indices) {
+    check_index(ctx, i, rows());
+  }
+  auto idx = int_rows(indices);
+  auto take = [&](const mx::array& a) { return mx::take(a, idx, 0); };
+  ChannelBatch next = *this;
+  if (keys_) {
+    next.keys_ = map3(*keys_, take);
+    next.values_ = map3(*values_, take);
+    if (residual_) {
+      next.residual_ = take(*residual_);
+      next.value_residual_ = take(*value_residual_);
+    }
+  }
+  next.offset_ = take(offset());
+  next.left_padding_ = take(left_padding());
+  next.right_padding_ = right_padding_ ? OptionalArray(take(*right_padding_)) : std::nullopt;
+  // Drop the padding no row needs any more, in whole groups (the grid
+  // stays where it is).
+  if (!indices.empty() && next.keys_) {
+    auto pads = to_ints(next.left_padding());
+    const int G = key_spec_.group_size;
+    const int shift = std::max(0, std::min(*std::min_element(pads.begin(), pads.end()), next.idx_)) / G * G;
+    if (shift > 0) {
+      const int T = next.quantized_tokens(), q = std::min(shift, T);
+      const int per_group = G * key_spec_.bits / 32;
+      const auto& [kw, ks, kb] = *next.keys_;
+      next.keys_ = QuantizedArrays{columns(kw, q / G * per_group, kw.shape(3)),
+                                   columns(ks, q / G, ks.shape(3)), columns(kb, q / G, kb.shape(3))};
+      next.values_ = map3(*next.values_, [&](const mx::array& a) { return seq_slice(a, q, T); });
+      if (shift > T) {
+        next.residual_ = tail(*next.residual_, shift - T);
+        next.value_residual_ = tail(*next.value_residual_, shift - T);
+      }
+      next.idx_ -= shift;
+      next.left_padding_.shift(-shift);
+    }
+  }
+  *this = std::move(next);
+}
+
+ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> sides) {
+  const ChannelBatch* like = nullptr;
+  int max_idx = 0, total = 0;
+  for (const auto& s : sides) {
+    if (s.left_padding_.size() != s.offset_.size() ||
+        (s.keys_ && std::get<1>(*s.keys_).shape(0) != s.rows())) {
+      throw RuntimeError(ctx, "offset, left_padding and keys for one batch of " +
+                                  std::to_string(s.rows()),
+                         std::to_string(s.left_padding_.size()) + " paddings");
+    }
+    if (s.keys_ && !like) {
+      like = &s;
+    }
+    max_idx = std::max(max_idx, s.idx_);
+    total += s.rows();
+  }
+  ChannelBatch out(std::vector<int>{}, sides[0].key_spec_, sides[0].value_spec_, sides[0].window_);
+  std::vector<mx::array> offsets, paddings, pending;
+  bool any_pending = false;
+  for (const auto& s : sides) {
+    offsets.push_back(s.offset());
+    any_pending |= s.right_padding_.has_value();
+  }
+  if (!like) {
+    for (const auto& s : sides) {
+      paddings.push_back(s.left_padding());
+      pending.push_back(s.right_padding_ ? *s.right_padding_ : mx::zeros({s.rows()}, mx::int32));
+    }
+    out.offset_ = mx::concatenate(offsets, 0);
+    out.left_padding_ = mx::concatenate(paddings, 0);
+    if (any_pending) {
+      out.right_padding_ = mx::concatenate(pending, 0);
+    }
+    return out;
+  }
+  const auto& lks = std::get<1>(*like->keys_);
+  const int H = lks.shape(1), D = lks.shape(2);
+  const int Dv = std::get<1>(*like->values_).shape(3) * like->value_spec_.group_size;
+  const mx::Dtype dtype = lks.dtype();
+  for (const auto& s : sides) {
+    if (s.keys_) {
+      const auto& ks = std::get<1>(*s.keys_);
+      if (ks.shape(1) != H || ks.shape(2) != D || ks.dtype() != dtype ||
+          std::get<1>(*s.values_).shape(3) * s.value_spec_.group_size != Dv) {
+        throw ValueError(ctx, "caches of the same heads, head dims and dtype",
+                         shape_str(ks.shape()) + " " + dtype_str(ks.dtype()));
+      }
+    }
+  }
+  check_memory(ctx, std::to_string(total) + " rows of " + std::to_string(max_idx) + " tokens",
+               double(total) * H * max_idx * (D + Dv) * mx::size_of(dtype));
+  const int G = out.key_spec_.group_size, per_group = G * out.key_spec_.bits / 32;
+  int T = 0;
+  for (auto& s : sides) {
+    const int d = max_idx - s.idx_, B = s.rows();
+    if (!s.keys_ || d % G != 0 || s.quantized_tokens() == 0) {
+      // Off the grid, or nothing quantized yet (whole groups of padding in
+      // front would then count as quantized positions inside the window):
+      // the tokens, dequantized, go to the float residual behind d pad
+      // positions and are quantized below.
+      mx::array k = mx::zeros({B, H, 0, D}, dtype), v = mx::zeros({B, H, 0, Dv}, dtype);
+      if (s.keys_) {
+        std::tie(k, v) = s.dequantized();
+      }
+      std::tie(s.keys_, s.values_) = no_groups(B, H, D, Dv, s.value_spec_, dtype);
+      s.residual_ = tail(seq_concat({mx::zeros({B, H, d, D}, dtype), k}), 0);
+      s.value_residual_ = tail(seq_concat({mx::zeros({B, H, d, Dv}, dtype), v}), 0);
+    } else if (d > 0) {
+      // Whole groups of padding in front: the grid moves with the row.
+      const auto& [kw, ks, kb] = *s.keys_;
+      s.keys_ = QuantizedArrays{
+          mx::concatenate({mx::zeros({B, H, D, d / G * per_group}, mx::uint32), kw}, -1),
+          mx::concatenate({mx::zeros({B, H, D, d / G}, dtype), ks}, -1),
+          mx::concatenate({mx::zeros({B, H, D, d / G}, dtype), kb}, -1)};
+      s.values_ = map3(*s.values_, [&](const mx::array& a) { return seq_concat({seq_zeros(a, d), a}); });
+    }
+    s.left_padding_.shift(d);
+    s.idx_ = max_idx;
+    T = std::max(T, s.quantized_tokens());
+  }
+  std::vector<mx::array> kparts[3], vparts[3], residuals, value_residuals;
+  for (auto& s : sides) {
+    s.quantize_up_to(T);
+    for (int i = 0; i < 3; ++i) {
+      kparts[i].push_back(i == 0 ? std::get<0>(*s.keys_) : i == 1 ? std::get<1>(*s.keys_) : std::get<2>(*s.keys_));
+      vparts[i].push_back(i == 0 ? std::get<0>(*s.values_) : i == 1 ? std::get<1>(*s.values_) : std::get<2>(*s.values_));
+    }
+    if (s.residual_) {
+      residuals.push_back(*s.residual_);
+      value_residuals.push_back(*s.value_residual_);
+    }
+    paddings.push_back(s.left_padding());
+    pending.push_back(s.right_padding_ ? *s.right_padding_ : mx::zeros({s.rows()}, mx::int32));
+  }
+  out.keys_ = QuantizedArrays{mx::concatenate(kparts[0], 0), mx::concatenate(kparts[1], 0),
+                              mx::concatenate(kparts[2], 0)};
+  out.values_ = QuantizedArrays{mx::concatenate(vparts[0], 0), mx::concatenate(vparts[1], 0),
+                                mx::concatenate(vparts[2], 0)};
+  if (!residuals.empty()) {
+    out.residual_ = mx::concatenate(residuals, 0);
+    out.value_residual_ = mx::concatenate(value_residuals, 0);
+  }
+  out.offset_ = mx::concatenate(offsets, 0);
+  out.left_padding_ = mx::concatenate(paddings, 0);
+  if (any_pending) {
+    out.right_padding_ = mx::concatenate(pending, 0);
+  }
+  out.idx_ = max_idx;
+  return out;
+}
+
+void ChannelBatch::extend(const ChannelBatch& other) {
+  constexpr const char* ctx = "QuantizedBatchKVCache.extend";
+  if (!same(key_spec_, other.key_spec_) || !same(value_spec_, other.value_spec_) ||
+      window_ != other.window_) {
+    throw ValueError(ctx, "a rotated-channel cache of the same group_size, bits and window " +
+                              std::to_string(window_),
+                     "window " + std::to_string(other.window_));
+  }
+  *this = stack(ctx, {*this, other});
+}
+
+ChannelBatch ChannelBatch::merge(const std::vector<const QuantizedKVCache*>& caches) {
+  constexpr const char* ctx = "QuantizedBatchKVCache.merge";
+  check_non_null_list(ctx, caches);
+  const auto& first = *caches[0];
+  std::vector<ChannelBatch> sides;
+  for (const auto* c : caches) {
+    if (c->scheme() != QuantScheme::rotated_channel) {
+      throw ValueError(ctx, "caches of one scheme, 'rotated-channel'",
+                       std::string("'") + scheme_name(c->scheme()) + "'");
+    }
+    if (!same(c->key_spec(), first.key_spec()) || !same(c->value_spec(), first.value_spec()) ||
+        c->window() != first.window()) {
+      auto str = [](const QuantizedKVCache& q) {
+        return "group_size (" + std::to_string(q.key_spec().group_size) + ", " +
+            std::to_string(q.value_spec().group_size) + "), bits (" + std::to_string(q.key_spec().bits) +
+            ", " + std::to_string(q.value_spec().bits) + "), window " + std::to_string(q.window());
+      };
+      throw ValueError(ctx, "caches quantized alike: " + str(first), str(*c));
+    }
+    ChannelBatch s({0}, c->key_spec(), c->value_spec(), c->window());
+    if (c->keys()) {
+      auto [k, v] = c->keys_and_values();
+      s.set(k, v, int_rows({c->offset()}), int_rows({0}), c->offset(), c->residual(),
+            c->value_residual(), c->key_spec(), c->value_spec(), c->window());
+    }
+    sides.push_back(std::move(s));
+  }
+  return stack(ctx, std::move(sides));
+}
+
+ChannelBatch ChannelBatch::from_float(
+    const BatchKVCache& cache,
+    QuantSpec keys,
+    QuantSpec values,
+    int window) {
+  ChannelBatch out(std::vector<int>{}, keys, values, window);
+  const int n = cache.keys() && cache.values() ? cache.idx() : 0;
+  out.offset_ = n > 0 ? mx::subtract(cache.offset(), mx::array(n, cache.offset().dtype())) : cache.offset();
+  out.left_padding_ = cache.left_padding();
+  out.right_padding_ = cache.right_padding();
+  if (n > 0) {
+    out.update_and_fetch(seq_slice(*cache.keys(), 0, n), seq_slice(*cache.values(), 0, n));
+  }
+  return out;
+}
+
+QuantizedKVCache ChannelBatch::extract(int idx) const {
+  constexpr const char* ctx = "QuantizedBatchKVCache.extract";
+  if (left_padding_.size() != offset_.size()) {
+    throw RuntimeError(ctx, "offset and left_padding for one batch", "a mismatch");
+  }
+  check_index(ctx, idx, rows());
+  if (!keys_) {
+    throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
+  }
+  const int lp = std::clamp(to_ints(left_padding())[idx], 0, idx_);
+  const int T = quantized_tokens(), G = key_spec_.group_size, per_group = G * key_spec_.bits / 32;
+  const auto& [kw, ks, kb] = *keys_;
+  const auto& [vw, vs, vb] = *values_;
+  const int H = ks.shape(1), D = ks.shape(2), Dv = vs.shape(3) * value_spec_.group_size;
+  OptionalQuantized k, v;
+  OptionalArray r, rv;
+  if (lp % G == 0 && lp <= T) {
+    // Its groups are its own: as stored.
+    k = QuantizedArrays{columns(row(kw, idx), lp / G * per_group, T / G * per_group),
+                        columns(row(ks, idx), lp / G, T / G), columns(row(kb, idx), lp / G, T / G)};
+    v = map3(*values_, [&](const mx::array& a) { return seq_slice(row(a, idx), lp, T); });
+    if (residual_) {
+      r = row(*residual_, idx);
+      rv = row(*value_residual_, idx);
+    }
+  } else {
+    // Its groups straddle the grid: its tokens, as stored, in float.
+    std::tie(k, v) = no_groups(1, H, D, Dv, value_spec_, ks.dtype());
+    auto [fk, fv] = dequantized();
+    if (lp < idx_) {
+      r = mx::contiguous(seq_slice(row(fk, idx), lp, idx_));
+      rv = mx::contiguous(seq_slice(row(fv, idx), lp, idx_));
+    }
+  }
+  QuantizedKVCache out(key_spec_, value_spec_, QuantScheme::rotated_channel, window_);
+  out.set(std::move(k), std::move(v), idx_ - lp, key_spec_, value_spec_, QuantScheme::rotated_channel,
+          std::move(r), std::move(rv), window_);
+  return out;
+}
+
+int ChannelBatch::trim(int n) {
+  check_size("QuantizedBatchKVCache.trim", "n", n);
+  n = std::min(idx_, n);
+  if (n == 0) {
+    return 0;
+  }
+  const int end = idx_ - n, T = quantized_tokens(), G = key_spec_.group_size;
+  ChannelBatch next = *this;
+  if (end >= T) {
+    auto keep = [&](const mx::array& r) -> OptionalArray {
+      return end > T ? OptionalArray(seq_slice(r, 0, end - T)) : std::nullopt;
+    };
+    next.residual_ = keep(*residual_);
+    next.value_residual_ = keep(*value_residual_);
+  } else {
+    // Into the quantized groups: the kept part of the group `end` falls in
+    // returns to float, dequantized (as QuantizedKVCache::trim).
+    const int kept = end / G * G, per_group = G * key_spec_.bits / 32;
+    const auto& [kw, ks, kb] = *keys_;
+    const auto& [vw, vs, vb] = *values_;
+    OptionalArray rk, rv;
+    if (end > kept) {
+      rk = seq_slice(dequantize_channel_keys(*keys_, kept, G, G, key_spec_.bits, ks.dtype()), 0, end - kept);
+      rv = mx::dequantize(seq_slice(vw, kept, end), seq_slice(vs, kept, end), seq_slice(vb, kept, end),
+                          value_spec_.group_size, value_spec_.bits, "affine", std::nullopt, ks.dtype());
+    }
+    next.keys_ = QuantizedArrays{columns(kw, 0, kept / G * per_group), columns(ks, 0, kept / G),
+                                 columns(kb, 0, kept / G)};
+    next.values_ = map3(*values_, [&](const mx::array& a) { return seq_slice(a, 0, kept); });
+    next.residual_ = std::move(rk);
+    next.value_residual_ = std::move(rv);
+  }
+  next.idx_ = end;
+  next.offset_.shift(-n);
+  *this = std::move(next);
+  return n;
+}
+
+Mask ChannelBatch::make_mask(int N, std::optional<int> window_size) const {
+  constexpr const char* ctx = "QuantizedBatchKVCache.make_mask";
+  if (left_padding_.size() != offset_.size()) {
+    throw RuntimeError(ctx, "offset and left_padding for one batch", "a mismatch");
+  }
+  check_size(ctx, "N", N);
+  if (window_size) {
+    check_size(ctx, "window_size", *window_size);
+  }
+  return create_causal_mask(N, idx_, window_size, std::nullopt, left_padding());
+}
+
+std::vector<OptionalArray> ChannelBatch::state() const {
+  std::vector<OptionalArray> out;
+  for (const auto* q : {&keys_, &values_}) {
+    if (*q) {
+      out.insert(out.end(), {std::get<0>(**q), std::get<1>(**q), std::get<2>(**q)});
+    } else {
+      out.insert(out.end(), {std::nullopt, std::nullopt, std::nullopt});
+    }
+  }
+  out.insert(out.end(), {offset(), left_padding(), residual_, value_residual_});
+  return out;
+}
+
+std::vector<std::string> ChannelBatch::meta_state() const {
+  return {std::to_string(idx_), scheme_name(QuantScheme::rotated_channel), std::to_string(window_)};
+}
+
+void ChannelBatch::set(
+    OptionalQuantized keys,
+    OptionalQuantized values,
+    mx::array offset,
+    mx::array left_padding,
+    int idx,
+    OptionalArray residual,
+    OptionalArray value_residual,
+    QuantSpec key_spec,
+    QuantSpec value_spec,
+    int window) {
+  constexpr const char* ctx = "QuantizedBatchKVCache.state";
+  check_specs(ctx, key_spec, value_spec);
+  check_window(ctx, QuantScheme::rotated_channel, window);
+  check_triples(ctx, keys, values);
+  check_rows(ctx, "offset", offset);
+  check_rows(ctx, "left_padding", left_padding);
+  if (offset.size() != left_padding.size()) {
+    throw ValueError(ctx, "offset and left_padding for one batch size",
+                     std::to_string(offset.size()) + ", " + std::to_string(left_padding.size()));
+  }
+  if (residual.has_value() != value_residual.has_value()) {
+    throw ValueError(ctx, "residual keys and values both set or both None", "only one set");
+  }
+  const int B = static_cast<int>(offset.size());
+  if (!keys) {
+    if (residual || idx != 0) {
+      throw ValueError(ctx, "no residual and _idx 0 without keys", "_idx " + std::to_string(idx));
+    }
+  } else {
+    const auto& [kw, ks, kb] = *keys;
+    const auto& [vw, vs, vb] = *values;
+    const int G = key_spec.group_size, H = ks.shape(1), D = ks.shape(2), groups = ks.shape(3);
+    const int T = groups * G, Dv = vs.shape(3) * value_spec.group_size;
+    check_rotation(ctx, "a key head dim", D);
+    check_rotation(ctx, "a value head dim", Dv);
+    if (ks.shape(0) != B || 1LL * kw.shape(3) != 1LL * groups * G * key_spec.bits / 32 ||
+        kb.shape(3) != groups) {
+      throw ValueError(ctx, "keys of " + std::to_string(B) + " rows with " +
+                                std::to_string(G * key_spec.bits / 32) + " words per group of scales",
+                       shape_str(kw.shape()) + " with scales " + shape_str(ks.shape()));
+    }
+    if (vw.shape(0) != B || vw.shape(1) != H || vw.shape(2) != T ||
+        1LL * vw.shape(3) * 32 != 1LL * Dv * value_spec.bits || vs.dtype() != ks.dtype()) {
+      throw ValueError(ctx, "values (B, H, T, packed) " + shape_str({B, H, T, Dv * value_spec.bits / 32}) +
+                                " of dtype " + dtype_str(ks.dtype()),
+                       shape_str(vw.shape()) + " " + dtype_str(vs.dtype()));
+    }
+    const int R = idx - T;
+    if (R < 0 || (R > 0) != residual.has_value()) {
+      throw ValueError(ctx, "_idx of the " + std::to_string(T) + " quantized positions plus the residual's",
+                       "_idx " + std::to_string(idx));
+    }
+    if (residual) {
+      const auto& r = *residual;
+      const auto& rv = *value_residual;
+      if (r.ndim() != 4 || r.shape(0) != B || r.shape(1) != H || r.shape(2) != R || r.shape(3) != D ||
+          r.dtype() != ks.dtype() || rv.ndim() != 4 || rv.shape(0) != B || rv.shape(1) != H ||
+          rv.shape(2) != R || rv.shape(3) != Dv || rv.dtype() != ks.dtype()) {
+        throw ValueError(ctx, "residual keys " + shape_str({B, H, R, D}) + " and values " +
+                                  shape_str({B, H, R, Dv}) + " of dtype " + dtype_str(ks.dtype()),
+                         shape_str(r.shape()) + " and " + shape_str(rv.shape()));
+      }
+    }
+  }
+  keys_ = std::move(keys);
+  values_ = std::move(values);
+  offset_ = std::move(offset);
+  left_padding_ = std::move(left_padding);
+  idx_ = idx;
+  residual_ = std::move(residual);
+  value_residual_ = std::move(value_residual);
+  right_padding_.reset();
+  key_spec_ = key_spec;
+  value_spec_ = value_spec;
+  window_ = window;
+}
+
+size_t ChannelBatch::nbytes() const {
+  size_t n = nbytes_of(residual_) + nbytes_of(value_residual_);
+  for (const auto* q : {&keys_, &values_}) {
+    if (*q) {
+      n += std::get<0>(**q).nbytes() + std::get<1>(**q).nbytes() + std::get<2>(**q).nbytes();
+    }
+  }
+  return n;
+}
+
+} // namespace kvcore
