@@ -150,3 +150,12 @@ def test_metrics_text_parses_as_prometheus_text(tmp_path):
     assert samples[("kvcore_prompt_cache_lookups_total", ())] == 2
     assert samples[("kvcore_batch_sequences_max", (("cache", "QuantizedBatchKVCache"),))] == 3
     assert samples[("kvcore_disk_errors", ())] == 0
+
+
+def test_serve_batches_quantized_requests_for_both_schemes():
+    from kvcore._serve import _batch_takes
+
+    # kvcore serve keeps continuous batching when kvcore's batch caches
+    # take the settings (mlx_lm.server serves kv_bits one at a time).
+    for scheme in ("affine", "rotated-channel"):
+        assert _batch_takes(kvcore, _kv_args(kv_scheme=scheme)) is True
