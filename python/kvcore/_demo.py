@@ -173,11 +173,17 @@ def run(model=None, tokens: int = 24, repeat: int = 1) -> int:
           f"{'KL vs float':>12s}")
     float_bytes = sum(c.nbytes for c in full)
     print(f"   {'float (' + dtype + ')':22s} {float_bytes:10d} {1.0:8.3f} {1.0:12.3f} {0.0:12.4f}")
-    for bits in (8, (8, 4), 4):
-        q = [c.to_quantized(group_size=64, bits=bits) for c in full]
+    # rotated-channel with no float window: every whole group of 32 tokens quantized.
+    rotated = dict(group_size=(32, 64), scheme="rotated-channel", window=0)
+    settings = [("8 bits", dict(group_size=64, bits=8)),
+                ("keys 8, values 4 bits", dict(group_size=64, bits=(8, 4))),
+                ("4 bits", dict(group_size=64, bits=4)),
+                ("4 bits rotated-channel", dict(rotated, bits=4)),
+                ("3 bits rotated-channel", dict(rotated, bits=3))]
+    for name, kw in settings:
+        q = [c.to_quantized(**kw) for c in full]
         nbytes = sum(c.nbytes for c in q)
         agree, kl = _continuation_quality(net, q, float_logits, answer)
-        name = f"{bits} bits" if isinstance(bits, int) else f"keys {bits[0]}, values {bits[1]} bits"
         print(f"   {name:22s} {nbytes:10d} {nbytes / float_bytes:8.3f} {agree:12.3f} {kl:12.4f}")
     print("\ndemo:", "ok" if ok else "MISMATCH")
     return 0 if ok else 1
