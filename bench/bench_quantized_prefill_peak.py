@@ -159,11 +159,16 @@ def main():
                     ps = peaks[(label, lib)]
                     med = statistics.median(ps)
                     fl = statistics.median(peaks[(ref, lib)])
-                    spread = f" ({min(ps) / 1e6:.1f}-{max(ps) / 1e6:.1f})" if max(ps) != min(ps) else ""
-                    mark = " **above**" if med > fl else ""
-                    lines.append(
-                        f"| {lib} | {label} | {med / 1e6:.1f}{spread} | {sizes[(label, lib)] / 1e6:.1f} | "
-                        f"{med / fl:.3f}{mark} | {sizes[(label, lib)] / fl:.3f} |")
+                    lo, hi = f"{min(ps) / 1e6:.1f}", f"{max(ps) / 1e6:.1f}"
+                    spread = f" ({lo}-{hi})" if lo != hi else ""
+                    size = sizes[(label, lib)]
+                    if fl < 0.01 * sizes[(ref, lib)]:
+                        # One chunk fills the float buffer: it shares the input's memory.
+                        ratios = "n/a | n/a"
+                    else:
+                        mark = " **above**" if med > fl else ""
+                        ratios = f"{med / fl:.3f}{mark} | {size / fl:.3f}"
+                    lines.append(f"| {lib} | {label} | {med / 1e6:.1f}{spread} | {size / 1e6:.1f} | {ratios} |")
                 lines.append("")
                 del k, v
     text = "\n".join(lines)
