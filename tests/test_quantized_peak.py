@@ -3,7 +3,7 @@ float KVCache of the same capacity, in both schemes, and the cache holds no
 memory beyond its nbytes afterwards (a rotated-channel cache's float
 residual is its own tokens, not a view that keeps a whole rotated chunk).
 
-Memory is measured in a fresh interpreter: mx.get_peak_memory() and
+Memory is measured on the CPU in a fresh interpreter: mx.get_peak_memory() and
 mx.get_active_memory() count the bytes mlx's allocator hands out, which on
 the CPU backend are the same from run to run for the same graph (no other
 work in the process, mx.clear_cache() before each case). The peak
@@ -25,6 +25,7 @@ import mlx.core as mx
 import kvcore
 
 T, chunk, H, D = (int(a) for a in sys.argv[1:5])
+mx.set_default_device(mx.cpu)  # the backend whose allocation is measured here
 mx.random.seed(0)
 k = mx.random.normal((1, H, chunk, D)).astype(mx.float16)
 v = mx.random.normal((1, H, chunk, D)).astype(mx.float16)
