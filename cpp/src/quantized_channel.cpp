@@ -22,13 +22,17 @@ mx::array columns(const mx::array& a, int from, int to) {
 }
 
 // x written at column `at` of buf's last axis, after growing buf (kept up to
-// `at`) by `grow` columns when grow > 0.
+// `at`) by `grow` columns when grow > 0. A first allocation (at 0) is the
+// zeros alone, not a copy of them.
 mx::array write_columns(const mx::array& buf, const mx::array& x, int at, int grow) {
   auto b = buf;
   if (grow > 0) {
     auto shape = x.shape();
     shape.back() = grow;
-    b = mx::concatenate({columns(buf, 0, at), mx::zeros(shape, x.dtype())}, -1);
+    b = mx::zeros(shape, x.dtype());
+    if (at > 0) {
+      b = mx::concatenate({columns(buf, 0, at), b}, -1);
+    }
   }
   mx::Shape lo(x.ndim(), 0), hi = x.shape();
   lo.back() = at;
@@ -36,11 +40,13 @@ mx::array write_columns(const mx::array& buf, const mx::array& x, int at, int gr
   return mx::slice_update(b, x, lo, hi);
 }
 
-// x written at token `at` of a per-token buffer, after growing it (kept up
-// to `at`) by `grow` tokens when grow > 0.
-mx::array write_tokens(const mx::array& buf, const mx::array& x, int at, int grow) {
-  auto b = grow > 0 ? seq_concat({seq_slice(buf, 0, at), seq_zeros(x, grow)}) : buf;
-  return seq_write(b, x, at);
+// A per-token buffer kept up to `at` and grown by `grow` tokens (buf itself
+// when grow is 0; the zeros alone at 0).
+mx::array grow_tokens(const mx::array& buf, const mx::array& like, int at, int grow) {
+  if (grow == 0) {
+    return buf;
+  }
+  return at > 0 ? seq_concat({seq_slice(buf, 0, at), seq_zeros(like, grow)}) : seq_zeros(like, grow);
 }
 
 QuantizedArrays empty_triple(int B, int H, int rows, int packed, int groups, mx::Dtype dtype, bool transposed) {
@@ -52,11 +58,21 @@ QuantizedArrays empty_triple(int B, int H, int rows, int packed, int groups, mx:
           mx::zeros(shape(transposed ? 0 : groups), dtype)};
 }
 
-OptionalArray tail(const mx::array& x, int from) {
-  if (from >= x.shape(2)) {
+// Tokens [from, to) of [residual | rotated new tokens], rotating only the
+// new ones that fall in the range; None when the range is empty.
+OptionalArray rotated_span(const OptionalArray& residual, const mx::array& x, int from, int to) {
+  if (from >= to) {
     return std::nullopt;
   }
-  return seq_slice(x, from, x.shape(2));
+  const int R = residual ? residual->shape(2) : 0;
+  std::vector<mx::array> parts;
+  if (from < R) {
+    parts.push_back(seq_slice(*residual, from, std::min(to, R)));
+  }
+  if (to > R) {
+    parts.push_back(hadamard(seq_slice(x, std::max(from, R) - R, to - R)));
+  }
+  return parts.size() == 1 ? parts[0] : seq_concat(std::move(parts));
 }
 
 } // namespace
@@ -172,15 +188,14 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
     throw RuntimeError(ctx, "offset 0 in an empty cache", "offset " + std::to_string(offset_));
   }
 
-  auto pk = hadamard(keys), pv = hadamard(values);
-  if (residual_) {
-    pk = mx::concatenate({*residual_, pk}, 2);
-    pv = mx::concatenate({*value_residual_, pv}, 2);
-  }
-  // Whole groups older than the window are quantized; the rest stays float.
+  // The tokens in line: the float residual (R, rotated), then the new ones,
+  // rotated only where they are used. Whole groups older than the window
+  // are quantized; the rest stays float.
+  const int R = residual_ ? residual_->shape(2) : 0;
   const int target = std::max(0, end - window_) / G * G;
   const int add = std::max(0, target - done);
 
+  await_buffer_release(capacity_, keys_.has_value(), S);
   OptionalQuantized kbuf = keys_, vbuf = values_;
   if (!kbuf) {
     kbuf = empty_triple(B, H, D, 0, 0, keys.dtype(), true);
@@ -201,22 +216,50 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
                  double(B) * H *
                      (double(kgrow) * D * (key_spec_.bits / 8.0 + 2.0 * item / G) +
                       double(vgrow) * Dv * (value_spec_.bits / 8.0 + 2.0 * item / value_spec_.group_size)));
-    auto qk = quantize(ctx, mx::swapaxes(seq_slice(pk, 0, add), 2, 3), G, key_spec_.bits);
-    auto qv = quantize(ctx, seq_slice(pv, 0, add), value_spec_.group_size, value_spec_.bits);
+    // Keys: a group may straddle the residual and the new tokens; one copy
+    // lays both out transposed (B, H, D, add) as quantize reads them.
+    std::vector<mx::array> kparts;
+    if (R > 0) {
+      kparts.push_back(mx::swapaxes(seq_slice(*residual_, 0, add), 2, 3));
+    }
+    if (add > R) {
+      kparts.push_back(mx::swapaxes(hadamard(seq_slice(keys, 0, add - R)), 2, 3));
+    }
+    auto qk = quantize(ctx, kparts.size() == 1 ? kparts[0] : mx::concatenate(kparts, 3), G,
+                       key_spec_.bits);
     const auto& [bw, bs, bb] = *kbuf;
     kbuf = QuantizedArrays{
         write_columns(bw, std::get<0>(qk), done / G * per_group, kgrow / G * per_group),
         write_columns(bs, std::get<1>(qk), done / G, kgrow / G),
         write_columns(bb, std::get<2>(qk), done / G, kgrow / G)};
-    const auto& [vw, vs, vb] = *vbuf;
-    vbuf = QuantizedArrays{write_tokens(vw, std::get<0>(qv), done, vgrow),
-                           write_tokens(vs, std::get<1>(qv), done, vgrow),
-                           write_tokens(vb, std::get<2>(qv), done, vgrow)};
+    // Values are quantized per token: the residual's and the new ones apart,
+    // each written where it goes.
+    const auto& [vw0, vs0, vb0] = *vbuf;
+    auto vw = grow_tokens(vw0, vw0, done, vgrow);
+    auto vs = grow_tokens(vs0, vs0, done, vgrow);
+    auto vb = grow_tokens(vb0, vb0, done, vgrow);
+    auto write_values = [&](const mx::array& x, int at) {
+      auto [w, s, b] = quantize(ctx, x, value_spec_.group_size, value_spec_.bits);
+      vw = seq_write(vw, w, at);
+      vs = seq_write(vs, s, at);
+      vb = seq_write(vb, b, at);
+    };
+    if (R > 0) {
+      write_values(seq_slice(*value_residual_, 0, add), done);
+    }
+    if (add > R) {
+      write_values(hadamard(seq_slice(values, 0, add - R)), done + R);
+    }
+    vbuf = QuantizedArrays{std::move(vw), std::move(vs), std::move(vb)};
   }
+  // The new residual holds only its own tokens (never a view that keeps a
+  // whole rotated chunk alive).
+  auto rk = rotated_span(residual_, keys, add, R + S);
+  auto rv = rotated_span(value_residual_, values, add, R + S);
   keys_ = std::move(kbuf);
   values_ = std::move(vbuf);
-  residual_ = tail(pk, add);
-  value_residual_ = tail(pv, add);
+  residual_ = std::move(rk);
+  value_residual_ = std::move(rv);
   offset_ = end;
   return channel_keys_and_values();
 }
