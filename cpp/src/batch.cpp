@@ -292,6 +292,18 @@ void BatchCache::filter(const std::vector<int>& indices) {
   left_padding_ = std::move(lp);
 }
 
+void BatchCache::shift_rows_right(const mx::array& shift) {
+  if (keys_ && values_) {
+    auto shifts = mx::expand_dims(shift, 1);
+    auto k = dynamic_roll(*keys_, shifts, 2);
+    auto v = dynamic_roll(*values_, shifts, 2);
+    keys_ = std::move(k);
+    values_ = std::move(v);
+  }
+  offset_ = mx::subtract(offset(), shift);
+  left_padding_ = mx::add(left_padding(), shift);
+}
+
 void BatchCache::extend_aligned(BatchCache& other) {
   constexpr const char* ctx = "extend";
   check_batch(ctx);

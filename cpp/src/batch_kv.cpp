@@ -70,16 +70,7 @@ void BatchKVCache::finalize() {
     return;
   }
   check_batch("BatchKVCache.finalize");
-  const auto& pad = *right_padding_;
-  if (keys_ && values_) {
-    auto shifts = mx::expand_dims(pad, 1);
-    auto k = dynamic_roll(*keys_, shifts, 2);
-    auto v = dynamic_roll(*values_, shifts, 2);
-    keys_ = std::move(k);
-    values_ = std::move(v);
-  }
-  offset_ = mx::subtract(offset(), pad);
-  left_padding_ = mx::add(left_padding(), pad);
+  shift_rows_right(*right_padding_);
   right_padding_.reset();
 }
 

@@ -192,16 +192,7 @@ void BatchRotatingKVCache::finalize() {
     return;
   }
   check_batch("BatchRotatingKVCache.finalize");
-  auto roll = mx::maximum(mx::array(0, offset_.dtype()), mx::subtract(offset(), *lengths_));
-  if (keys_ && values_) {
-    auto shifts = mx::expand_dims(roll, 1);
-    auto k = dynamic_roll(*keys_, shifts, 2);
-    auto v = dynamic_roll(*values_, shifts, 2);
-    keys_ = std::move(k);
-    values_ = std::move(v);
-  }
-  left_padding_ = mx::add(left_padding(), roll);
-  offset_ = mx::subtract(offset(), roll);
+  shift_rows_right(mx::maximum(mx::array(0, offset_.dtype()), mx::subtract(offset(), *lengths_)));
   lengths_.reset();
 }
 

@@ -106,6 +106,10 @@ class BatchCache : public Cache {
   /// mlx-lm's extend: both caches' buffers right-aligned at the larger
   /// write position and padded to one length, then stacked.
   void extend_aligned(BatchCache& other);
+  /// finalize()'s move of each row's tokens right by shift[row] slots along
+  /// the sequence: the buffers rolled, the shift added to the left padding
+  /// and taken from the offset.
+  void shift_rows_right(const mx::array& shift);
 
   OptionalArray keys_;
   OptionalArray values_;
