@@ -227,8 +227,14 @@ def test_replies_equal_mlx_lm_server(model_dir, float_run, tmp_path):
             == float_run["second"].usage.prompt_tokens_details.cached_tokens)
 
 
-def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_path):
-    server = Server(kvcore_serve(model_dir, "--kv-bits", "4", "--quantized-kv-start", "0"),
+@pytest.mark.parametrize("scheme, line", [
+    ("affine", "quantized KV cache: affine, 4 bits, group 64, from the first token"),
+    ("rotated-channel", "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 "
+                        "tokens, values group 64, newest 0 tokens in float, from the first token"),
+])
+def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_path, scheme, line):
+    extra = [] if scheme == "affine" else ["--kv-scheme", scheme, "--kv-window", "0"]
+    server = Server(kvcore_serve(model_dir, "--kv-bits", "4", "--quantized-kv-start", "0", *extra),
                     tmp_path / "q4.log")
     # Text completions: short prompts keep the quantized CPU run quick.
     prompts = ["The capital of France is", "One plus one is", "The sky is",
@@ -253,7 +259,7 @@ def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_pa
     assert m[("kvcore_batch_sequences_max", (("cache", "QuantizedBatchKVCache"),))] == 4
     assert ("kvcore_batch_sequences_max", (("cache", "BatchKVCache"),)) not in m
     log = server.output()
-    assert "quantized KV cache: affine, 4 bits, group 64, from the first token" in log
+    assert line in log
     assert "4 sequences decoded in one batch (QuantizedBatchKVCache)" in log
 
 
