@@ -11,6 +11,7 @@ import time
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 from test_disk_faults import HERE, assert_same, entry_files, hybrid, run_python
 
 import kvcore
@@ -358,3 +359,32 @@ def test_a_full_disk_ends_block_writes_with_an_error_and_memory_serves(tmp_path)
     assert all(e.startswith(".tmp-") and ": not written: [save_prompt_cache] expected a file it can write at " in e
                and "Unable to write" in e for e in errors[:2]), errors
     assert errors[2].startswith(".tmp-") and "expected its 2 blocks on disk but got a chain with a hole" in errors[2]
+
+
+@pytest.mark.parametrize("kw", [dict(group_size=64, bits=4),
+                                dict(group_size=(32, 64), bits=(4, 2), scheme="rotated-channel",
+                                     window=0)])
+def test_quantized_caches_go_to_disk_at_their_own_bytes(tmp_path, kw):
+    # Quantized layers are not split into blocks: the entry's tail holds them
+    # whole, quantized (README, "Disk tier blocks").
+    toks = prompt(2 * B + 40)
+    caches = [c.to_quantized(**kw) for c in kv_caches(toks, dim=64)]
+    float_bytes = cache_bytes(kv_caches(toks, dim=64))
+    with kvcore.LRUPromptCache(disk_dir=str(tmp_path)) as lru:
+        lru.insert_cache(MODEL, toks, caches)
+    assert blocks(tmp_path) == [] and len(tails(tmp_path)) == 1
+    # 4-bit keys and values (or 4 and 2 bits) with float16 scales: under 0.4x float16's bytes.
+    assert dir_bytes(tmp_path) < float_bytes / 2.5
+    again = kvcore.LRUPromptCache(disk_dir=str(tmp_path))
+    got, rest = again.fetch_nearest_cache(MODEL, toks)
+    assert rest == [] and again.disk_errors == []
+    assert [type(c) for c in got] == [kvcore.QuantizedKVCache] * 2
+    assert [(c.group_size, c.bits, c.scheme) for c in got] == [
+        (c.group_size, c.bits, c.scheme) for c in caches]
+    for g, c in zip(got, caches):
+        assert g.offset == c.offset
+        for a, b in zip(tree_flatten(g.state), tree_flatten(c.state)):
+            if isinstance(b[1], mx.array):
+                assert a[1].dtype == b[1].dtype and mx.array_equal(a[1], b[1]).item()
+            else:
+                assert a[1] == b[1]
