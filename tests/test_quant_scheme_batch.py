@@ -609,3 +609,33 @@ def test_batch_generator_extends_a_running_batch():
         assert out[second][0] == want[1][0]
     finally:
         unpatch_mlx_lm()
+
+
+# -- found by the fuzz (tests/test_bad_calls.py) --------------------------------------
+
+
+@pytest.fixture
+def memory_limit():
+    old = mx.set_memory_limit(1 << 30)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(old)
+
+
+@pytest.mark.parametrize("window", [0, 128])
+def test_an_update_past_the_memory_limit_is_refused_before_it_allocates(memory_limit, window):
+    # The batch's update checked no size: 2**27 tokens were taken (lazily)
+    # and the cache was left holding them.
+    _, b = merged(MIXED, window=window)
+    before = snapshot(b)
+    big = mx.zeros((3, H, 2**27, D))  # lazy: never evaluated
+    with pytest.raises(kvcore.CacheValueError) as e:
+        b.update_and_fetch(big, big)
+    assert str(e.value).startswith(
+        "[QuantizedBatchKVCache.update_and_fetch] expected an allocation within mlx's memory limit of "
+        f"{1 << 30} bytes")
+    assert str(e.value).endswith(" bytes") and f"{70 + 2**27} positions of 3 rows of " in str(e.value)
+    assert snapshot(b) == before
+    b.update_and_fetch(*kv(B=3, S=1, seed=2))
+    assert b._idx == 71
