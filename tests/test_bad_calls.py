@@ -587,6 +587,36 @@ def op_to_quantized(case):
     case.check(what)
 
 
+def op_to_channel(case):
+    """A float KVCache's or BatchKVCache's to_quantized(scheme=
+    "rotated-channel"): the layout the scheme states, and for a KVCache
+    what a rotated-channel cache fed its tokens in one update holds. Where
+    the head dims do not fit the scheme, a typed error and nothing changed."""
+    ep, c = case.ep, case.c
+    if not isinstance(c, (kvcore.KVCache, kvcore.BatchKVCache)) or pending(case):
+        return
+    kg, vg = ep.pick([32, 64, 128]), ep.pick([32, 64])
+    kb, vb = ep.pick(BITS), ep.pick(BITS)
+    window = ep.pick([0, 5, 40, None])
+    g = dict(case.g, kspec=(kg, kb), vspec=(vg, vb), group_size=(kg, vg), bits=(kb, vb), window=window)
+    call = lambda c: c.to_quantized(group_size=(kg, vg), bits=(kb, vb), scheme=SCHEME, window=window)  # noqa: E731
+    what = f"to_quantized({(kg, vg)}, {(kb, vb)}, rotated-channel, window={window})"
+    if c.keys is not None and (c.values.shape[3] % vg or not mx.issubdtype(c.keys.dtype, mx.floating)):
+        case.bad(what + " of values no group divides", call, allow=())
+        return
+    q = case.ep.ok(what, lambda: call(c))
+    twin = ChannelCase(ep, q, g)
+    twin.layout(what)
+    twin.round_trips(what)
+    n = c.offset if isinstance(c.offset, int) else None
+    if n and c.keys is not None:
+        fed = new_channel(g)
+        fed.update_and_fetch(c.keys[..., :n, :], c.values[..., :n, :])
+        same(twin.picture_of(q, SPARE | {"state"}), twin.picture_of(fed, SPARE | {"state"}),
+             f"{what} against a cache fed the same tokens")
+    case.check(what)
+
+
 # -- bad calls on sequence caches (single and batch)
 
 
@@ -839,7 +869,7 @@ SEQUENCE_BAD = [
     (1, bad_step), (1, bad_to_quantized), (1, bad_constructor),
 ]
 SINGLE_GOOD = [(8, op_update), (1, op_trim), (1, op_from_state), (1, op_deepcopy),
-               (1, op_step), (1, op_to_quantized)]
+               (1, op_step), (1, op_to_quantized), (0.5, op_to_channel)]
 
 
 def weighted(ep, ops):
@@ -1170,7 +1200,7 @@ def bad_merge(case):
 
 BATCH_GOOD = [(6, op_update), (1, op_trim), (2, op_filter), (2, op_extend), (1, op_extract),
               (1, op_prepare), (0.5, op_finalize), (1, op_from_state), (1, op_deepcopy),
-              (0.5, op_batch_to_quantized)]
+              (0.5, op_batch_to_quantized), (0.3, op_to_channel)]
 BATCH_BAD = [(4, bad_update), (1, bad_trim), (1, bad_mask), (3, bad_state), (1, bad_setter),
              (1, bad_step), (1, bad_to_quantized), (2, bad_filter), (2, bad_extract),
              (2, bad_extend), (1, bad_prepare), (1, bad_merge)]
@@ -1808,6 +1838,7 @@ CHANNEL_BAD = [(4, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_
 
 
 def channel_episode(ep, case):
+    ep.counts["rotated-channel episodes"] += 1
     try:
         for _ in range(ep.rng.randrange(10, 40)):
             if ep.chance(0.4):
@@ -1973,6 +2004,7 @@ CHANNEL_BATCH_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1
 
 
 def channel_batch_episode(ep, case):
+    ep.counts["rotated-channel episodes"] += 1
     try:
         for _ in range(ep.rng.randrange(10, 40)):
             if ep.chance(0.4):
@@ -2113,6 +2145,7 @@ class PrefixWorld:
         if self.layout == "channel":
             q = new_channel(self.g)
             q.update_and_fetch(k, v)
+            self.ep.counts["rotated-channel entries"] += 1
             out, twin = [q] + out, [None] + twin
         if self.layout == "arrays+kv":
             a, b = kvcore.ArraysCache(1), ref.ArraysCache(1)
@@ -2459,6 +2492,7 @@ def unknown_scheme_file(ep, d, caches):
     """A file whose rotated-channel layer names a scheme this version does
     not know (stored as the code points of its name) is refused, naming it."""
     path = d / "scheme.safetensors"
+    ep.note("save_prompt_cache(scheme.safetensors)")
     kvcore.save_prompt_cache(path, caches)
     arrays, meta = mx.load(str(path), return_metadata=True)
     code = [ord(ch) for ch in SCHEME]

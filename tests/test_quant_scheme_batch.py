@@ -639,3 +639,26 @@ def test_an_update_past_the_memory_limit_is_refused_before_it_allocates(memory_l
     assert snapshot(b) == before
     b.update_and_fetch(*kv(B=3, S=1, seed=2))
     assert b._idx == 71
+
+
+@pytest.mark.parametrize("spoil", ["key biases", "value biases", "value scales"])
+def test_a_state_with_scales_and_biases_of_two_dtypes_is_refused(spoil):
+    # The batch's state took float16 biases beside float32 scales.
+    _, b = merged(MIXED, window=16)
+    before = snapshot(b)
+    st = list(b.state)
+    (kw, ks, kb), (vw, vs, vb) = st[0], st[1]
+    if spoil == "key biases":
+        st[0] = (kw, ks, kb.astype(mx.float16))
+    elif spoil == "value biases":
+        st[1] = (vw, vs, vb.astype(mx.float16))
+    else:
+        st[1] = (vw, vs.astype(mx.bfloat16), vb)
+    for call in (lambda: setattr(b, "state", tuple(st)),
+                 lambda: kvcore.QuantizedBatchKVCache.from_state(tuple(st))):
+        with pytest.raises(kvcore.CacheValueError) as e:
+            call()
+        assert str(e.value).startswith(
+            "[QuantizedBatchKVCache.state] expected scales and biases of keys and values of one float "
+            "dtype but got float32, ")
+        assert snapshot(b) == before

@@ -94,13 +94,8 @@ void QuantizedKVCache::set_channel(
                                 " words per group of scales",
                        shape_str(kw.shape()) + " with scales " + shape_str(ks.shape()));
     }
-    if (kb.dtype() != ks.dtype() || vs.dtype() != ks.dtype() || vb.dtype() != ks.dtype() ||
-        !mx::issubdtype(ks.dtype(), mx::floating)) {
-      throw ValueError(ctx, "scales and biases of keys and values of one float dtype",
-                       dtype_str(ks.dtype()) + ", " + dtype_str(kb.dtype()) + ", " + dtype_str(vs.dtype()) +
-                           " and " + dtype_str(vb.dtype()));
-    }
-    if (vb.shape(3) != vs.shape(3) || vw.shape(0) != B || vw.shape(1) != H ||
+    check_scales(ctx, *keys, *values);
+    if (vw.shape(0) != B || vw.shape(1) != H ||
         1LL * vw.shape(3) * 32 != 1LL * Dv * value_spec.bits) {
       throw ValueError(ctx, "values of (B, H) " + shape_str({B, H}) + " with " +
                                 std::to_string(Dv * value_spec.bits / 32) + " packed words",

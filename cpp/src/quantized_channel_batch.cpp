@@ -652,6 +652,7 @@ void ChannelBatch::set(
     const int T = groups * G, Dv = vs.shape(3) * value_spec.group_size;
     check_rotation(ctx, "a key head dim", D);
     check_rotation(ctx, "a value head dim", Dv);
+    check_scales(ctx, *keys, *values);
     if (ks.shape(0) != B || 1LL * kw.shape(3) != 1LL * groups * G * key_spec.bits / 32 ||
         kb.shape(3) != groups) {
       throw ValueError(ctx, "keys of " + std::to_string(B) + " rows with " +
