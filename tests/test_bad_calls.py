@@ -601,7 +601,9 @@ def op_to_channel(case):
     g = dict(case.g, kspec=(kg, kb), vspec=(vg, vb), group_size=(kg, vg), bits=(kb, vb), window=window)
     call = lambda c: c.to_quantized(group_size=(kg, vg), bits=(kb, vb), scheme=SCHEME, window=window)  # noqa: E731
     what = f"to_quantized({(kg, vg)}, {(kb, vb)}, rotated-channel, window={window})"
-    if c.keys is not None and (c.values.shape[3] % vg or not mx.issubdtype(c.keys.dtype, mx.floating)):
+    held = c.offset if isinstance(c.offset, int) else c._idx
+    # (no tokens held: an empty rotated-channel cache, whatever the head dims)
+    if c.keys is not None and held > 0 and (c.values.shape[3] % vg or not mx.issubdtype(c.keys.dtype, mx.floating)):
         case.bad(what + " of values no group divides", call, allow=())
         return
     q = case.ep.ok(what, lambda: call(c))
@@ -1791,6 +1793,12 @@ BAD_CHANNEL_CONSTRUCTORS = [
      lambda: kvcore.RotatingKVCache(8).to_quantized(scheme=SCHEME)),
     ("BatchRotatingKVCache(8, [0]).to_quantized(rotated-channel)",
      lambda: kvcore.BatchRotatingKVCache(8, [0]).to_quantized(scheme=SCHEME)),
+    ("QuantizedKVCache(rotated-channel, window=2**20), an update of 2**20 float tokens",
+     lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=2**20).update_and_fetch(
+         mx.zeros((1, 8, 2**20, 64)), mx.zeros((1, 8, 2**20, 64)))),
+    ("QuantizedBatchKVCache(rotated-channel, window=2**20), an update of 2**20 float tokens",
+     lambda: kvcore.QuantizedBatchKVCache([0], 32, 4, scheme=SCHEME, window=2**20).update_and_fetch(
+         mx.zeros((1, 8, 2**20, 64)), mx.zeros((1, 8, 2**20, 64)))),
     ("QuantizedKVCache(rotated-channel), an update past the memory limit",
      lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=0).update_and_fetch(
          mx.zeros((1, 2, 2**27, 32)), mx.zeros((1, 2, 2**27, 32)))),

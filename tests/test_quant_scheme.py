@@ -538,3 +538,31 @@ def test_attention_takes_a_mask_per_query_head_with_grouped_heads(scheme):
             tuple(a[:, h // 2:h // 2 + 1] if a is not None else None for a in values), scale=0.125,
             mask=mask[:, h:h + 1], group_size=32, bits=4, scheme=scheme)
         assert mx.allclose(got[:, h:h + 1], one, atol=1e-5).item(), h
+
+
+@pytest.fixture
+def memory_limit():
+    old = mx.set_memory_limit(1 << 30)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(old)
+
+
+def test_an_update_of_float_tokens_past_the_memory_limit_is_refused(memory_limit):
+    # Only the growth of the quantized buffers was checked: an update that
+    # quantizes nothing (all of it inside the window) took 4 GiB of float
+    # tokens, lazily, and the cache held them.
+    c = new(window=2**20)
+    c.update_and_fetch(*kv(S=3))
+    before = c.state
+    big = mx.zeros((1, 2, 2**20 * 4, 64))  # lazy: never evaluated
+    with pytest.raises(kvcore.CacheValueError) as e:
+        c.update_and_fetch(big, big)
+    assert str(e.value).startswith(
+        "[QuantizedKVCache.update_and_fetch] expected an allocation within mlx's memory limit of "
+        f"{1 << 30} bytes")
+    assert f"but got {3 + 2**22} float tokens of " in str(e.value)
+    _assert_same_state(c, kvcore.QuantizedKVCache.from_state(before))
+    c.update_and_fetch(*kv(S=2))
+    assert c.offset == 5

@@ -182,6 +182,9 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
   // Whole groups older than the window are quantized; the rest stays float.
   const int target = std::max(0, end - window_) / G * G;
   const int add = std::max(0, target - done);
+  // The float tokens the update rotates and joins to the residual.
+  check_memory(ctx, std::to_string(end - done) + " float tokens",
+               double(B) * H * (end - done) * (D + Dv) * keys.itemsize());
 
   OptionalQuantized kbuf = keys_, vbuf = values_;
   if (!kbuf) {
