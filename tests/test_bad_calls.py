@@ -13,7 +13,10 @@ disk tier and checkpoints) and on the prompt-cache file functions:
   nbytes, masks; for LRUPromptCache its length, bytes, checkpoints, stats
   and what a fixed set of fetches returns; for files the bytes on disk);
 * every good call gives what mlx-lm's class gives for the same call on the
-  same inputs (arrays bit for bit), where mlx-lm has the class.
+  same inputs (arrays bit for bit), where mlx-lm has the class; kvcore's
+  rotated-channel scheme (QuantizedKVCache, QuantizedBatchKVCache, to_quantized,
+  merge, quantized attention, files, the prefix cache), which mlx-lm lacks, is
+  held to invariants stated exactly instead (its section below says which).
 
 Like the C++ loader fuzz (``kvcore_fuzz_loader seed iterations``), episode
 ``i`` of a family draws from its own generator, seeded by (seed, family,
@@ -1488,8 +1491,6 @@ class ChannelCase(Case):
 def channel_update(case):
     ep, c, g = case.ep, case.c, case.g
     S = ep.pick([1, 1, 1, 2, 3, 9, 31, 33, 70])
-    if pending(case):
-        S = max(S, 1)
     k, v = case.kv(S)
     n0, t0 = case.length(), tokens_quantized(c)
     out = case.good(f"update_and_fetch(S={S})", lambda c: c.update_and_fetch(k, v))
@@ -1677,7 +1678,7 @@ def channel_forged_states(case):
         ("bits (4, 7)", with_item(st, at + 1, (4, 7))),
     ]
     kb = g["kspec"][1]
-    other = ep_other = [b for b in BITS if b != kb and (g["kspec"][0] * b) % 32 == 0]
+    other = [b for b in BITS if b != kb]
     kg = g["kspec"][0]
     if st[0] is not None and st[0][1].shape[-1]:
         # (with no key group stored, any group size and bits fit)
@@ -1860,7 +1861,7 @@ def channel_episode(ep, case):
 # -- batches of the scheme
 
 
-def channel_single_filled(ep, g, max_tokens=None):
+def channel_single_filled(ep, g):
     c = new_channel(g)
     tmp = Case(ep, c, None, "none", dict(g, B=1))
     for _ in range(ep.pick([0, 1, 2, 3])):
