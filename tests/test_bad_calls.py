@@ -1879,7 +1879,14 @@ def channel_batch(ep, g, B):
     if u < 0.5:
         singles = [channel_single_filled(ep, g) for _ in range(B)]
         ep.note(f"QuantizedKVCache.merge(offsets {[s.offset for s in singles]})")
-        return kvcore.QuantizedKVCache.merge(singles)
+        snap = [s.keys_and_values() if s.offset else None for s in singles]
+        out = kvcore.QuantizedKVCache.merge(singles)
+        # A row padded by whole key groups holds what its own cache holds.
+        G = pair(g["group_size"])[0]
+        for i, s in enumerate(singles):
+            if s.offset and (out._idx - s.offset) % G == 0:
+                same(out.extract(i).keys_and_values(), snap[i], f"merge: row {i} against its cache")
+        return out
     lp = [ep.pick([0, 0, 1, 32, 40]) for _ in range(B)]
     if u < 0.75:
         ep.note(f"QuantizedBatchKVCache({lp}, rotated-channel)")
