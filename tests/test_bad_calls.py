@@ -13,7 +13,10 @@ disk tier and checkpoints) and on the prompt-cache file functions:
   nbytes, masks; for LRUPromptCache its length, bytes, checkpoints, stats
   and what a fixed set of fetches returns; for files the bytes on disk);
 * every good call gives what mlx-lm's class gives for the same call on the
-  same inputs (arrays bit for bit), where mlx-lm has the class.
+  same inputs (arrays bit for bit), where mlx-lm has the class; kvcore's
+  rotated-channel scheme (QuantizedKVCache, QuantizedBatchKVCache, to_quantized,
+  merge, quantized attention, files, the prefix cache), which mlx-lm lacks, is
+  held to invariants stated exactly instead (its section below says which).
 
 Like the C++ loader fuzz (``kvcore_fuzz_loader seed iterations``), episode
 ``i`` of a family draws from its own generator, seeded by (seed, family,
@@ -102,7 +105,7 @@ ATTRS = (
     "offset", "_idx", "_offset", "keep", "max_size", "left_padding", "rotated",
     "chunk_size", "start_position", "capacity", "step", "bits", "group_size",
     "lengths", "batch_size", "_right_padding", "_lengths", "keys", "values",
-    "cache",
+    "cache", "scheme", "window", "residual", "value_residual",
 )
 
 
@@ -425,11 +428,15 @@ def geometry(ep, quantized, batch=False):
 SINGLE_KINDS = [
     "KVCache", "KVCache(capacity)", "ConcatenateKVCache", "RotatingKVCache", "ChunkedKVCache",
     "QuantizedKVCache", "QuantizedKVCache(capacity)", "QuantizedRotatingKVCache",
+    "QuantizedKVCache(rotated-channel)",
 ]
 
 
 def make_single(ep, kind):
-    """A Case of kind, with its mlx-lm twin."""
+    """A Case of kind, with its mlx-lm twin (for the rotated-channel
+    scheme, a ChannelCase)."""
+    if kind == "QuantizedKVCache(rotated-channel)":
+        return make_channel_single(ep)
     quantized = kind.startswith("Quantized")
     g = geometry(ep, quantized)
     capacity = ep.pick([1, 3, 8, 300]) if kind.endswith("(capacity)") else None
@@ -580,6 +587,38 @@ def op_to_quantized(case):
         want = case.r.to_quantized(group_size=gs, bits=bits)
         twin = Case(case.ep, q, want, "same", case.g)
         twin.check(what)
+    case.check(what)
+
+
+def op_to_channel(case):
+    """A float KVCache's or BatchKVCache's to_quantized(scheme=
+    "rotated-channel"): the layout the scheme states, and for a KVCache
+    what a rotated-channel cache fed its tokens in one update holds. Where
+    the head dims do not fit the scheme, a typed error and nothing changed."""
+    ep, c = case.ep, case.c
+    if not isinstance(c, (kvcore.KVCache, kvcore.BatchKVCache)) or pending(case):
+        return
+    kg, vg = ep.pick([32, 64, 128]), ep.pick([32, 64])
+    kb, vb = ep.pick(BITS), ep.pick(BITS)
+    window = ep.pick([0, 5, 40, None])
+    g = dict(case.g, kspec=(kg, kb), vspec=(vg, vb), group_size=(kg, vg), bits=(kb, vb), window=window)
+    call = lambda c: c.to_quantized(group_size=(kg, vg), bits=(kb, vb), scheme=SCHEME, window=window)  # noqa: E731
+    what = f"to_quantized({(kg, vg)}, {(kb, vb)}, rotated-channel, window={window})"
+    held = c.offset if isinstance(c.offset, int) else c._idx
+    # (no tokens held: an empty rotated-channel cache, whatever the head dims)
+    if c.keys is not None and held > 0 and (c.values.shape[3] % vg or not mx.issubdtype(c.keys.dtype, mx.floating)):
+        case.bad(what + " of values no group divides", call, allow=())
+        return
+    q = case.ep.ok(what, lambda: call(c))
+    twin = ChannelCase(ep, q, g)
+    twin.layout(what)
+    twin.round_trips(what)
+    n = c.offset if isinstance(c.offset, int) else None
+    if n and c.keys is not None:
+        fed = new_channel(g)
+        fed.update_and_fetch(c.keys[..., :n, :], c.values[..., :n, :])
+        same(twin.picture_of(q, SPARE | {"state"}), twin.picture_of(fed, SPARE | {"state"}),
+             f"{what} against a cache fed the same tokens")
     case.check(what)
 
 
@@ -835,7 +874,7 @@ SEQUENCE_BAD = [
     (1, bad_step), (1, bad_to_quantized), (1, bad_constructor),
 ]
 SINGLE_GOOD = [(8, op_update), (1, op_trim), (1, op_from_state), (1, op_deepcopy),
-               (1, op_step), (1, op_to_quantized)]
+               (1, op_step), (1, op_to_quantized), (0.5, op_to_channel)]
 
 
 def weighted(ep, ops):
@@ -850,6 +889,8 @@ def weighted(ep, ops):
 
 def single_episode(ep):
     case = make_single(ep, ep.pick(SINGLE_KINDS))
+    if isinstance(case, ChannelCase):
+        return channel_episode(ep, case)
     for _ in range(ep.rng.randrange(10, 40)):
         if ep.chance(0.4):
             weighted(ep, SEQUENCE_BAD)(case)
@@ -876,7 +917,7 @@ def test_caches(memory_limit):
 # Batch caches, merges and ArraysCache
 
 BATCH_KINDS = ["BatchKVCache", "BatchRotatingKVCache", "QuantizedBatchKVCache",
-               "QuantizedBatchRotatingKVCache"]
+               "QuantizedBatchRotatingKVCache", "QuantizedBatchKVCache(rotated-channel)"]
 
 
 def single_pair(ep, kind, g):
@@ -932,6 +973,8 @@ def merged(ep, kind, g, B):
 
 
 def make_batch(ep, kind):
+    if kind == "QuantizedBatchKVCache(rotated-channel)":
+        return make_channel_batch(ep)
     g = geometry(ep, kind.startswith("Quantized"), batch=True)
     if "Rotating" in kind:
         g["max_size"] = ep.pick([2, 3, 5, 8])
@@ -1162,7 +1205,7 @@ def bad_merge(case):
 
 BATCH_GOOD = [(6, op_update), (1, op_trim), (2, op_filter), (2, op_extend), (1, op_extract),
               (1, op_prepare), (0.5, op_finalize), (1, op_from_state), (1, op_deepcopy),
-              (0.5, op_batch_to_quantized)]
+              (0.5, op_batch_to_quantized), (0.3, op_to_channel)]
 BATCH_BAD = [(4, bad_update), (1, bad_trim), (1, bad_mask), (3, bad_state), (1, bad_setter),
              (1, bad_step), (1, bad_to_quantized), (2, bad_filter), (2, bad_extract),
              (2, bad_extend), (1, bad_prepare), (1, bad_merge)]
@@ -1172,6 +1215,8 @@ def batch_episode(ep):
     if ep.chance(0.15):
         return arrays_episode(ep)
     case = make_batch(ep, ep.pick(BATCH_KINDS))
+    if isinstance(case, ChannelCase):
+        return channel_batch_episode(ep, case)
     for _ in range(ep.rng.randrange(10, 40)):
         if ep.chance(0.4):
             weighted(ep, BATCH_BAD)(case)
@@ -1295,6 +1340,701 @@ def arrays_episode(ep):
 
 
 # --------------------------------------------------------------------------
+# The rotated-channel scheme (QuantizedKVCache and QuantizedBatchKVCache of
+# scheme="rotated-channel"): mlx-lm has no such layout, so good calls are
+# checked against invariants stated exactly instead of a twin:
+#
+# * the layout: keys (B, H, D, t * bits / 32) with t a whole number of
+#   groups of tokens, values (B, H, t, ...), residuals of offset - t tokens
+#   (None when there are none), scales of the keys' dtype;
+# * an update quantizes the whole groups older than the window and no more
+#   (t becomes max(t before, (offset - window) // G * G)), returns what
+#   keys_and_values() then returns, and its residual ends with the new
+#   tokens rotated;
+# * from_state(state) and copies hold the same state bit for bit, and a
+#   copy (deepcopy or from_state) given the same call answers the same and
+#   ends the same;
+# * trim(n) trims min(n, offset); to_quantized of a float cache holds what a
+#   rotated-channel cache fed the same tokens holds; attention over the
+#   cache agrees with float attention over its dequantized keys and values.
+
+SCHEME = "rotated-channel"
+# What a twin built another way may hold differently: buffers' spare room.
+SPARE = {"keys", "values", "nbytes", "capacity", "step"}
+
+
+def rot(x):
+    return mx.hadamard_transform(x, scale=1.0 / float(x.shape[-1]) ** 0.5)
+
+
+def pair(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+def channel_geometry(ep, batch=False):
+    g = {"B": ep.pick([1, 2, 3] if batch else [1, 2]), "H": ep.pick([1, 2]),
+         "dtype": ep.pick(FLOATS), "Dk": ep.pick([16, 32, 64]), "Dv": ep.pick([32, 64])}
+    kg = ep.pick([32, 64, 128])
+    vg = ep.pick([x for x in (32, 64) if g["Dv"] % x == 0])
+    kb, vb = ep.pick(BITS), ep.pick(BITS)
+    if ep.chance(0.3) and g["Dv"] % kg == 0:
+        vg = kg
+    g["kspec"], g["vspec"] = (kg, kb), (vg, vb)
+    g["group_size"] = kg if kg == vg and ep.chance(0.8) else (kg, vg)
+    g["bits"] = kb if kb == vb and ep.chance(0.8) else (kb, vb)
+    g["window"] = ep.pick([0, 0, 1, 5, 16, 40, 128, None])
+    g["channel"] = True
+    return g
+
+
+def channel_window(g):
+    return 128 if g["window"] is None else g["window"]
+
+
+def new_channel(g, **kw):
+    return kvcore.QuantizedKVCache(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME,
+                                   window=g["window"], **kw)
+
+
+def is_channel(c):
+    return getattr(c, "scheme", None) == SCHEME
+
+
+def tokens_quantized(c):
+    """Tokens (single) or positions (batch) held in key groups."""
+    keys = c.keys_and_values()[0] if not c.empty() else None
+    if keys is None:
+        return 0
+    return keys[1].shape[-1] * pair(c.group_size)[0]
+
+
+class ChannelCase(Case):
+    """A rotated-channel cache under random calls, checked by invariants."""
+
+    def __init__(self, ep, c, g):
+        super().__init__(ep, c, None, "channel", g)
+
+    def length(self):
+        return self.c.offset if isinstance(self.c.offset, int) else self.c._idx
+
+    def layout(self, what):
+        """The stored arrays fit the scheme, the spec and the offset."""
+        c, g = self.c, self.g
+        (kg, vg), (kb, vb) = pair(c.group_size), pair(c.bits)
+        assert (kg, vg) == (g["kspec"][0], g["vspec"][0]) and (kb, vb) == (g["kspec"][1], g["vspec"][1]), (
+            f"{what}: spec {c.group_size} {c.bits} != {g['kspec']} {g['vspec']}")
+        assert c.scheme == SCHEME and c.window == channel_window(g), f"{what}: {c.scheme} {c.window}"
+        n = self.length()
+        if c.empty() and n == 0 and c.residual is None:
+            return
+        (kw, ks, kbi, r), (vw, vs, vbi, rv) = c.keys_and_values()
+        B, H = ks.shape[:2]
+        t = ks.shape[-1] * kg
+        Dk, Dv = ks.shape[2], vs.shape[3] * vg
+        assert kw.shape == (B, H, Dk, t * kb // 32) and kbi.shape == ks.shape, (
+            f"{what}: keys {kw.shape} {ks.shape} {kbi.shape} for {t} tokens")
+        assert vw.shape == (B, H, t, Dv * vb // 32) and vs.shape == vbi.shape == (B, H, t, Dv // vg), (
+            f"{what}: values {vw.shape} {vs.shape} {vbi.shape} for {t} tokens")
+        assert kw.dtype == vw.dtype == mx.uint32, f"{what}: weights {kw.dtype} {vw.dtype}"
+        dt = ks.dtype
+        assert kbi.dtype == vs.dtype == vbi.dtype == dt, f"{what}: scales of {dt} and others"
+        R = n - t
+        assert R >= 0, f"{what}: {t} quantized of {n}"
+        if R == 0:
+            assert r is None and rv is None, f"{what}: a residual beside {n} quantized tokens"
+        else:
+            assert r is not None and r.shape == (B, H, R, Dk) and rv.shape == (B, H, R, Dv), (
+                f"{what}: residuals {None if r is None else r.shape} for {R} tokens")
+            assert r.dtype == rv.dtype == dt, f"{what}: residual dtype {r.dtype} != {dt}"
+
+    def picture_of(self, c, spare=SPARE):
+        return {k: v for k, v in picture(c).items() if k not in spare}
+
+    def round_trips(self, what):
+        c = self.c
+        st = c.state
+        back = type(c).from_state(st)
+        same(self.picture_of(back), self.picture_of(c), f"{what}: from_state(state)")
+        same(picture(copy.deepcopy(c)), picture(c), f"{what}: deepcopy")
+
+    def check(self, what):
+        self.layout(what)
+        if self.ep.chance(0.3):
+            self.round_trips(what)
+
+    def good(self, what, fn, ref_fn=None, compare=True):
+        """fn(c) must succeed; now and then a copy given the same call
+        must answer the same and end the same."""
+        twin = None
+        if self.ep.chance(0.4):
+            # from_state's buffers hold no spare room: the two grow apart,
+            # so their states may differ in it (what they hold may not).
+            # (A state holds no pending right padding: only a deepcopy
+            # carries it.)
+            spare = SPARE if self.ep.chance(0.5) or pending(self) else SPARE | {"state"}
+            twin = (copy.deepcopy(self.c) if spare == SPARE
+                    else type(self.c).from_state(self.c.state))
+            want = probe(lambda: fn(twin))
+        out = self.ep.ok(what, lambda: fn(self.c))
+        if isinstance(out, (mx.array, tuple, list)):
+            mx.eval(out)
+        if twin is not None and compare:
+            if hasattr(out, "state"):
+                same(self.picture_of(want, spare), self.picture_of(out, spare), f"{what} on a copy")
+            else:
+                same(want, out, f"{what} on a copy")
+            same(self.picture_of(twin, spare), self.picture_of(self.c, spare), f"after {what} on a copy")
+        self.check(what)
+        return out
+
+
+def channel_update(case):
+    ep, c, g = case.ep, case.c, case.g
+    S = ep.pick([1, 1, 1, 2, 3, 9, 31, 33, 70])
+    k, v = case.kv(S)
+    n0, t0 = case.length(), tokens_quantized(c)
+    out = case.good(f"update_and_fetch(S={S})", lambda c: c.update_and_fetch(k, v))
+    c = case.c
+    n, t = case.length(), tokens_quantized(c)
+    assert n == n0 + S, f"update_and_fetch(S={S}): length {n0} -> {n}"
+    same(out, c.keys_and_values(), "update_and_fetch's result and keys_and_values()")
+    G = g["kspec"][0]
+    if not pending(case):
+        want = max(t0, max(0, n - channel_window(g)) // G * G)
+        assert t == want, f"update_and_fetch(S={S}): {t} tokens quantized, expected {want} ({t0} before, {n} held)"
+    r, rv = out[0][3], out[1][3]
+    if r is not None and r.shape[2] >= S:
+        for got, x in ((r, k), (rv, v)):
+            want = rot(x.astype(mx.float32))
+            # the rotation in the cache's dtype: rounding of that dtype
+            tol = (1e-5 if g["dtype"] == mx.float32 else 2e-2) * (1 + mx.abs(want).max().item())
+            err = mx.abs(got[:, :, -S:].astype(mx.float32) - want).max().item()
+            assert err <= tol, (
+                f"update_and_fetch(S={S}): the residual's tail is not the new tokens rotated")
+
+
+def channel_trim(case):
+    n0 = case.length()
+    n = case.ep.rng.randrange(n0 + 40)
+    got = case.good(f"trim({n})", lambda c: c.trim(n))
+    assert got == min(n, n0) and case.length() == n0 - got, f"trim({n}) of {n0}: {got}, {case.length()} left"
+
+
+def channel_from_state(case):
+    st = case.c.state
+    c = case.ep.ok("from_state(state)", lambda: type(case.c).from_state(st))
+    same(tuple(st), tuple(c.state), "from_state(state).state")
+    case.c = c
+    case.g["pending"] = False
+    case.check("from_state(state)")
+
+
+def channel_deepcopy(case):
+    case.c = case.ep.ok("copy.deepcopy", lambda: copy.deepcopy(case.c))
+    case.check("copy.deepcopy")
+
+
+def dequantized(c):
+    """A rotated-channel cache's keys and values as floats, unrotated."""
+    (kg, vg), (kb, vb) = pair(c.group_size), pair(c.bits)
+    (kw, ks, kbi, r), (vw, vs, vbi, rv) = c.keys_and_values()
+    keys, values = [], []
+    if ks.shape[-1]:
+        keys.append(mx.swapaxes(mx.dequantize(kw, ks, kbi, group_size=kg, bits=kb), 2, 3))
+        values.append(mx.dequantize(vw, vs, vbi, group_size=vg, bits=vb))
+    if r is not None:
+        keys.append(r)
+        values.append(rv)
+    return rot(mx.concatenate(keys, axis=2)), rot(mx.concatenate(values, axis=2))
+
+
+def channel_attention(case):
+    """kvcore's attention over the cache against float attention over its
+    dequantized contents (within rounding of the cache's dtype)."""
+    ep, c, g = case.ep, case.c, case.g
+    T = case.length()
+    if c.empty() or pending(case) or T == 0:
+        return
+    B, H = g["B"], g["H"]
+    L = min(T, ep.pick([1, 1, 3]))
+    n_q = H * ep.pick([1, 2])
+    q = ep.data((B, n_q, L, g["Dk"]), g["dtype"]) * 0.05
+    keys, values = c.keys_and_values()
+    causal = mx.arange(T)[None] <= (T - L + mx.arange(L))[:, None]
+    rows = list(range(B))
+    if hasattr(c, "left_padding"):
+        # A row's padding hidden; rows whose padding hides every key of a
+        # query row have no answer to compare.
+        lp = c.left_padding
+        mask = causal[None, None] & (mx.arange(T) >= lp[:, None, None, None])
+        rows = [b for b in range(B) if lp[b].item() <= T - L]
+    else:
+        mask = ep.pick([None, "causal", causal])
+    mode = ep.pick(["auto", "kernel", "dequantize"])
+    ep.ok(f"set_quantized_matmul({mode!r})", lambda: kvcore.set_quantized_matmul(mode))
+    what = f"quantized_scaled_dot_product_attention(L={L}, heads {n_q}, mask {type(mask).__name__})"
+    got = case.good(what, lambda c: kvcore.quantized_scaled_dot_product_attention(
+        q, keys, values, scale=0.125, mask=mask, group_size=c.group_size, bits=c.bits, scheme=SCHEME))
+    assert got.shape == q.shape[:3] + (g["Dv"],) and got.dtype == q.dtype, f"{what}: {got.shape} {got.dtype}"
+    if not rows or g["dtype"] != mx.float32:
+        # In half precision a score's rounding moves a near one-hot softmax
+        # by whole tokens: only float32 is compared.
+        return
+    dk, dv = dequantized(c)
+    want = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), dk.astype(mx.float32), dv.astype(mx.float32), scale=0.125,
+        mask=None if mask is None else mask if isinstance(mask, str) else mask)
+    idx = mx.array(rows)
+    got, want = got.astype(mx.float32)[idx], want[idx]
+    tol = 1e-4
+    err = mx.abs(got - want).max().item()
+    assert err <= tol * (1 + mx.abs(want).max().item()), f"{what}: off float attention by {err}"
+
+
+def bad_attention(case):
+    ep, c, g = case.ep, case.c, case.g
+    if c.empty() or pending(case):
+        return
+    keys, values = c.keys_and_values()
+    q = ep.data((g["B"], g["H"], 1, g["Dk"]), g["dtype"])
+    kw = dict(scale=0.125, mask=None, group_size=c.group_size, bits=c.bits, scheme=SCHEME)
+    other_bits = ep.pick([b for b in BITS if b != pair(c.bits)[0]])
+    options = [
+        ("scheme='affine'", (q, keys, values), dict(kw, scheme="affine")),
+        ("scheme='nope'", (q, keys, values), dict(kw, scheme="nope")),
+        ("keys of 3 arrays", (q, keys[:3], values), kw),
+        ("values of 5 arrays", (q, keys, values + (None,)), kw),
+        ("bits of another width", (q, keys, values), dict(kw, bits=other_bits))
+        if tokens_quantized(c) else ("scheme=None", (q, keys, values), dict(kw, scheme=None)),
+        ("group_size 48", (q, keys, values), dict(kw, group_size=48)),
+        ("queries of another head dim", (ep.data(q.shape[:3] + (g["Dk"] * 2,), g["dtype"]), keys, values), kw),
+        ("queries of rank 3", (q[0], keys, values), kw),
+        ("queries of 3 heads per 2", (ep.data((g["B"], g["H"] * 3 + 1, 1, g["Dk"]), g["dtype"]), keys, values)
+         if g["H"] > 1 else (q[:, :, :, :1], keys, values), kw),
+        ("queries of another batch", (ep.data((g["B"] + 1,) + q.shape[1:], g["dtype"]), keys, values), kw),
+        ("a mask of another length", (q, keys, values),
+         dict(kw, mask=mx.ones((1, 1, 1, case.length() + 3), mx.bool_))),
+        ("keys as a str", (q, "keys", values), kw),
+    ]
+    what, args, kwargs = ep.pick(options)
+    case.bad(f"quantized_scaled_dot_product_attention({what})",
+             lambda c: kvcore.quantized_scaled_dot_product_attention(*args, **kwargs), allow=())
+
+
+def bad_matmul_mode(case):
+    mode = case.ep.pick(["cuda", "", 5, None, "AUTO"])
+    case.ep.fails(f"set_quantized_matmul({mode!r})", lambda: kvcore.set_quantized_matmul(mode),
+                  lambda: (kvcore.quantized_matmul_mode(), case.observe()), allow=())
+
+
+def bad_channel_update(case):
+    ep, c, g = case.ep, case.c, case.g
+    S = ep.pick([1, 2, 40])
+    options = [
+        ("keys of a head dim that is not a power of two", lambda: case.kv(S, Dk=48)),
+        ("values of a head dim that is not a power of two", lambda: case.kv(S, Dv=96)),
+        ("values of a head dim no value group divides", lambda: case.kv(S, Dv=16)),
+        ("keys of head dim 1", lambda: case.kv(S, Dk=1)),
+        ("values of another dtype", lambda: (case.kv(S)[0], case.kv(
+            S, dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))[1])),
+        ("int32 keys", lambda: case.kv(S, dtype=mx.int32)),
+        ("keys of rank 5", lambda: (case.kv(S)[0][None], case.kv(S)[1])),
+        ("values of other heads", lambda: (case.kv(S)[0], case.kv(S, H=g["H"] + 1)[1])),
+    ]
+    if not c.empty():
+        options += [
+            ("keys of other heads", lambda: case.kv(S, H=g["H"] + 1)),
+            ("keys of another batch", lambda: case.kv(S, B=g["B"] + 1)),
+            ("keys of another head dim", lambda: case.kv(S, Dk=g["Dk"] * 2)),
+            ("values of another head dim", lambda: case.kv(S, Dv=g["Dv"] * 2)),
+            ("keys and values of another dtype", lambda: case.kv(
+                S, dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))),
+        ]
+    what, make = ep.pick(options)
+    keys, values = make()
+    case.bad(f"update_and_fetch({what})", lambda c: c.update_and_fetch(keys, values), allow=())
+
+
+def channel_forged_states(case):
+    """States whose arrays do not fit the scheme, or settings no cache takes."""
+    st = tuple(case.c.state)
+    out = forged_states(case)
+    if st[0] is not None and not st[0][1].shape[-1]:
+        # no key group stored: wider key scales of zero groups are the same
+        out = [x for x in out if x[0] != "state[0] scales of another width"]
+    batch = len(st) == 11
+    at = 5 if batch else 3  # group_size, bits, scheme, window
+    g = case.g
+    out += [
+        ("scheme 'nope'", with_item(st, at + 2, "nope")),
+        # (without residuals and window 0 the arrays may well fit an affine
+        # cache of another shape: relabelled, they are a state like any)
+        ("scheme 'affine' with residuals", with_item(st, at + 2, "affine"))
+        if batch or st[-2] is not None or st[at + 3] else ("scheme None", with_item(st, at + 2, None)),
+        ("scheme 5", with_item(st, at + 2, 5)),
+        ("window -1", with_item(st, at + 3, -1)),
+        ("window 2**40", with_item(st, at + 3, 2**40)),
+        ("window '4'", with_item(st, at + 3, "4")),
+        ("group_size 48", with_item(st, at, 48)),
+        ("group_size (48, 32)", with_item(st, at, (48, 32))),
+        ("bits 7", with_item(st, at + 1, 7)),
+        ("bits (4, 7)", with_item(st, at + 1, (4, 7))),
+    ]
+    kb = g["kspec"][1]
+    other = [b for b in BITS if b != kb]
+    kg = g["kspec"][0]
+    if st[0] is not None and st[0][1].shape[-1]:
+        # (with no key group stored, any group size and bits fit)
+        out.append(("bits of another width", with_item(st, at + 1, (other[0], g["vspec"][1]))))
+        out.append(("key group_size of another size",
+                    with_item(st, at, ({32: 64, 64: 128, 128: 32}[kg], g["vspec"][0]))))
+    r, rv = st[-2], st[-1]
+    if r is not None:
+        out += [
+            ("residual keys one token shorter", with_item(st, len(st) - 2, r[:, :, 1:])),
+            ("residual keys of another head dim", with_item(st, len(st) - 2, mx.concatenate([r, r], -1))),
+            ("residual keys of another dtype", with_item(
+                st, len(st) - 2, r.astype(mx.float16 if r.dtype != mx.float16 else mx.float32))),
+            ("residual values of rank 3", with_item(st, len(st) - 1, rv[0])),
+            ("residual values None", with_item(st, len(st) - 1, None)),
+            ("residual keys None", with_item(st, len(st) - 2, None)),
+            ("residual keys as ints", with_item(st, len(st) - 2, r.astype(mx.int32))),
+            ("residuals of another batch", with_item(with_item(st, len(st) - 2, mx.concatenate([r, r])),
+                                                     len(st) - 1, mx.concatenate([rv, rv]))),
+        ]
+    elif st[0] is not None:
+        out.append(("a residual of one token past the offset",
+                    with_item(with_item(st, len(st) - 2, mx.zeros(st[0][1].shape[:2] + (1, st[0][1].shape[2]),
+                                                                  st[0][1].dtype)),
+                              len(st) - 1, mx.zeros(st[1][0].shape[:3][:2] + (1, g["Dv"]), st[0][1].dtype))))
+    if st[0] is not None and st[0][1].shape[-1]:
+        (kw, ks, kbi), (vw, vs, vbi) = st[0], st[1]
+        out += [
+            ("key scales one group short", with_item(st, 0, (kw, ks[..., :-1], kbi))),
+            ("key weights of one group more", with_item(st, 0, (mx.concatenate([kw, kw], -1), ks, kbi))),
+            ("key scales as ints", with_item(st, 0, (kw, ks.astype(mx.int32), kbi))),
+            ("key biases of another dtype", with_item(st, 0, (kw, ks, kbi.astype(
+                mx.float16 if kbi.dtype != mx.float16 else mx.float32)))),
+            ("value scales one token short", with_item(st, 1, (vw, vs[:, :, :-1] if vs.shape[2] else vs[:, :1], vbi))),
+            ("value scales of another width", with_item(st, 1, (vw, mx.concatenate([vs, vs], -1), vbi))),
+            ("value weights of another batch", with_item(st, 1, (mx.concatenate([vw, vw]), vs, vbi))),
+            ("value weights as floats", with_item(st, 1, (vw.astype(mx.float32), vs, vbi))),
+            ("key weights of rank 3", with_item(st, 0, (kw[0], ks, kbi))),
+            ("key weights of other heads", with_item(st, 0, (mx.concatenate([kw, kw], 1), ks, kbi))),
+        ]
+    return out
+
+
+def bad_channel_state(case):
+    what, st = case.ep.pick(channel_forged_states(case))
+    if case.ep.chance(0.5):
+        case.bad(f"state = {what}", lambda c: setattr(c, "state", st), allow=())
+    else:
+        case.bad(f"from_state({what})", lambda c: type(c).from_state(st), allow=())
+
+
+def bad_channel_step(case):
+    """A bad step fails the update that grows the quantized buffers."""
+    c, ep, g = case.c, case.ep, case.g
+    if not isinstance(c, kvcore.QuantizedKVCache):
+        return
+    old = c.__dict__.get("step")
+    G = g["kspec"][0]
+    cap = c.keys[1].shape[-1] * G if c.keys is not None else 0
+    S = max(1, cap + G + channel_window(g) - c.offset + 1)
+    value = ep.pick([0, -4, "8", 2.5, None])
+    k, v = case.kv(S)
+    c.step = value
+    try:
+        case.bad(f"step = {value!r}; update_and_fetch(S={S})", lambda c: c.update_and_fetch(k, v),
+                 allow=())
+    finally:
+        if old is None:
+            del c.step
+        else:
+            c.step = old
+
+
+BAD_CHANNEL_CONSTRUCTORS = [
+    ("QuantizedKVCache(scheme='rotated')", lambda: kvcore.QuantizedKVCache(32, 4, scheme="rotated")),
+    ("QuantizedKVCache(scheme=None)", lambda: kvcore.QuantizedKVCache(32, 4, scheme=None)),
+    ("QuantizedKVCache(scheme=3)", lambda: kvcore.QuantizedKVCache(32, 4, scheme=3)),
+    ("QuantizedKVCache(48, 4, rotated-channel)", lambda: kvcore.QuantizedKVCache(48, 4, scheme=SCHEME)),
+    ("QuantizedKVCache(16, 4, rotated-channel)", lambda: kvcore.QuantizedKVCache(16, 4, scheme=SCHEME)),
+    ("QuantizedKVCache(256, 4, rotated-channel)", lambda: kvcore.QuantizedKVCache(256, 4, scheme=SCHEME)),
+    ("QuantizedKVCache(32, 7, rotated-channel)", lambda: kvcore.QuantizedKVCache(32, 7, scheme=SCHEME)),
+    ("QuantizedKVCache(32, (4, 1), rotated-channel)",
+     lambda: kvcore.QuantizedKVCache(32, (4, 1), scheme=SCHEME)),
+    ("QuantizedKVCache((32, 48), 4, rotated-channel)",
+     lambda: kvcore.QuantizedKVCache((32, 48), 4, scheme=SCHEME)),
+    ("QuantizedKVCache(window=-1, rotated-channel)",
+     lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=-1)),
+    ("QuantizedKVCache(window=2**40, rotated-channel)",
+     lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=2**40)),
+    ("QuantizedKVCache(window='8', rotated-channel)",
+     lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window="8")),
+    ("QuantizedKVCache(window=8), affine", lambda: kvcore.QuantizedKVCache(32, 4, window=8)),
+    ("KVCache().to_quantized(scheme='nope')", lambda: kvcore.KVCache().to_quantized(scheme="nope")),
+    ("KVCache().to_quantized(48, rotated-channel)",
+     lambda: kvcore.KVCache().to_quantized(48, 4, scheme=SCHEME)),
+    ("KVCache().to_quantized(window=-3, rotated-channel)",
+     lambda: kvcore.KVCache().to_quantized(32, 4, scheme=SCHEME, window=-3)),
+    ("KVCache().to_quantized(window=4), affine", lambda: kvcore.KVCache().to_quantized(32, 4, window=4)),
+    ("KVCache of head dim 48 .to_quantized(rotated-channel)",
+     lambda: filled_kv((1, 1, 3, 48)).to_quantized(32, 4, scheme=SCHEME)),
+    ("KVCache of int32 .to_quantized(rotated-channel)",
+     lambda: filled_kv((1, 1, 3, 32), mx.int32).to_quantized(32, 4, scheme=SCHEME)),
+    ("QuantizedBatchKVCache([0], scheme='nope')",
+     lambda: kvcore.QuantizedBatchKVCache([0], 32, 4, scheme="nope")),
+    ("QuantizedBatchKVCache([0], 48, rotated-channel)",
+     lambda: kvcore.QuantizedBatchKVCache([0], 48, 4, scheme=SCHEME)),
+    ("QuantizedBatchKVCache([0], window=-2, rotated-channel)",
+     lambda: kvcore.QuantizedBatchKVCache([0], 32, 4, scheme=SCHEME, window=-2)),
+    ("BatchKVCache([0]).to_quantized(scheme='x')", lambda: kvcore.BatchKVCache([0]).to_quantized(scheme="x")),
+    ("BatchKVCache([0]).to_quantized(32, 9, rotated-channel)",
+     lambda: kvcore.BatchKVCache([0]).to_quantized(32, 9, scheme=SCHEME)),
+    ("RotatingKVCache(8).to_quantized(rotated-channel)",
+     lambda: kvcore.RotatingKVCache(8).to_quantized(scheme=SCHEME)),
+    ("BatchRotatingKVCache(8, [0]).to_quantized(rotated-channel)",
+     lambda: kvcore.BatchRotatingKVCache(8, [0]).to_quantized(scheme=SCHEME)),
+    ("QuantizedKVCache(rotated-channel, window=2**20), an update of 2**20 float tokens",
+     lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=2**20).update_and_fetch(
+         mx.zeros((1, 8, 2**20, 64)), mx.zeros((1, 8, 2**20, 64)))),
+    ("QuantizedBatchKVCache(rotated-channel, window=2**20), an update of 2**20 float tokens",
+     lambda: kvcore.QuantizedBatchKVCache([0], 32, 4, scheme=SCHEME, window=2**20).update_and_fetch(
+         mx.zeros((1, 8, 2**20, 64)), mx.zeros((1, 8, 2**20, 64)))),
+    ("QuantizedKVCache(rotated-channel), an update past the memory limit",
+     lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=0).update_and_fetch(
+         mx.zeros((1, 2, 2**27, 32)), mx.zeros((1, 2, 2**27, 32)))),
+]
+
+
+def filled_kv(shape, dtype=mx.float32):
+    c = kvcore.KVCache()
+    c.update_and_fetch(mx.ones(shape, dtype), mx.ones(shape, dtype))
+    return c
+
+
+def bad_channel_constructor(case):
+    what, call = case.ep.pick(BAD_CHANNEL_CONSTRUCTORS)
+    case.ep.fails(what, call, lambda: None, allow=())
+
+
+def make_channel_single(ep):
+    g = channel_geometry(ep)
+    ep.note(f"QuantizedKVCache(rotated-channel) geometry {g}")
+    if ep.chance(0.3):
+        # to_quantized of a float cache holds what a rotated-channel cache
+        # fed the same tokens holds.
+        f, q = kvcore.KVCache(), new_channel(g)
+        tmp = Case(ep, f, None, "none", g)
+        for _ in range(ep.pick([0, 1, 2, 3])):
+            k, v = tmp.kv(ep.pick([1, 5, 40, 70]))
+            f.update_and_fetch(k, v)
+            q.update_and_fetch(k, v)
+        ep.note(f"KVCache of {f.offset} tokens .to_quantized(rotated-channel)")
+        c = ep.ok("to_quantized(rotated-channel)", lambda: f.to_quantized(
+            group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"]))
+        case = ChannelCase(ep, c, g)
+        same(case.picture_of(c), case.picture_of(q), "to_quantized against a cache fed the same tokens")
+        return case
+    capacity = ep.pick([None, None, 1, 40, 300])
+    return ChannelCase(ep, new_channel(g, capacity=capacity), g)
+
+
+CHANNEL_GOOD = [(8, channel_update), (1.5, channel_trim), (1, channel_from_state), (1, channel_deepcopy),
+                (1, op_step), (1.5, channel_attention)]
+CHANNEL_BAD = [(4, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_mask),
+               (4, bad_channel_state), (1, bad_setter), (1, bad_channel_step), (1, bad_attention),
+               (0.5, bad_matmul_mode), (1.5, bad_channel_constructor)]
+
+
+def channel_episode(ep, case):
+    ep.counts["rotated-channel episodes"] += 1
+    try:
+        for _ in range(ep.rng.randrange(10, 40)):
+            if ep.chance(0.4):
+                weighted(ep, CHANNEL_BAD)(case)
+            else:
+                weighted(ep, CHANNEL_GOOD)(case)
+    finally:
+        kvcore.set_quantized_matmul("auto")
+
+
+# -- batches of the scheme
+
+
+def channel_single_filled(ep, g):
+    c = new_channel(g)
+    tmp = Case(ep, c, None, "none", dict(g, B=1))
+    for _ in range(ep.pick([0, 1, 2, 3])):
+        tmp.c.update_and_fetch(*tmp.kv(ep.pick([1, 3, 32, 45, 70])))
+    return c
+
+
+def channel_batch(ep, g, B):
+    """A rotated-channel QuantizedBatchKVCache of B rows: a merge, the
+    constructor, or a float batch's to_quantized."""
+    u = ep.rng.random()
+    if u < 0.5:
+        singles = [channel_single_filled(ep, g) for _ in range(B)]
+        ep.note(f"QuantizedKVCache.merge(offsets {[s.offset for s in singles]})")
+        snap = [s.keys_and_values() if s.offset else None for s in singles]
+        out = kvcore.QuantizedKVCache.merge(singles)
+        # A row padded by whole key groups holds what its own cache holds.
+        G = pair(g["group_size"])[0]
+        for i, s in enumerate(singles):
+            if s.offset and (out._idx - s.offset) % G == 0:
+                same(out.extract(i).keys_and_values(), snap[i], f"merge: row {i} against its cache")
+        return out
+    lp = [ep.pick([0, 0, 1, 32, 40]) for _ in range(B)]
+    if u < 0.75:
+        ep.note(f"QuantizedBatchKVCache({lp}, rotated-channel)")
+        return kvcore.QuantizedBatchKVCache(lp, g["group_size"], g["bits"], scheme=SCHEME,
+                                            window=g["window"])
+    f = kvcore.BatchKVCache(lp)
+    tmp = Case(ep, f, None, "none", dict(g, B=B))
+    for _ in range(ep.pick([0, 1, 2])):
+        f.update_and_fetch(*tmp.kv(ep.pick([1, 5, 50, 70])))
+    ep.note(f"BatchKVCache({lp}) of _idx {f._idx} .to_quantized(rotated-channel)")
+    return f.to_quantized(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"])
+
+
+def channel_extend(case):
+    ep = case.ep
+    if ep.chance(0.15):
+        other, what = case.c, "extend(itself)"
+    else:
+        other = channel_batch(ep, case.g, ep.pick([1, 2]))
+        what = f"extend(a batch of {batch_size(other)})"
+    n0 = batch_size(case.c)
+    case.good(what, lambda c: c.extend(other))
+    case.g["B"] = batch_size(case.c)
+    assert case.g["B"] == n0 + batch_size(other) or other is case.c
+
+
+def channel_extract(case):
+    ep, c = case.ep, case.c
+    i = ep.rng.randrange(batch_size(c))
+    if c.keys is None:
+        case.bad(f"extract({i}) of an empty batch", lambda c: c.extract(i), allow=())
+        return
+    one = case.good(f"extract({i})", lambda c: c.extract(i))
+    assert type(one) is kvcore.QuantizedKVCache and one.scheme == SCHEME, f"extract({i}): {type(one)}"
+    assert one.offset == max(0, c.offset[i].item()), f"extract({i}): offset {one.offset} != {c.offset[i]}"
+    assert one.window == c.window and one.group_size == c.group_size and one.bits == c.bits
+    sub = ChannelCase(ep, one, dict(case.g, B=1))
+    sub.layout(f"extract({i})")
+    sub.round_trips(f"extract({i})")
+
+
+def bad_channel_extend(case):
+    ep, c, g = case.ep, case.c, case.g
+    options = [("'x'", lambda: "x"), ("None", lambda: None),
+               ("a rotated-channel QuantizedKVCache", lambda: new_channel(g)),
+               ("an affine batch", lambda: kvcore.QuantizedBatchKVCache(
+                   [0], g["group_size"], g["bits"]))]
+    if c.keys is not None:
+        def other_with(**change):
+            g2 = dict(g, **change)
+            for _ in range(8):
+                o = channel_batch(ep, g2, 1)
+                if o.keys is not None:
+                    return o
+            return o
+        kg = g["kspec"][0]
+        options += [
+            ("a batch of other heads", lambda: other_with(H=g["H"] + 1)),
+            ("a batch of another key head dim", lambda: other_with(Dk=g["Dk"] * 2)),
+            ("a batch of another dtype",
+             lambda: other_with(dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))),
+            ("a batch of another window", lambda: other_with(window=channel_window(g) + 1)),
+            ("a batch of other bits", lambda: other_with(
+                bits=(ep.pick([b for b in BITS if b != g["kspec"][1]]), g["vspec"][1]),
+                kspec=None)),
+            ("a batch of another key group", lambda: other_with(
+                group_size=({32: 64, 64: 128, 128: 32}[kg], g["vspec"][0]), kspec=None)),
+        ]
+    what, make = ep.pick(options)
+    other = make()
+    observe_other = (lambda: picture(other)) if hasattr(other, "state") else (lambda: None)
+    if hasattr(other, "keys") and getattr(other, "keys") is None and hasattr(other, "scheme") \
+            and other.scheme == SCHEME and what.startswith("a batch of"):
+        return
+    case.bad(f"extend({what})", lambda c: c.extend(other), allow=(),
+             observe=lambda: (case.observe(), observe_other()))
+
+
+def bad_channel_merge(case):
+    """Merges of rotated-channel caches with caches of another scheme,
+    spec, window or shape; the inputs stay as they were."""
+    ep, g = case.ep, case.g
+    a = channel_single_filled(ep, g)
+    kg = g["kspec"][0]
+    options = [
+        ("[a, an affine cache]", lambda: [a, kvcore.QuantizedKVCache(g["group_size"], g["bits"])]),
+        ("[an affine cache, a]", lambda: [kvcore.QuantizedKVCache(g["group_size"], g["bits"]), a]),
+        ("[a, a KVCache]", lambda: [a, kvcore.KVCache()]),
+        ("[a, 'x']", lambda: [a, "x"]),
+        ("[a, a cache of another window]", lambda: [a, channel_single_filled(
+            ep, dict(g, window=channel_window(g) + 1))]),
+        ("[a, a cache of other bits]", lambda: [a, channel_single_filled(
+            ep, dict(g, bits=(ep.pick([b for b in BITS if b != g["kspec"][1]]), g["vspec"][1])))]),
+        ("[a, a cache of another key group]", lambda: [a, channel_single_filled(
+            ep, dict(g, group_size=({32: 64, 64: 128, 128: 32}[kg], g["vspec"][0])))]),
+    ]
+    if a.offset:
+        def filled_with(**change):
+            for _ in range(8):
+                b = channel_single_filled(ep, dict(g, **change))
+                if b.offset:
+                    return b
+            return b
+        options += [
+            ("[a, a cache of other heads]", lambda: [a, filled_with(H=g["H"] + 1)]),
+            ("[a, a cache of another head dim]", lambda: [a, filled_with(Dk=g["Dk"] * 2)]),
+            ("[a, a cache of another dtype]", lambda: [a, filled_with(
+                dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))]),
+        ]
+    what, make = ep.pick(options)
+    caches = make()
+    if what in ("[a, a cache of other heads]", "[a, a cache of another head dim]",
+                "[a, a cache of another dtype]") and not caches[1].offset:
+        return
+    ep.fails(f"QuantizedKVCache.merge({what})", lambda: kvcore.QuantizedKVCache.merge(caches),
+             lambda: [picture(x) for x in caches if hasattr(x, "state")], allow=())
+
+
+def make_channel_batch(ep):
+    g = channel_geometry(ep, batch=True)
+    ep.note(f"QuantizedBatchKVCache(rotated-channel) geometry {g}")
+    case = ChannelCase(ep, channel_batch(ep, g, g["B"]), g)
+    case.check("the batch made")
+    return case
+
+
+CHANNEL_BATCH_GOOD = [(6, channel_update), (1, channel_trim), (2, op_filter), (2, channel_extend),
+                      (1, channel_extract), (1, op_prepare), (0.5, op_finalize),
+                      (1, channel_from_state), (1, channel_deepcopy), (1, channel_attention)]
+CHANNEL_BATCH_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_mask),
+                     (3, bad_channel_state), (1, bad_filter), (1, bad_extract),
+                     (2, bad_channel_extend), (1, bad_prepare), (1.5, bad_channel_merge),
+                     (1, bad_attention), (0.5, bad_matmul_mode), (0.5, bad_channel_constructor)]
+
+
+def channel_batch_episode(ep, case):
+    ep.counts["rotated-channel episodes"] += 1
+    try:
+        for _ in range(ep.rng.randrange(10, 40)):
+            if ep.chance(0.4):
+                weighted(ep, CHANNEL_BATCH_BAD)(case)
+            else:
+                weighted(ep, CHANNEL_BATCH_GOOD)(case)
+    finally:
+        kvcore.set_quantized_matmul("auto")
+
+
+# --------------------------------------------------------------------------
 # TokenBuffer, PromptTrie, LRUPromptCache
 
 def token_buffer_episode(ep):
@@ -1401,9 +2141,16 @@ class PrefixWorld:
 
     def __init__(self, ep):
         self.ep = ep
-        self.layout = ep.pick(["kv", "kv", "kv+rotating", "arrays+kv"])
+        self.layout = ep.pick(["kv", "kv", "kv+rotating", "arrays+kv", "channel"])
         self.H, self.D = ep.pick([1, 2]), ep.pick([4, 8])
         self.dtype = ep.pick(FLOATS)
+        if self.layout == "channel":
+            # kvcore's rotated-channel caches beside a float one; mlx-lm has
+            # no such cache, so no twin.
+            self.g = channel_geometry(ep)
+            self.D = self.g["Dk"] = self.g["Dv"] = 64
+            self.g.update(H=self.H, dtype=self.dtype, B=1)
+            self.g["vspec"] = (self.g["vspec"][0], self.g["vspec"][1])
 
     def caches(self, tokens):
         """(kvcore caches, mlx-lm caches) holding tokens."""
@@ -1414,6 +2161,11 @@ class PrefixWorld:
             twin.append(ref.RotatingKVCache(4))
         for c in out + twin:
             c.update_and_fetch(k, v)
+        if self.layout == "channel":
+            q = new_channel(self.g)
+            q.update_and_fetch(k, v)
+            self.ep.counts["rotated-channel entries"] += 1
+            out, twin = [q] + out, [None] + twin
         if self.layout == "arrays+kv":
             a, b = kvcore.ArraysCache(1), ref.ArraysCache(1)
             a[0] = b[0] = k[:, :, -1:]
@@ -1437,7 +2189,7 @@ def lru_episode(ep):
     lru = kvcore.LRUPromptCache(max_size, **kw)
     # mlx-lm's twin, where kvcore's results are mlx-lm's: no disk tier (it
     # serves what memory evicted), no checkpoints (mlx-lm has none).
-    twin = None if disk or checkpoints else ref.LRUPromptCache(max_size)
+    twin = None if disk or checkpoints or world.layout == "channel" else ref.LRUPromptCache(max_size)
     seen = []
 
     def fetch_view(cache):
@@ -1523,6 +2275,11 @@ def lru_episode(ep):
                     Case(ep, c, r, "results" if share else "same", {}).check(f"fetch layer {i}")
             elif cache is not None:
                 assert len(cache) == len(world.caches(toks)[0]), "fetched layers"
+                for c in (c for c in cache if hasattr(c, "offset")):
+                    assert c.offset == len(q) - len(rest), f"fetch {q}: offset {c.offset}, rest {rest}"
+                    if is_channel(c):
+                        ChannelCase(ep, c, world.g).layout(f"fetch {q}")
+                        ChannelCase(ep, c, world.g).round_trips(f"fetch {q}")
             compare_twin("fetch_nearest_cache")
     if tmp is not None:
         lru.flush()
@@ -1672,8 +2429,13 @@ def files_episode(ep):
                 for i, (a, b) in enumerate(zip(caches, loaded)):
                     assert type(a) is type(b), f"layer {i}: {type(a)} != {type(b)}"
                     # A reserved capacity is a setting of the object, not in the file.
-                    attrs = [x for x in ATTRS if x != "capacity"]
-                    same(picture(b, attrs), picture(a, attrs), f"layer {i} loaded")
+                    attrs = [x for x in ATTRS if x not in (SPARE if is_channel(a) else ("capacity",))]
+                    if is_channel(a):
+                        pa, pb = picture(a, attrs), picture(b, attrs)
+                        pa.pop("nbytes"), pb.pop("nbytes")
+                        same(pb, pa, f"layer {i} loaded")
+                    else:
+                        same(picture(b, attrs), picture(a, attrs), f"layer {i} loaded")
                 # (mlx-lm fails to load an empty ConcatenateKVCache.)
                 if all(c.r is not None and c.mode == "same" and not (
                         isinstance(c.c, kvcore.ConcatenateKVCache) and c.c.empty()) for c in cases):
@@ -1718,6 +2480,8 @@ def files_episode(ep):
                             lambda: ref.save_prompt_cache(str(d / "ref.safetensors"), 5),
                     }[what]
                 ep.fails(what, call, lambda: observe(target), ref_call, allow)
+            elif u < 0.7 and any(is_channel(c) for c in caches):
+                unknown_scheme_file(ep, d, caches)
             else:
                 if not path.exists():
                     kvcore.save_prompt_cache(path, caches, meta)
@@ -1741,6 +2505,34 @@ def files_episode(ep):
                                           ([str(path)], "a list")])
                 ep.fails(f"load_prompt_cache({what})", lambda: kvcore.load_prompt_cache(bad_path),
                          observe, None, ())
+
+
+def unknown_scheme_file(ep, d, caches):
+    """A file whose rotated-channel layer names a scheme this version does
+    not know (stored as the code points of its name) is refused, naming it."""
+    path = d / "scheme.safetensors"
+    ep.note("save_prompt_cache(scheme.safetensors)")
+    kvcore.save_prompt_cache(path, caches)
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    code = [ord(ch) for ch in SCHEME]
+    names = [k for k, a in arrays.items() if a.dtype == mx.int32 and a.tolist() == code]
+    assert names, "no array names the scheme"
+    name = ep.pick(["rotated-chanel!", "affine2", "rotated-channel-v2", "r", "\u00e9t\u00e9"])
+    arrays[ep.pick(names)] = mx.array([ord(ch) for ch in name], mx.int32)
+    mx.save_safetensors(str(path), arrays, meta)
+    data = path.read_bytes()
+    ep.note(f"load_prompt_cache(a file naming scheme {name!r})")
+    try:
+        kvcore.load_prompt_cache(path)
+    except kvcore.CacheValueError as e:
+        assert repr(name) in str(e) or name in str(e), f"the error does not name {name!r}: {e}"
+        ep.counts["unknown scheme refused"] += 1
+    except Exception as e:  # noqa: BLE001
+        raise FuzzFailure(f"load of a file of scheme {name!r} raised {type(e).__name__}: {e}") from e
+    else:
+        raise FuzzFailure(f"a file of scheme {name!r} loaded")
+    assert path.read_bytes() == data, "the load changed the file"
+    path.unlink()
 
 
 def test_files(memory_limit):

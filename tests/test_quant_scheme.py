@@ -443,3 +443,126 @@ def test_an_unknown_matmul_mode_is_refused(matmul_mode):
         matmul_mode("cuda")
     assert str(e.value) == "[set_quantized_matmul] expected 'auto', 'kernel' or 'dequantize' but got 'cuda'"
     assert kvcore.quantized_matmul_mode() == "auto"
+
+
+# -- found by the fuzz (tests/test_bad_calls.py): typed errors, nothing changed
+
+
+def test_set_quantized_matmul_refuses_a_mode_that_is_not_a_str(matmul_mode):
+    # nanobind refused these with its own untyped TypeError.
+    matmul_mode("kernel")
+    for mode, name in ((5, "int"), (None, "NoneType"), (b"auto", "bytes")):
+        with pytest.raises(kvcore.CacheTypeError) as e:
+            matmul_mode(mode)
+        assert str(e.value) == f"[set_quantized_matmul] expected mode as a str but got {name}"
+        assert kvcore.quantized_matmul_mode() == "kernel"
+
+
+@pytest.mark.parametrize("spoil", ["key biases", "value scales", "value biases"])
+def test_a_state_with_scales_and_biases_of_two_dtypes_is_refused(spoil):
+    # The dtypes of the scales and biases went unchecked: a state with
+    # float16 key biases beside float32 scales was taken.
+    c = _filled(window=20)
+    before = c.state
+    s = list(before)
+    (kw, ks, kb), (vw, vs, vb) = s[0], s[1]
+    if spoil == "key biases":
+        s[0] = (kw, ks, kb.astype(mx.float16))
+    elif spoil == "value scales":
+        s[1] = (vw, vs.astype(mx.float16), vb)
+    else:
+        s[1] = (vw, vs, vb.astype(mx.bfloat16))
+    for call in (lambda: setattr(c, "state", tuple(s)), lambda: kvcore.QuantizedKVCache.from_state(tuple(s))):
+        with pytest.raises(kvcore.CacheValueError) as e:
+            call()
+        assert str(e.value).startswith(
+            "[QuantizedKVCache.state] expected scales and biases of keys and values of one float dtype but got ")
+        _assert_same_state(c, kvcore.QuantizedKVCache.from_state(before))
+
+
+def _attention_args(B=1, n_q=4, L=1, D=64):
+    c = _filled(S=75, window=5)
+    keys, values = c.keys_and_values()
+    q = mx.random.normal((B, n_q, L, D), key=mx.random.key(3))
+    return c, q, keys, values
+
+
+def test_attention_refuses_queries_of_another_batch():
+    # A cache of one sequence broadcast against two queries' rows.
+    c, q, keys, values = _attention_args(B=2)
+    with pytest.raises(kvcore.CacheValueError) as e:
+        kvcore.quantized_scaled_dot_product_attention(
+            q, keys, values, scale=0.125, mask=None, group_size=32, bits=4, scheme=SCHEME)
+    assert str(e.value) == ("[quantized_attention] expected keys and values of the queries' batch 2 "
+                            "and 2 heads but got keys (1, 2, 64, 8), values (1, 2, 64, 8)")
+    assert c.offset == 75
+
+
+@pytest.mark.parametrize("bits", [8, (4, 2)])
+def test_attention_refuses_bits_the_weights_were_not_packed_at(bits):
+    # Weights packed at 4 bits were read at other bits without a word.
+    c, q, keys, values = _attention_args()
+    with pytest.raises(kvcore.CacheValueError, match=r"^\[quantized_attention\] expected weights, scales "
+                       r"and biases of keys at bits"):
+        kvcore.quantized_scaled_dot_product_attention(
+            q, keys, values, scale=0.125, mask=None, group_size=32, bits=bits, scheme=SCHEME)
+
+
+def test_attention_refuses_a_mask_that_does_not_fit_the_scores():
+    # mlx's broadcast error came through untyped.
+    c, q, keys, values = _attention_args(L=2)
+    for shape in ((1, 1, 2, 78), (1, 3, 2, 75), (2, 1, 2, 75, 1)):
+        with pytest.raises(kvcore.CacheValueError) as e:
+            kvcore.quantized_scaled_dot_product_attention(
+                q, keys, values, scale=0.125, mask=mx.ones(shape, mx.bool_), group_size=32, bits=4,
+                scheme=SCHEME)
+        assert str(e.value) == ("[quantized_attention] expected a mask that broadcasts to (B, n_q_heads, "
+                                f"L, N) (1, 4, 2, 75) but got shape {tuple(shape)}".replace(",)", ")"))
+
+
+@pytest.mark.parametrize("scheme", ["affine", SCHEME])
+def test_attention_takes_a_mask_per_query_head_with_grouped_heads(scheme):
+    # A (B, n_q_heads, L, N) mask did not broadcast against the grouped
+    # (B, n_kv_heads, repeats, L, N) scores.
+    extra = {"scheme": scheme, "window": 5} if scheme == SCHEME else {}
+    c = kvcore.QuantizedKVCache(group_size=32, bits=4, **extra)
+    keys, values = c.update_and_fetch(*kv(S=75))
+    q = mx.random.normal((1, 4, 2, 64), key=mx.random.key(3))
+    mask = mx.random.uniform(shape=(1, 4, 2, 75), key=mx.random.key(4)) > 0.3
+    mask[..., 0] = True
+    got = kvcore.quantized_scaled_dot_product_attention(
+        q, keys, values, scale=0.125, mask=mask, group_size=32, bits=4, scheme=scheme)
+    for h in range(4):
+        one = kvcore.quantized_scaled_dot_product_attention(
+            q[:, h:h + 1], tuple(a[:, h // 2:h // 2 + 1] if a is not None else None for a in keys),
+            tuple(a[:, h // 2:h // 2 + 1] if a is not None else None for a in values), scale=0.125,
+            mask=mask[:, h:h + 1], group_size=32, bits=4, scheme=scheme)
+        assert mx.allclose(got[:, h:h + 1], one, atol=1e-5).item(), h
+
+
+@pytest.fixture
+def memory_limit():
+    old = mx.set_memory_limit(1 << 30)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(old)
+
+
+def test_an_update_of_float_tokens_past_the_memory_limit_is_refused(memory_limit):
+    # Only the growth of the quantized buffers was checked: an update that
+    # quantizes nothing (all of it inside the window) took 4 GiB of float
+    # tokens, lazily, and the cache held them.
+    c = new(window=2**20)
+    c.update_and_fetch(*kv(S=3))
+    before = c.state
+    big = mx.zeros((1, 2, 2**20 * 4, 64))  # lazy: never evaluated
+    with pytest.raises(kvcore.CacheValueError) as e:
+        c.update_and_fetch(big, big)
+    assert str(e.value).startswith(
+        "[QuantizedKVCache.update_and_fetch] expected an allocation within mlx's memory limit of "
+        f"{1 << 30} bytes")
+    assert f"but got {3 + 2**22} float tokens of " in str(e.value)
+    _assert_same_state(c, kvcore.QuantizedKVCache.from_state(before))
+    c.update_and_fetch(*kv(S=2))
+    assert c.offset == 5

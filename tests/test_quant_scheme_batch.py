@@ -609,3 +609,56 @@ def test_batch_generator_extends_a_running_batch():
         assert out[second][0] == want[1][0]
     finally:
         unpatch_mlx_lm()
+
+
+# -- found by the fuzz (tests/test_bad_calls.py) --------------------------------------
+
+
+@pytest.fixture
+def memory_limit():
+    old = mx.set_memory_limit(1 << 30)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(old)
+
+
+@pytest.mark.parametrize("window", [0, 128])
+def test_an_update_past_the_memory_limit_is_refused_before_it_allocates(memory_limit, window):
+    # The batch's update checked no size: 2**27 tokens were taken (lazily)
+    # and the cache was left holding them.
+    _, b = merged(MIXED, window=window)
+    before = snapshot(b)
+    big = mx.zeros((3, H, 2**27, D))  # lazy: never evaluated
+    with pytest.raises(kvcore.CacheValueError) as e:
+        b.update_and_fetch(big, big)
+    assert str(e.value).startswith(
+        "[QuantizedBatchKVCache.update_and_fetch] expected an allocation within mlx's memory limit of "
+        f"{1 << 30} bytes")
+    assert str(e.value).endswith(" bytes") and f"{70 + 2**27} positions of 3 rows of " in str(e.value)
+    assert snapshot(b) == before
+    b.update_and_fetch(*kv(B=3, S=1, seed=2))
+    assert b._idx == 71
+
+
+@pytest.mark.parametrize("spoil", ["key biases", "value biases", "value scales"])
+def test_a_state_with_scales_and_biases_of_two_dtypes_is_refused(spoil):
+    # The batch's state took float16 biases beside float32 scales.
+    _, b = merged(MIXED, window=16)
+    before = snapshot(b)
+    st = list(b.state)
+    (kw, ks, kb), (vw, vs, vb) = st[0], st[1]
+    if spoil == "key biases":
+        st[0] = (kw, ks, kb.astype(mx.float16))
+    elif spoil == "value biases":
+        st[1] = (vw, vs, vb.astype(mx.float16))
+    else:
+        st[1] = (vw, vs.astype(mx.bfloat16), vb)
+    for call in (lambda: setattr(b, "state", tuple(st)),
+                 lambda: kvcore.QuantizedBatchKVCache.from_state(tuple(st))):
+        with pytest.raises(kvcore.CacheValueError) as e:
+            call()
+        assert str(e.value).startswith(
+            "[QuantizedBatchKVCache.state] expected scales and biases of keys and values of one float "
+            "dtype but got float32, ")
+        assert snapshot(b) == before

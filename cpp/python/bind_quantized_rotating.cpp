@@ -137,7 +137,12 @@ void bind_quantized_rotating(nb::module_& m) {
 
   m.def(
       "set_quantized_matmul",
-      [](const std::string& mode) {
+      [](nb::handle h) {
+        constexpr const char* ctx = "set_quantized_matmul";
+        if (!nb::isinstance<nb::str>(h)) {
+          throw TypeError(ctx, "mode as a str", py_type_name(h));
+        }
+        const std::string mode = nb::cast<std::string>(h);
         if (mode == "auto") {
           set_quantized_matmul(QuantizedMatmul::automatic);
         } else if (mode == "kernel") {
@@ -145,10 +150,10 @@ void bind_quantized_rotating(nb::module_& m) {
         } else if (mode == "dequantize") {
           set_quantized_matmul(QuantizedMatmul::dequantize);
         } else {
-          throw ValueError("set_quantized_matmul", "'auto', 'kernel' or 'dequantize'", "'" + mode + "'");
+          throw ValueError(ctx, "'auto', 'kernel' or 'dequantize'", "'" + mode.substr(0, 80) + "'");
         }
       },
-      "mode"_a, nb::sig("def set_quantized_matmul(mode: str) -> None"),
+      "mode"_a.none(), nb::sig("def set_quantized_matmul(mode: str) -> None"),
       R"pbdoc(
         How kvcore's quantized attention multiplies by quantized keys and values.
 

@@ -27,7 +27,10 @@ mx::array masked(mx::array scores, const Mask& mask, int repeats) {
       m = mx::greater_equal(mx::expand_dims(q_idx, 1), mx::expand_dims(k_idx, 0));
     }
     if (repeats > 1 && m.ndim() > 3) {
-      m = mx::expand_dims(m, -3);
+      // Scores are (B, n_kv, repeats, L, N): a mask per query head splits
+      // its heads the same way.
+      m = m.shape(-3) == 1 ? mx::expand_dims(m, -3)
+                           : mx::reshape(m, {m.shape(0), m.shape(1) / repeats, repeats, m.shape(2), m.shape(3)});
     }
     if (m.dtype() == mx::bool_) {
       scores = mx::where(m, scores,
@@ -37,6 +40,23 @@ mx::array masked(mx::array scores, const Mask& mask, int repeats) {
     }
   }
   return scores;
+}
+
+// Throws ValueError unless an array mask broadcasts to the scores'
+// (B, n_q_heads, L, N) shape.
+void check_mask(const char* ctx, const Mask& mask, const mx::Shape& scores) {
+  if (!std::holds_alternative<mx::array>(mask)) {
+    return;
+  }
+  const auto& m = std::get<mx::array>(mask);
+  bool fits = m.ndim() <= 4;
+  for (int i = 1; fits && i <= m.ndim(); ++i) {
+    fits = m.shape(-i) == 1 || m.shape(-i) == scores[4 - i];
+  }
+  if (!fits) {
+    throw ValueError(ctx, "a mask that broadcasts to (B, n_q_heads, L, N) " + shape_str(scores),
+                     "shape " + shape_str(m.shape()));
+  }
 }
 
 std::atomic<QuantizedMatmul> matmul_mode{QuantizedMatmul::automatic};
@@ -99,6 +119,7 @@ mx::array quantized_attention(
     throw ValueError(ctx, "query heads a multiple of the " + std::to_string(n_kv) + " kv heads",
                      std::to_string(n_q) + " query heads");
   }
+  check_mask(ctx, mask, {B, n_q, L, std::get<0>(keys).shape(2)});
   const int repeats = n_q / n_kv;
   auto q = mx::multiply(queries, mx::array(scale, queries.dtype()));
   auto expand = [&](const QuantizedArrays& t) {
@@ -158,14 +179,32 @@ mx::array channel_attention(
     throw ValueError(ctx, std::to_string(quantized) + " quantized value tokens, as the keys",
                      std::to_string(vw.shape(2)));
   }
+  if (kw.shape(0) != B || vw.shape(0) != B || vw.shape(1) != n_kv) {
+    throw ValueError(ctx, "keys and values of the queries' batch " + std::to_string(B) + " and " +
+                              std::to_string(n_kv) + " heads",
+                     "keys " + shape_str(kw.shape()) + ", values " + shape_str(vw.shape()));
+  }
+  const int Dv = vs.shape(3) * value_spec.group_size;
+  if (32LL * kw.shape(3) != 1LL * ks.shape(3) * key_spec.group_size * key_spec.bits ||
+      kb.shape(3) != ks.shape(3) || 32LL * vw.shape(3) != 1LL * Dv * value_spec.bits ||
+      vb.shape(3) != vs.shape(3)) {
+    throw ValueError(ctx,
+                     "weights, scales and biases of keys at bits " + std::to_string(key_spec.bits) +
+                         " and group_size " + std::to_string(key_spec.group_size) + " and of values at bits " +
+                         std::to_string(value_spec.bits) + " and group_size " +
+                         std::to_string(value_spec.group_size),
+                     "keys " + shape_str(kw.shape()) + ", " + shape_str(ks.shape()) + ", values " +
+                         shape_str(vw.shape()) + ", " + shape_str(vs.shape()));
+  }
   if (key_residual.has_value() != value_residual.has_value()) {
     throw ValueError(ctx, "residual keys and values both set or both None", "only one set");
   }
   const int R = key_residual ? key_residual->shape(2) : 0;
   if (key_residual &&
-      (key_residual->ndim() != 4 || key_residual->shape(1) != n_kv || key_residual->shape(3) != D ||
-       value_residual->ndim() != 4 || value_residual->shape(1) != n_kv ||
-       value_residual->shape(2) != R)) {
+      (key_residual->ndim() != 4 || key_residual->shape(0) != B || key_residual->shape(1) != n_kv ||
+       key_residual->shape(3) != D || value_residual->ndim() != 4 || value_residual->shape(0) != B ||
+       value_residual->shape(1) != n_kv || value_residual->shape(2) != R ||
+       value_residual->shape(3) != Dv)) {
     throw ValueError(ctx, "residual keys (B, " + std::to_string(n_kv) + ", R, " + std::to_string(D) +
                               ") and values of the same R",
                      shape_str(key_residual->shape()) + " and " + shape_str(value_residual->shape()));
@@ -173,6 +212,7 @@ mx::array channel_attention(
   if (quantized + R == 0) {
     throw ValueError(ctx, "at least one cached token", "none");
   }
+  check_mask(ctx, mask, {B, n_q, L, quantized + R});
   const int repeats = n_q / n_kv;
   // One rotation of the queries: (H q) . (H k) = q . k.
   auto q = mx::multiply(hadamard(queries), mx::array(scale, queries.dtype()));

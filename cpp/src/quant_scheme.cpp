@@ -4,6 +4,7 @@
 
 #include <mlx/ops.h>
 
+#include "kvcore/buffer.h"
 #include "kvcore/errors.h"
 
 namespace kvcore {
@@ -37,6 +38,25 @@ void check_rotation(const char* ctx, const char* what, int head_dim) {
   if (head_dim < 2 || head_dim > 16384 || (head_dim & (head_dim - 1)) != 0) {
     throw ValueError(ctx, std::string(what) + " a power of two from 2 to 16384 to rotate",
                      std::to_string(head_dim));
+  }
+}
+
+void check_scales(
+    const char* ctx,
+    const std::tuple<mx::array, mx::array, mx::array>& keys,
+    const std::tuple<mx::array, mx::array, mx::array>& values) {
+  const auto& [kw, ks, kb] = keys;
+  const auto& [vw, vs, vb] = values;
+  if (kb.dtype() != ks.dtype() || vs.dtype() != ks.dtype() || vb.dtype() != ks.dtype() ||
+      !mx::issubdtype(ks.dtype(), mx::floating)) {
+    throw ValueError(ctx, "scales and biases of keys and values of one float dtype",
+                     dtype_str(ks.dtype()) + ", " + dtype_str(kb.dtype()) + ", " + dtype_str(vs.dtype()) +
+                         " and " + dtype_str(vb.dtype()));
+  }
+  if (kb.shape(-1) != ks.shape(-1) || vb.shape(-1) != vs.shape(-1)) {
+    throw ValueError(ctx, "biases of as many groups as the scales",
+                     "keys " + shape_str(ks.shape()) + " and " + shape_str(kb.shape()) + ", values " +
+                         shape_str(vs.shape()) + " and " + shape_str(vb.shape()));
   }
 }
 

@@ -110,7 +110,9 @@ void QuantizedKVCache::set_channel(
                                 " words per group of scales",
                        shape_str(kw.shape()) + " with scales " + shape_str(ks.shape()));
     }
-    if (vw.shape(0) != B || vw.shape(1) != H || 1LL * vw.shape(3) * 32 != 1LL * Dv * value_spec.bits) {
+    check_scales(ctx, *keys, *values);
+    if (vw.shape(0) != B || vw.shape(1) != H ||
+        1LL * vw.shape(3) * 32 != 1LL * Dv * value_spec.bits) {
       throw ValueError(ctx, "values of (B, H) " + shape_str({B, H}) + " with " +
                                 std::to_string(Dv * value_spec.bits / 32) + " packed words",
                        shape_str(vw.shape()));
@@ -194,6 +196,9 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
   const int R = residual_ ? residual_->shape(2) : 0;
   const int target = std::max(0, end - window_) / G * G;
   const int add = std::max(0, target - done);
+  // The float tokens the update rotates and joins to the residual.
+  check_memory(ctx, std::to_string(end - done) + " float tokens",
+               double(B) * H * (end - done) * (D + Dv) * keys.itemsize());
 
   await_buffer_release(capacity_, keys_.has_value(), S);
   OptionalQuantized kbuf = keys_, vbuf = values_;

@@ -199,6 +199,17 @@ std::pair<QuantizedArrays, QuantizedArrays> ChannelBatch::update_and_fetch(
     }
   }
   const int end = check_size(ctx, "_idx + S", 1LL * idx_ + S);
+  // What the update allocates, before it allocates: the key and value
+  // groups (copied whole by the concatenation) and the float residuals.
+  const int G = key_spec_.group_size, vg = value_spec_.group_size;
+  const int grouped = right_padding_ ? quantized_tokens()
+                                     : std::max(quantized_tokens(), target(end, window_, G));
+  const double item = keys.itemsize();
+  check_memory(ctx, std::to_string(end) + " positions of " + std::to_string(B) + " rows",
+               double(B) * H *
+                   (double(grouped) * (D * (key_spec_.bits / 8.0 + 2.0 * item / G) +
+                                       Dv * (value_spec_.bits / 8.0 + 2.0 * item / vg)) +
+                    double(end - grouped) * (D + Dv) * item));
 
   ChannelBatch next = *this;
   auto pk = hadamard(keys), pv = hadamard(values);
@@ -641,6 +652,7 @@ void ChannelBatch::set(
     const int T = groups * G, Dv = vs.shape(3) * value_spec.group_size;
     check_rotation(ctx, "a key head dim", D);
     check_rotation(ctx, "a value head dim", Dv);
+    check_scales(ctx, *keys, *values);
     if (ks.shape(0) != B || 1LL * kw.shape(3) != 1LL * groups * G * key_spec.bits / 32 ||
         kb.shape(3) != groups) {
       throw ValueError(ctx, "keys of " + std::to_string(B) + " rows with " +

@@ -37,6 +37,13 @@ void check_window(const char* ctx, QuantScheme scheme, int window);
 /// two from 2 to 16384 (mx::hadamard_transform's sizes of that form).
 void check_rotation(const char* ctx, const char* what, int head_dim);
 
+/// Throws ValueError unless the scales and biases of the keys and values
+/// share one float dtype and each triple's biases have its scales' groups.
+void check_scales(
+    const char* ctx,
+    const std::tuple<mx::array, mx::array, mx::array>& keys,
+    const std::tuple<mx::array, mx::array, mx::array>& values);
+
 /// x rotated over its last axis by the orthonormal (self-inverse) Hadamard
 /// matrix: applying it twice gives x back.
 mx::array hadamard(const mx::array& x);
