@@ -1849,16 +1849,19 @@ CHANNEL_BAD = [(4, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_
                (0.5, bad_matmul_mode), (1.5, bad_channel_constructor)]
 
 
-def channel_episode(ep, case):
+def channel_calls(ep, case, good, bad):
+    """10 to 40 random calls on a rotated-channel case, 40% of them bad; the
+    matmul mode the bad calls may set is put back."""
     ep.counts["rotated-channel episodes"] += 1
     try:
         for _ in range(ep.rng.randrange(10, 40)):
-            if ep.chance(0.4):
-                weighted(ep, CHANNEL_BAD)(case)
-            else:
-                weighted(ep, CHANNEL_GOOD)(case)
+            weighted(ep, bad if ep.chance(0.4) else good)(case)
     finally:
         kvcore.set_quantized_matmul("auto")
+
+
+def channel_episode(ep, case):
+    channel_calls(ep, case, CHANNEL_GOOD, CHANNEL_BAD)
 
 
 # -- batches of the scheme
@@ -2023,15 +2026,7 @@ CHANNEL_BATCH_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1
 
 
 def channel_batch_episode(ep, case):
-    ep.counts["rotated-channel episodes"] += 1
-    try:
-        for _ in range(ep.rng.randrange(10, 40)):
-            if ep.chance(0.4):
-                weighted(ep, CHANNEL_BATCH_BAD)(case)
-            else:
-                weighted(ep, CHANNEL_BATCH_GOOD)(case)
-    finally:
-        kvcore.set_quantized_matmul("auto")
+    channel_calls(ep, case, CHANNEL_BATCH_GOOD, CHANNEL_BATCH_BAD)
 
 
 # --------------------------------------------------------------------------

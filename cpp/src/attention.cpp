@@ -67,9 +67,9 @@ std::atomic<QuantizedMatmul> matmul_mode{QuantizedMatmul::automatic};
 // it has (head dim 64, group 32, several query rows). The dequantized
 // weights are one layer's keys or values in the query dtype, freed after
 // the step.
-mx::array qmatmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+mx::array qmatmul(bool dequantize, const mx::array& x, const mx::array& w, const mx::array& scales,
                   const mx::array& biases, bool transpose, QuantSpec spec) {
-  if (!dequantizes_in_attention()) {
+  if (!dequantize) {
     return mx::quantized_matmul(x, w, scales, biases, transpose, spec.group_size, spec.bits);
   }
   auto full = mx::astype(mx::dequantize(w, scales, biases, spec.group_size, spec.bits), x.dtype());
@@ -121,6 +121,7 @@ mx::array quantized_attention(
   }
   check_mask(ctx, mask, {B, n_q, L, std::get<0>(keys).shape(2)});
   const int repeats = n_q / n_kv;
+  const bool dequantize = dequantizes_in_attention(); // once per call, not per matmul
   auto q = mx::multiply(queries, mx::array(scale, queries.dtype()));
   auto expand = [&](const QuantizedArrays& t) {
     if (repeats == 1) {
@@ -134,10 +135,10 @@ mx::array quantized_attention(
   if (repeats > 1) {
     q = mx::reshape(q, {B, n_kv, repeats, L, D});
   }
-  auto scores = qmatmul(q, std::get<0>(k), std::get<1>(k), std::get<2>(k), true, key_spec);
+  auto scores = qmatmul(dequantize, q, std::get<0>(k), std::get<1>(k), std::get<2>(k), true, key_spec);
   scores = masked(scores, mask, repeats);
   scores = mx::softmax(scores, -1, true);
-  auto out = qmatmul(scores, std::get<0>(v), std::get<1>(v), std::get<2>(v), false, value_spec);
+  auto out = qmatmul(dequantize, scores, std::get<0>(v), std::get<1>(v), std::get<2>(v), false, value_spec);
   if (repeats > 1) {
     out = mx::reshape(out, {B, n_q, L, out.shape(-1)});
   }
@@ -214,6 +215,7 @@ mx::array channel_attention(
   }
   check_mask(ctx, mask, {B, n_q, L, quantized + R});
   const int repeats = n_q / n_kv;
+  const bool dequantize = dequantizes_in_attention(); // once per call, not per matmul
   // One rotation of the queries: (H q) . (H k) = q . k.
   auto q = mx::multiply(hadamard(queries), mx::array(scale, queries.dtype()));
   auto expand = [&](const mx::array& a) { return repeats > 1 ? mx::expand_dims(a, -3) : a; };
@@ -222,7 +224,7 @@ mx::array channel_attention(
   }
   std::vector<mx::array> parts;
   if (quantized > 0) {
-    parts.push_back(qmatmul(q, expand(kw), expand(ks), expand(kb), false, key_spec));
+    parts.push_back(qmatmul(dequantize, q, expand(kw), expand(ks), expand(kb), false, key_spec));
   }
   if (R > 0) {
     parts.push_back(mx::matmul(q, mx::swapaxes(expand(*key_residual), -1, -2)));
@@ -234,7 +236,7 @@ mx::array channel_attention(
     auto p = R > 0 ? mx::slice(scores, mx::Shape(scores.ndim(), 0),
                                [&] { auto e = scores.shape(); e.back() = quantized; return e; }())
                    : scores;
-    out = qmatmul(p, expand(vw), expand(vs), expand(vb), false, value_spec);
+    out = qmatmul(dequantize, p, expand(vw), expand(vs), expand(vb), false, value_spec);
   }
   if (R > 0) {
     mx::Shape lo(scores.ndim(), 0);

@@ -304,6 +304,15 @@ void BatchCache::shift_rows_right(const mx::array& shift) {
   left_padding_ = mx::add(left_padding(), shift);
 }
 
+int BatchCache::extract_padding(const char* ctx, int idx) const {
+  check_batch(ctx);
+  check_indices(ctx, {idx}, rows());
+  if (!keys_ || !values_) {
+    throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
+  }
+  return std::max(0, to_ints(left_padding())[idx]);
+}
+
 void BatchCache::extend_aligned(BatchCache& other) {
   constexpr const char* ctx = "extend";
   check_batch(ctx);

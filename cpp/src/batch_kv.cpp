@@ -125,13 +125,7 @@ void BatchKVCache::extend(BatchKVCache& other) {
 }
 
 KVCache BatchKVCache::extract(int idx) const {
-  constexpr const char* ctx = "BatchKVCache.extract";
-  check_batch(ctx);
-  check_indices(ctx, {idx}, rows());
-  if (!keys_ || !values_) {
-    throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
-  }
-  int padding = std::max(0, to_ints(left_padding())[idx]);
+  const int padding = extract_padding("BatchKVCache.extract", idx);
   auto k = mx::contiguous(seq_slice(row_slice(*keys_, idx, idx + 1), padding, idx_));
   auto v = mx::contiguous(seq_slice(row_slice(*values_, idx, idx + 1), padding, idx_));
   KVCache out;

@@ -285,12 +285,7 @@ void BatchRotatingKVCache::extend(BatchRotatingKVCache& other) {
 
 RotatingKVCache BatchRotatingKVCache::extract(int idx) const {
   constexpr const char* ctx = "BatchRotatingKVCache.extract";
-  check_batch(ctx);
-  check_indices(ctx, {idx}, rows());
-  if (!keys_ || !values_) {
-    throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
-  }
-  int padding = std::max(0, to_ints(left_padding())[idx]);
+  const int padding = extract_padding(ctx, idx);
   int offset = to_ints(this->offset())[idx];
   auto k = row_slice(*keys_, idx, idx + 1);
   auto v = row_slice(*values_, idx, idx + 1);

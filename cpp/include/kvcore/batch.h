@@ -110,6 +110,9 @@ class BatchCache : public Cache {
   /// the sequence: the buffers rolled, the shift added to the left padding
   /// and taken from the offset.
   void shift_rows_right(const mx::array& shift);
+  /// extract(idx)'s checks (one row per padding, idx a row, keys and
+  /// values set); the row's left padding, at least 0.
+  int extract_padding(const char* ctx, int idx) const;
 
   OptionalArray keys_;
   OptionalArray values_;
