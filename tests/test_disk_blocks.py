@@ -361,30 +361,134 @@ def test_a_full_disk_ends_block_writes_with_an_error_and_memory_serves(tmp_path)
     assert errors[2].startswith(".tmp-") and "expected its 2 blocks on disk but got a chain with a hole" in errors[2]
 
 
-@pytest.mark.parametrize("kw", [dict(group_size=64, bits=4),
-                                dict(group_size=(32, 64), bits=(4, 2), scheme="rotated-channel",
-                                     window=0)])
-def test_quantized_caches_go_to_disk_at_their_own_bytes(tmp_path, kw):
-    # Quantized layers are not split into blocks: the entry's tail holds them
-    # whole, quantized (README, "Disk tier blocks").
-    toks = prompt(2 * B + 40)
-    caches = [c.to_quantized(**kw) for c in kv_caches(toks, dim=64)]
+QUANTIZED = {
+    "affine-4": dict(group_size=64, bits=4),
+    "affine-8/4": dict(group_size=32, bits=(8, 4)),
+    "rotated-4/2": dict(group_size=(32, 64), bits=(4, 2), scheme="rotated-channel", window=0),
+    "rotated-3-window": dict(group_size=(64, 64), bits=3, scheme="rotated-channel", window=128),
+}
+
+
+def q_caches(tokens, kw, dim=64):
+    return [c.to_quantized(**kw) for c in kv_caches(tokens, dim=dim)]
+
+
+def held(c):
+    """What a cache holds: a QuantizedKVCache's triples up to its offset (its
+    buffers run on) and its float residual; other caches' state."""
+    if isinstance(c, kvcore.QuantizedKVCache):
+        return tree_flatten((c.keys_and_values(), c.residual, c.value_residual))
+    return tree_flatten(c.state)
+
+
+def assert_same_state(got, want):
+    """Same classes, settings, offsets and contents bit for bit."""
+    assert [type(c) for c in got] == [type(c) for c in want]
+    for g, w in zip(got, want):
+        assert g.offset == w.offset
+        if isinstance(w, kvcore.QuantizedKVCache):
+            assert (g.group_size, g.bits, g.scheme, g.window) == (w.group_size, w.bits, w.scheme, w.window)
+        gs, ws = held(g), held(w)
+        assert [k for k, _ in gs] == [k for k, _ in ws]
+        for (_, a), (_, b) in zip(gs, ws):
+            if isinstance(b, mx.array):
+                assert a.dtype == b.dtype and a.shape == b.shape and mx.array_equal(a, b).item()
+            else:
+                assert a == b
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_caches_go_to_disk_as_blocks_at_their_own_bytes(tmp_path, name):
+    kw = QUANTIZED[name]
+    toks = prompt(3 * B + 40)
+    caches = q_caches(toks, kw)
     float_bytes = cache_bytes(kv_caches(toks, dim=64))
     with kvcore.LRUPromptCache(disk_dir=str(tmp_path)) as lru:
         lru.insert_cache(MODEL, toks, caches)
-    assert blocks(tmp_path) == [] and len(tails(tmp_path)) == 1
-    # 4-bit keys and values (or 4 and 2 bits) with float16 scales: under 0.4x float16's bytes.
-    assert dir_bytes(tmp_path) < float_bytes / 2.5
+    # Blocks for the tokens whose keys are quantized (rotated-channel keeps its
+    # newest tokens in float: window 128 leaves 2 whole blocks of 256).
+    want_blocks = 2 if kw.get("window") == 128 else 3
+    assert len(blocks(tmp_path)) == want_blocks and len(tails(tmp_path)) == 1
+    # 4-bit (or fewer) keys or values with float16 scales: under 0.65x float16's bytes.
+    assert dir_bytes(tmp_path) < float_bytes * 0.65
+    h = kvcore_header(os.path.join(tmp_path, blocks(tmp_path)[0]))
+    assert h["kvcore.layout"].startswith("2;q:" + kw.get("scheme", "affine") + ":")
     again = kvcore.LRUPromptCache(disk_dir=str(tmp_path))
     got, rest = again.fetch_nearest_cache(MODEL, toks)
-    assert rest == [] and again.disk_errors == []
-    assert [type(c) for c in got] == [kvcore.QuantizedKVCache] * 2
-    assert [(c.group_size, c.bits, c.scheme) for c in got] == [
-        (c.group_size, c.bits, c.scheme) for c in caches]
-    for g, c in zip(got, caches):
-        assert g.offset == c.offset
-        for a, b in zip(tree_flatten(g.state), tree_flatten(c.state)):
-            if isinstance(b[1], mx.array):
-                assert a[1].dtype == b[1].dtype and mx.array_equal(a[1], b[1]).item()
-            else:
-                assert a[1] == b[1]
+    assert rest == [] and again.disk_errors == [] and again.disk_blocks_read == want_blocks
+    assert_same_state(got, caches)
+    # Prefixes: served as memory serves them (a trim into the chain reads only its blocks).
+    memory = kvcore.LRUPromptCache()
+    memory.insert_cache(MODEL, toks, q_caches(toks, kw))
+    for q in (toks[: B + 20] + [1], toks[: 2 * B] + [1], toks[: 3 * B + 5] + [1]):
+        disk = kvcore.LRUPromptCache(disk_dir=str(tmp_path))
+        got, rest = disk.fetch_nearest_cache(MODEL, q)
+        want, want_rest = memory.fetch_nearest_cache(MODEL, q)
+        assert rest == want_rest == [1] and disk.disk_errors == []
+        assert_same_state(got, want)
+
+
+def test_quantized_blocks_are_shared_and_kept_apart_from_float_ones(tmp_path):
+    kw = QUANTIZED["affine-4"]
+    shared = prompt(2 * B)
+    a, b = shared + prompt(B + 10, seed=1), shared + prompt(B + 10, seed=2)
+    with kvcore.LRUPromptCache(disk_dir=tmp_path) as w:
+        w.insert_cache(MODEL, a, q_caches(a, kw))
+        w.insert_cache(MODEL, b, q_caches(b, kw))
+        w.flush()
+        assert w.disk_blocks == 2 + 1 + 1  # the shared blocks once
+        # The same tokens at other bits, or in float, are other chains.
+        c = shared + prompt(B + 10, seed=4)
+        w.insert_cache(MODEL, c, kv_caches(c, dim=64))
+        w.insert_cache(MODEL, shared + [9], q_caches(shared + [9], QUANTIZED["affine-8/4"]))
+        w.flush()
+        assert w.disk_blocks == 4 + 3 + 2
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    got, rest = lru.fetch_nearest_cache(MODEL, b)
+    assert rest == []
+    assert_same_state(got, q_caches(b, kw))
+    got, rest = lru.fetch_nearest_cache(MODEL, c)
+    assert rest == [] and [type(x) for x in got] == [kvcore.KVCache] * 2
+    assert_same(got, kv_caches(c, dim=64))
+    got, rest = lru.fetch_nearest_cache(MODEL, shared + [9])
+    assert rest == []
+    assert_same_state(got, q_caches(shared + [9], QUANTIZED["affine-8/4"]))
+    # Blocks memory holds are not read again: b's shared blocks are in memory now.
+    lru2 = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    lru2.insert_cache(MODEL, shared + prompt(40, seed=3), q_caches(shared + prompt(40, seed=3), kw))
+    lru2.flush()
+    corrupt(block_of(tmp_path, b, 0))  # a read would refuse it
+    got, rest = lru2.fetch_nearest_cache(MODEL, b)
+    assert rest == [] and lru2.disk_errors == [] and lru2.disk_blocks_read == 1
+    assert_same_state(got, q_caches(b, kw))
+
+
+def test_a_damaged_quantized_block_is_refused_and_never_served(tmp_path):
+    kw = QUANTIZED["rotated-4/2"]
+    toks = prompt(2 * B + 40)
+    with kvcore.LRUPromptCache(disk_dir=tmp_path) as w:
+        w.insert_cache(MODEL, toks, q_caches(toks, kw))
+    path = block_of(tmp_path, toks, 1)
+    corrupt(path)
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    got, rest = lru.fetch_nearest_cache(MODEL, toks + [1])
+    assert got is None and rest == toks + [1]
+    assert len(lru.disk_errors) == 1
+    assert lru.disk_errors[0].startswith(os.path.basename(path) + ": [LRUPromptCache disk block] expected file "
+                                         "contents hashing to "), lru.disk_errors
+    assert not os.path.exists(path)
+
+
+def test_quantized_layers_beside_other_layers_go_as_blocks(tmp_path):
+    kw = QUANTIZED["affine-4"]
+    toks = prompt(2 * B + 3)
+    r, _ = hybrid(toks)
+    q = q_caches(toks, kw)[0]
+    with kvcore.LRUPromptCache(disk_dir=tmp_path) as w:
+        w.insert_cache(MODEL, toks, [r, q])
+    assert len(blocks(tmp_path)) == 2
+    got, rest = kvcore.LRUPromptCache(disk_dir=tmp_path).fetch_nearest_cache(MODEL, toks)
+    assert rest == []
+    assert_same_state(got, [r, q])
+
+

@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "kvcore/prefix_cache.h"
+#include "kvcore/quantized.h"
 
 namespace kvcore::py {
 
@@ -124,6 +125,29 @@ struct PyOps {
         nb::inst_ptr<KVCache>(c)->set(std::move(l.keys), std::move(l.values), offset);
       } else if (c.type().is(cache_list_type())) {
         fill(c.attr("caches"), layers, next, offset);
+      }
+    }
+  }
+  // Every layer of a list (a CacheList's members in its place) as the
+  // kvcore cache it is: only kvcore.KVCache and kvcore.QuantizedKVCache
+  // themselves (a subclass may hold more), nullptr for any other.
+  static std::vector<Cache*> cache_layers(const nb::object& caches) {
+    std::vector<Cache*> out;
+    if (nb::isinstance<nb::list>(caches)) {
+      walk_layers(caches, out);
+    }
+    return out;
+  }
+  static void walk_layers(nb::handle caches, std::vector<Cache*>& out) {
+    for (nb::handle c : caches) {
+      if (c.type().is(nb::type<KVCache>())) {
+        out.push_back(nb::inst_ptr<KVCache>(c));
+      } else if (c.type().is(nb::type<QuantizedKVCache>())) {
+        out.push_back(nb::inst_ptr<QuantizedKVCache>(c));
+      } else if (c.type().is(cache_list_type())) {
+        walk_layers(c.attr("caches"), out);
+      } else {
+        out.push_back(nullptr);
       }
     }
   }

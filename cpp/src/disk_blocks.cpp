@@ -13,6 +13,7 @@
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
+#include "kvcore/quantized.h"
 
 namespace kvcore {
 
@@ -141,13 +142,145 @@ Tokens parse_tokens(const Metadata& m, const std::string& prefix) {
   return out;
 }
 
-std::string block_layout(const std::vector<LayerKV>& layers) {
+namespace {
+
+// Where array i of a block layer holds its tokens: along `axis`, `num / den`
+// entries per token (rotated_channel keys: packed words and groups).
+struct TokenAxis {
+  int axis;
+  int num;
+  int den;
+};
+
+TokenAxis token_axis(const BlockLayer& l, size_t i) {
+  if (l.quantized && l.scheme != QuantScheme::affine && i < 3) {
+    return i == 0 ? TokenAxis{3, l.key_spec.bits, 32} : TokenAxis{3, 1, l.key_spec.group_size};
+  }
+  return {2, 1, 1};
+}
+
+mx::array token_slice(const mx::array& a, TokenAxis t, int from, int to) {
+  mx::Shape lo(a.ndim(), 0), hi = a.shape();
+  lo[t.axis] = static_cast<int>(int64_t(from) * t.num / t.den);
+  hi[t.axis] = static_cast<int>(int64_t(to) * t.num / t.den);
+  return mx::slice(a, lo, hi);
+}
+
+} // namespace
+
+bool block_kind(const Cache& c) {
+  return typeid(c) == typeid(KVCache) || typeid(c) == typeid(QuantizedKVCache);
+}
+
+std::optional<BlockLayer> block_layer(const Cache& c) {
+  BlockLayer l;
+  const auto* q = dynamic_cast<const QuantizedKVCache*>(&c);
+  if (q == nullptr) {
+    const auto* p = dynamic_cast<const KVCache*>(&c);
+    if (p == nullptr) {
+      return std::nullopt;
+    }
+    const auto& kv = *p;
+    if (!kv.keys() || !kv.values() || kv.keys()->ndim() != 4 || kv.values()->ndim() != 4) {
+      return std::nullopt;
+    }
+    l.tokens = l.offset = kv.offset();
+    l.arrays = {seq_slice(*kv.keys(), 0, l.tokens), seq_slice(*kv.values(), 0, l.tokens)};
+    return l;
+  }
+  if (q->empty()) {
+    return std::nullopt;
+  }
+  l.quantized = true;
+  l.key_spec = q->key_spec();
+  l.value_spec = q->value_spec();
+  l.scheme = q->scheme();
+  l.tokens = q->quantized_tokens();
+  l.offset = q->offset();
+  auto [k, v] = q->keys_and_values();
+  l.arrays = {std::get<0>(k), std::get<1>(k), std::get<2>(k), std::get<0>(v), std::get<1>(v), std::get<2>(v)};
+  return l;
+}
+
+bool block_aligned(const BlockLayer& l, int at) {
+  for (size_t i = 0; i < l.arrays.size(); ++i) {
+    const TokenAxis t = token_axis(l, i);
+    if (int64_t(at) * t.num % t.den != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+BlockLayer block_rows(const BlockLayer& l, int from, int to) {
+  BlockLayer out = l;
+  for (size_t i = 0; i < l.arrays.size(); ++i) {
+    out.arrays[i] = token_slice(l.arrays[i], token_axis(l, i), from, to);
+  }
+  out.tokens = out.offset = to - from;
+  return out;
+}
+
+void rebuild_layer(Cache& c, const BlockLayer& l, const std::vector<const BlockLayer*>& before, int from, bool own) {
+  std::vector<mx::array> arrays;
+  int tokens = own ? l.tokens - from : 0;
+  for (const BlockLayer* b : before) {
+    tokens += b->tokens;
+  }
+  for (size_t i = 0; i < l.arrays.size(); ++i) {
+    const TokenAxis t = token_axis(l, i);
+    std::vector<mx::array> parts;
+    for (const BlockLayer* b : before) {
+      parts.push_back(b->arrays[i]);
+    }
+    if (own || parts.empty()) {
+      parts.push_back(token_slice(l.arrays[i], t, own ? from : 0, own ? l.tokens : 0));
+    }
+    arrays.push_back(parts.size() == 1 ? parts[0] : mx::concatenate(parts, t.axis));
+  }
+  if (!l.quantized) {
+    static_cast<KVCache&>(c).set(arrays[0], arrays[1], tokens);
+    return;
+  }
+  auto& q = static_cast<QuantizedKVCache&>(c);
+  OptionalArray residual = own ? q.residual() : std::nullopt;
+  OptionalArray value_residual = own ? q.value_residual() : std::nullopt;
+  const int offset = tokens + (residual ? residual->shape(2) : 0);
+  q.set(QuantizedArrays{arrays[0], arrays[1], arrays[2]}, QuantizedArrays{arrays[3], arrays[4], arrays[5]}, offset,
+        l.key_spec, l.value_spec, l.scheme, std::move(residual), std::move(value_residual), q.window());
+}
+
+std::shared_ptr<Cache> block_cache(const BlockLayer& rows) {
+  std::shared_ptr<Cache> c;
+  if (rows.quantized) {
+    c = std::make_shared<QuantizedKVCache>(rows.key_spec, rows.value_spec, rows.scheme, 0);
+  } else {
+    c = std::make_shared<KVCache>();
+  }
+  BlockLayer empty = rows;
+  rebuild_layer(*c, empty, {&rows}, 0, false);
+  return c;
+}
+
+std::string block_layout(const std::vector<BlockLayer>& layers) {
   std::string s = std::to_string(layers.size());
   for (const auto& l : layers) {
-    for (const mx::array* a : {&l.keys, &l.values}) {
-      s += a == &l.keys ? ";" : "/";
-      s += std::to_string(a->shape(0)) + "," + std::to_string(a->shape(1)) + "," +
-          std::to_string(a->shape(3)) + "," + dtype_str(a->dtype());
+    s += ";";
+    if (l.quantized) { // KVCache layers keep the layout of the first block files
+      s += std::string("q:") + scheme_name(l.scheme) + ":" + std::to_string(l.key_spec.group_size) + "," +
+          std::to_string(l.key_spec.bits) + "," + std::to_string(l.value_spec.group_size) + "," +
+          std::to_string(l.value_spec.bits) + ":";
+    }
+    for (size_t i = 0; i < l.arrays.size(); ++i) {
+      const mx::array& a = l.arrays[i];
+      const int axis = token_axis(l, i).axis;
+      s += i == 0 ? "" : "/";
+      for (int d = 0; d < a.ndim(); ++d) {
+        if (d != axis) {
+          s += std::to_string(a.shape(d)) + ",";
+        }
+      }
+      s += dtype_str(a.dtype());
     }
   }
   return s;
@@ -191,7 +324,7 @@ bool parse_block_name(const std::string& name, uint64_t* chain, uint64_t* file_h
   return true;
 }
 
-PreparedFile prepare_block(const BlockHeader& b, const std::vector<LayerKV>& layers) {
+PreparedFile prepare_block(const BlockHeader& b, const std::vector<BlockLayer>& layers) {
   Metadata m;
   m["kvcore.block"] = "1";
   m["kvcore.model"] = b.model;
@@ -203,9 +336,11 @@ PreparedFile prepare_block(const BlockHeader& b, const std::vector<LayerKV>& lay
   put_tokens(m, "kvcore.tokens", b.tokens);
   PromptCache caches;
   for (const auto& l : layers) {
-    auto c = std::make_shared<KVCache>();
-    c->set(l.keys, l.values, b.block_tokens);
-    caches.push_back(std::move(c));
+    if (l.tokens != b.block_tokens) {
+      throw ValueError(kBlock, "layers of " + std::to_string(b.block_tokens) + " tokens",
+                       std::to_string(l.tokens) + " tokens");
+    }
+    caches.push_back(block_cache(l));
   }
   return prepare_prompt_cache(caches, m);
 }
@@ -256,19 +391,20 @@ BlockHeader read_block_header(const std::string& path) {
   return block_header_of(user_metadata(read_safetensors_header(path).metadata));
 }
 
-std::vector<LayerKV> load_block_bytes(
+std::vector<BlockLayer> load_block_bytes(
     const std::string& name,
     std::shared_ptr<const std::string> bytes,
-    const BlockHeader& expect) {
+    const BlockHeader& expect,
+    std::optional<uint64_t> hashed) {
   uint64_t chain = 0, hash = 0;
   if (!parse_block_name(name, &chain, &hash) || chain != expect.chain) {
     throw ValueError(kBlock, "a file named for chain " + hex16(expect.chain), "'" + name + "'");
   }
-  const uint64_t got = disk_bytes_hash(*bytes);
+  const uint64_t got = hashed ? *hashed : disk_bytes_hash(*bytes);
   if (got != hash) {
     throw ValueError(kBlock, "file contents hashing to " + hex16(hash), hex16(got));
   }
-  LoadedPromptCache loaded = load_prompt_cache_bytes(std::move(bytes));
+  LoadedPromptCache loaded = load_prompt_cache_bytes(std::move(bytes), false);
   const BlockHeader b = block_header_of(loaded.metadata);
   if (b.model != expect.model) {
     throw ValueError(kBlock, "a block of model " + expect.model.substr(0, 80), "one of " + b.model.substr(0, 80));
@@ -285,16 +421,15 @@ std::vector<LayerKV> load_block_bytes(
   if (b.tokens != expect.tokens) {
     throw ValueError(kBlock, "the prompt's tokens", "other tokens");
   }
-  std::vector<LayerKV> layers;
+  std::vector<BlockLayer> layers;
   for (const auto& c : loaded.caches) {
-    const auto* kv = dynamic_cast<const KVCache*>(c.get());
-    if (kv == nullptr || !kv->keys() || !kv->values() || kv->offset() != b.block_tokens ||
-        kv->keys()->ndim() != 4 || kv->values()->ndim() != 4 ||
-        kv->keys()->shape(2) != b.block_tokens || kv->values()->shape(2) != b.block_tokens) {
-      throw ValueError(kBlock, "KVCache layers of " + std::to_string(b.block_tokens) + " tokens",
-                       "another cache or length");
+    std::optional<BlockLayer> l = block_kind(*c) ? block_layer(*c) : std::nullopt;
+    if (!l || l->tokens != b.block_tokens || l->offset != b.block_tokens) {
+      throw ValueError(kBlock, "KVCache or QuantizedKVCache layers of " + std::to_string(b.block_tokens) + " tokens",
+                       l ? std::to_string(l->tokens) + " tokens of " + std::to_string(l->offset)
+                         : std::string("another cache"));
     }
-    layers.push_back({*kv->keys(), *kv->values()});
+    layers.push_back(std::move(*l));
   }
   if (layers.empty() || block_layout(layers) != b.layout) {
     throw ValueError(kBlock, "layers of layout " + b.layout.substr(0, 80),

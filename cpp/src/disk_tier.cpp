@@ -8,15 +8,20 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <deque>
 #include <fstream>
+#include <future>
 #include <limits>
 #include <random>
 #include <system_error>
+#include <thread>
 
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <mlx/transforms.h>
 
 #include "kvcore/errors.h"
 
@@ -28,6 +33,8 @@ namespace {
 
 constexpr const char* kDisk = "LRUPromptCache disk tier";
 constexpr size_t kMaxErrors = 64;
+// Block files read and hashed at once by a fetch.
+constexpr size_t kReadThreads = 8;
 // A tail whose blocks are not indexed this long after it was first seen is
 // removed (their writer died, or another process evicted them).
 constexpr int64_t kOrphanNs = 30ll * 1000000000;
@@ -381,7 +388,7 @@ bool DiskTier::has_block(uint64_t chain) const {
   return blocks_.count(chain) > 0 || queued_blocks_.count(chain) > 0;
 }
 
-void DiskTier::write_block(const BlockHeader& header, const std::vector<LayerKV>& rows) {
+void DiskTier::write_block(const BlockHeader& header, const std::vector<BlockLayer>& rows) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_ || blocks_.count(header.chain) || queued_blocks_.count(header.chain)) {
@@ -885,7 +892,7 @@ std::optional<LoadedPromptCache> DiskTier::load(const std::string& model, const 
   }
 }
 
-std::optional<std::vector<std::vector<LayerKV>>> DiskTier::load_blocks(
+std::optional<std::vector<std::vector<BlockLayer>>> DiskTier::load_blocks(
     const std::string& model,
     const Tokens& tokens,
     const Chain& chain,
@@ -895,7 +902,13 @@ std::optional<std::vector<std::vector<LayerKV>>> DiskTier::load_blocks(
   if (count > chain.blocks || static_cast<size_t>(count * bt) > tokens.size()) {
     return std::nullopt;
   }
-  std::vector<std::vector<LayerKV>> out;
+  // What each block must be, and the file the index has for it.
+  struct Want {
+    BlockHeader header;
+    std::string path;
+    int64_t size = 0;
+  };
+  std::vector<Want> wants;
   uint64_t parent = 0;
   for (int64_t j = 0; j < count; ++j) {
     BlockHeader want;
@@ -910,44 +923,107 @@ std::optional<std::vector<std::vector<LayerKV>>> DiskTier::load_blocks(
     if (j < first) {
       continue;
     }
-    std::string path;
-    int64_t size = 0;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = blocks_.find(want.chain);
-      if (it == blocks_.end()) {
-        return std::nullopt; // a chain with a hole ends there
-      }
-      path = it->second.path;
-      size = it->second.bytes;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = blocks_.find(want.chain);
+    if (it == blocks_.end()) {
+      return std::nullopt; // a chain with a hole ends there
     }
-    auto bytes = std::make_shared<std::string>();
+    wants.push_back({std::move(want), it->second.path, it->second.bytes});
+  }
+  // Files are read and hashed ahead on threads of their own (plain bytes: no
+  // mlx there), a bounded window at a time; checked, turned into arrays and
+  // evaluated here, in order, a few blocks per mx::eval.
+  struct Read {
+    std::shared_ptr<std::string> bytes; ///< null: the file is gone
+    uint64_t hash = 0;
+  };
+  const size_t threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kReadThreads);
+  const size_t window = 2 * threads;
+  std::deque<std::future<Read>> ahead;
+  size_t launched = 0;
+  auto launch = [&] {
+    const Want& w = wants[launched++];
+    ahead.push_back(std::async(std::launch::async, [path = w.path, size = w.size] {
+      Read r;
+      auto bytes = std::make_shared<std::string>();
+      if (read_whole(path, size, *bytes)) {
+        r.hash = disk_bytes_hash(*bytes);
+        r.bytes = std::move(bytes);
+      }
+      return r;
+    }));
+  };
+  // Drops the block of `w` from the index (and its file, if refused).
+  auto drop = [&](const Want& w, const std::string* why) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (why != nullptr) {
+      note(file_name(w.path), *why);
+    }
+    auto it = blocks_.find(w.header.chain);
+    if (it != blocks_.end() && it->second.path == w.path) {
+      remove_block(w.header.chain, why != nullptr); // gone: another process deleted it, a miss
+    } else if (why != nullptr) {
+      std::error_code ec;
+      fs::remove(w.path, ec);
+    }
+  };
+  std::vector<std::vector<BlockLayer>> out;
+  size_t evaluated = 0;
+  // Evaluates the blocks read since the last call; on an error, block by
+  // block to name the file.
+  auto evaluate = [&]() -> bool {
+    std::vector<mx::array> arrays;
+    for (size_t i = evaluated; i < out.size(); ++i) {
+      for (const auto& l : out[i]) {
+        arrays.insert(arrays.end(), l.arrays.begin(), l.arrays.end());
+      }
+    }
     try {
-      if (!read_whole(path, size, *bytes)) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto it = blocks_.find(want.chain);
-        if (it != blocks_.end() && it->second.path == path) {
-          remove_block(want.chain, false); // another process deleted it: a miss
+      mx::eval(arrays);
+      evaluated = out.size();
+      return true;
+    } catch (const std::exception&) {
+    }
+    for (; evaluated < out.size(); ++evaluated) {
+      try {
+        for (const auto& l : out[evaluated]) {
+          mx::eval(l.arrays);
         }
+      } catch (const std::exception& ex) {
+        const std::string why = std::string("mlx: ") + ex.what();
+        drop(wants[evaluated], &why);
+        return false;
+      }
+    }
+    return true;
+  };
+  for (size_t i = 0; i < wants.size(); ++i) {
+    while (launched < wants.size() && launched < i + window) {
+      launch();
+    }
+    const Want& w = wants[i];
+    try {
+      Read r = ahead.front().get();
+      ahead.pop_front();
+      if (!r.bytes) {
+        drop(w, nullptr);
         return std::nullopt;
       }
-      out.push_back(load_block_bytes(file_name(path), std::move(bytes), want));
+      out.push_back(load_block_bytes(file_name(w.path), std::move(r.bytes), w.header, r.hash));
     } catch (const std::exception& ex) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      note(file_name(path), std::string(ex.what()));
-      auto it = blocks_.find(want.chain);
-      if (it != blocks_.end() && it->second.path == path) {
-        remove_block(want.chain, true);
-      } else {
-        std::error_code ec;
-        fs::remove(path, ec);
-      }
+      const std::string why = ex.what();
+      drop(w, &why);
       return std::nullopt;
     }
-    const int64_t used = touch(path);
+    if ((out.size() - evaluated == threads || i + 1 == wants.size()) && !evaluate()) {
+      return std::nullopt;
+    }
+  }
+  for (const Want& w : wants) {
+    const int64_t used = touch(w.path);
     std::lock_guard<std::mutex> lock(mutex_);
     ++blocks_read_;
-    if (auto it = blocks_.find(want.chain); it != blocks_.end()) {
+    if (auto it = blocks_.find(w.header.chain); it != blocks_.end()) {
       it->second.used = used;
     }
   }

@@ -812,7 +812,7 @@ PromptCacheStates load_prompt_cache_states(const std::string& path) {
   return states_of(header, [&] { return mx::load_safetensors(path).first; });
 }
 
-LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> bytes) {
+LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> bytes, bool evaluate) {
   SafetensorsHeader header = parse_safetensors_header(*bytes);
   PromptCacheStates states = states_of(header, [&] {
     return mx::load_safetensors(std::make_shared<BytesReader>(bytes)).first;
@@ -824,7 +824,9 @@ LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> byt
     collect_arrays(cache_state(*out.caches.back()), arrays);
   }
   try {
-    mx::eval(arrays);
+    if (evaluate) {
+      mx::eval(arrays);
+    }
   } catch (const std::exception& e) {
     throw ValueError(kLoad, "a readable safetensors file", std::string("mlx: ") + e.what());
   }

@@ -5,6 +5,8 @@
 #include <mlx/ops.h>
 
 #include "kvcore/buffer.h"
+#include "kvcore/cache_list.h"
+#include "kvcore/disk_blocks.h"
 #include "kvcore/errors.h"
 #include "kvcore/kv.h"
 
@@ -125,6 +127,19 @@ PreparedFile PromptCacheOps::prepare(const PromptCache& caches, const Metadata& 
 
 PromptCache PromptCacheOps::from_file(LoadedPromptCache loaded) {
   return std::move(loaded.caches);
+}
+
+std::vector<Cache*> PromptCacheOps::cache_layers(const PromptCache& caches) {
+  std::vector<Cache*> out;
+  for (const auto& c : caches) {
+    if (const auto* list = dynamic_cast<const CacheList*>(c.get())) {
+      auto inner = cache_layers(list->caches());
+      out.insert(out.end(), inner.begin(), inner.end());
+    } else {
+      out.push_back(block_kind(*c) ? c.get() : nullptr);
+    }
+  }
+  return out;
 }
 
 } // namespace kvcore

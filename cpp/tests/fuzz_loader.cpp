@@ -466,10 +466,13 @@ std::vector<BlockSeed> block_seeds(const std::string& dir) {
   for (auto dtype : {mx::float16, mx::float32, mx::bfloat16}) {
     for (int layers : {1, 2}) {
       const int bt = 4 + 4 * (k % 2);
-      std::vector<LayerKV> rows;
+      std::vector<BlockLayer> rows;
       for (int l = 0; l < layers; ++l) {
         auto a = mx::astype(mx::reshape(mx::arange(2 * bt * 8), {1, 2, bt, 8}), dtype);
-        rows.push_back({a + l, a - l});
+        BlockLayer row;
+        row.arrays = {a + l, a - l};
+        row.tokens = row.offset = bt;
+        rows.push_back(std::move(row));
       }
       BlockHeader h;
       h.model = "fuzz-model";
@@ -489,6 +492,32 @@ std::vector<BlockSeed> block_seeds(const std::string& dir) {
       }
       ++k;
     }
+  }
+  // Quantized layers, one per scheme: blocks of whole key groups.
+  for (auto scheme : {QuantScheme::affine, QuantScheme::rotated_channel}) {
+    const int bt = 32;
+    QuantizedKVCache q({32, 4}, {64, 2}, scheme, 0);
+    auto a = mx::astype(mx::reshape(mx::arange(2 * 2 * bt * 64), {1, 2, 2 * bt, 64}), mx::float16) * 0.01;
+    q.update_and_fetch(a, -a);
+    const BlockLayer whole = *block_layer(q);
+    BlockHeader h;
+    h.model = "fuzz-model";
+    h.block_tokens = bt;
+    uint64_t parent = 0;
+    for (int64_t j = 0; j < 2; ++j) {
+      std::vector<BlockLayer> rows{block_rows(whole, static_cast<int>(j * bt), static_cast<int>((j + 1) * bt))};
+      h.layout = block_layout(rows);
+      h.index = j;
+      h.parent = parent;
+      h.tokens.clear();
+      for (int t = 0; t < bt; ++t) h.tokens.push_back(1000 * k + j * bt + t);
+      h.chain = block_chain(parent, h.model, h.layout, bt, h.tokens.data(), h.tokens.size());
+      parent = h.chain;
+      auto path = dir + "/block" + std::to_string(k) + "_" + std::to_string(j) + ".safetensors";
+      write_prepared(path, prepare_block(h, rows));
+      out.push_back({kvtest::read_bytes(path), h});
+    }
+    ++k;
   }
   return out;
 }
@@ -512,8 +541,8 @@ void run_block(const std::string& bytes, const BlockSeed& seed, const std::strin
                                    std::make_shared<const std::string>(bytes), seed.header);
     if (block_layout(layers) != seed.header.layout) throw Failure{"a block of another layout loaded"};
     for (const auto& l : layers) {
-      if (l.keys.shape(2) != seed.header.block_tokens) throw Failure{"a block of another length loaded"};
-      mx::eval({l.keys, l.values});
+      if (l.tokens != seed.header.block_tokens) throw Failure{"a block of another length loaded"};
+      mx::eval(l.arrays);
     }
     ++n.loaded;
   } catch (const CacheError&) {

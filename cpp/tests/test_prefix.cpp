@@ -140,6 +140,54 @@ TEST(lru_disk_tier_survives_a_restart) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(lru_disk_blocks_hold_quantized_layers) {
+  // Both schemes as blocks of 32 tokens, one inside a CacheList; after a
+  // restart the caches come back bit for bit, their blocks read from disk.
+  const std::string dir = "kvcore_test_disk_quantized_blocks";
+  std::filesystem::remove_all(dir);
+  Tokens toks;
+  for (int i = 0; i < 70; ++i) {
+    toks.push_back(100 + i);
+  }
+  auto k = mx::random::normal({1, 2, 70, 64}, mx::float16, 0.0, 1.0, mx::random::key(3));
+  auto affine = std::make_shared<QuantizedKVCache>(QuantSpec{64, 4}, QuantSpec{32, 8});
+  auto channel = std::make_shared<QuantizedKVCache>(QuantSpec{32, 4}, QuantSpec{64, 2},
+                                                    QuantScheme::rotated_channel, 0);
+  affine->update_and_fetch(k, -k);
+  channel->update_and_fetch(k, k * 2);
+  PromptCache caches{affine, std::make_shared<CacheList>(std::vector<std::shared_ptr<Cache>>{channel})};
+  {
+    PromptCacheLRU lru(4, PromptCacheLRU::kUnlimited, true, dir, PromptCacheLRU::kUnlimited, 8, 0, 32);
+    lru.insert_cache("m", toks, caches);
+    lru.close();
+    CHECK_EQ(lru.disk_blocks(), 2);
+  }
+  PromptCacheLRU lru(4, PromptCacheLRU::kUnlimited, true, dir, PromptCacheLRU::kUnlimited, 8, 0, 32);
+  auto [c, rest] = lru.fetch_nearest_cache("m", toks);
+  CHECK(c.has_value() && rest.empty());
+  CHECK_EQ(lru.disk_blocks_read(), 2);
+  CHECK(lru.disk_errors().empty());
+  const auto& got_a = dynamic_cast<const QuantizedKVCache&>(*(*c)[0]);
+  const auto& got_c =
+      dynamic_cast<const QuantizedKVCache&>(*dynamic_cast<const CacheList&>(*(*c)[1]).caches()[0]);
+  for (auto [got, want] : {std::pair{&got_a, affine.get()}, std::pair{&got_c, channel.get()}}) {
+    CHECK_EQ(got->offset(), 70);
+    CHECK(got->scheme() == want->scheme() && got->value_spec().bits == want->value_spec().bits);
+    // Evaluated on this thread: nothing lazy is kept.
+    for (const auto& a : got->state()) {
+      CHECK(!a || a->is_available());
+    }
+    auto [gk, gv] = got->keys_and_values();
+    auto [wk, wv] = want->keys_and_values();
+    for (auto [x, y] : {std::pair{std::get<0>(gk), std::get<0>(wk)}, std::pair{std::get<1>(gk), std::get<1>(wk)},
+                        std::pair{std::get<0>(gv), std::get<0>(wv)}, std::pair{std::get<2>(gv), std::get<2>(wv)}}) {
+      CHECK(mx::array_equal(x, y).item<bool>());
+    }
+  }
+  CHECK(mx::array_equal(*got_c.residual(), *channel->residual()).item<bool>());
+  std::filesystem::remove_all(dir);
+}
+
 TEST(lru_evicts_by_count_and_bytes) {
   PromptCacheLRU lru(2);
   lru.insert_cache("m", {1}, layers(1));

@@ -9,6 +9,7 @@
 
 #include "kvcore/files.h"
 #include "kvcore/kv_store.h"
+#include "kvcore/quantized.h"
 
 namespace kvcore {
 
@@ -34,9 +35,43 @@ Tokens parse_tokens(const Metadata& m, const std::string& prefix);
 std::string meta_get(const Metadata& m, const std::string& key);
 int64_t meta_int(const Metadata& m, const std::string& key);
 
-/// The layers' layout a chain is keyed by: count, then per layer the
-/// keys' and values' batch, heads, head dim and dtype.
-std::string block_layout(const std::vector<LayerKV>& layers);
+/// One attention layer as the disk tier's blocks hold it: a KVCache (its
+/// keys and values) or a QuantizedKVCache of either scheme (its keys' and
+/// values' triples), over its first `tokens` tokens. A rotated_channel
+/// cache's float residual is not part of it: it stays in the entry's tail.
+struct BlockLayer {
+  bool quantized = false;
+  QuantSpec key_spec;
+  QuantSpec value_spec;
+  QuantScheme scheme = QuantScheme::affine;
+  std::vector<mx::array> arrays; ///< keys, values; or the two triples
+  int tokens = 0; ///< tokens the arrays hold
+  int offset = 0; ///< the cache's offset (tokens plus a residual's)
+};
+
+/// Whether c is a KVCache or a QuantizedKVCache (the classes themselves).
+bool block_kind(const Cache& c);
+/// c as a block layer: a KVCache or a QuantizedKVCache holding tokens
+/// (the caller decides which subclasses count: block_kind); nullopt
+/// otherwise.
+std::optional<BlockLayer> block_layer(const Cache& c);
+/// Whether every array of l starts a whole word or group at token `at`
+/// (rotated_channel keys pack tokens: blocks must hold whole groups).
+bool block_aligned(const BlockLayer& l, int at);
+/// l's tokens [from, to).
+BlockLayer block_rows(const BlockLayer& l, int from, int to);
+/// c (of l's kind, l = block_layer(c)) set to hold `before`'s tokens (rows
+/// of its kind, in order), then its own tokens from `from` on (none of them
+/// unless `own`; its residual goes with them). Validated by the cache's set.
+void rebuild_layer(Cache& c, const BlockLayer& l, const std::vector<const BlockLayer*>& before, int from, bool own);
+/// A fresh cache of rows' kind holding just these rows.
+std::shared_ptr<Cache> block_cache(const BlockLayer& rows);
+
+/// The layers' layout a chain is keyed by: count, then per layer its kind
+/// and quantization, and each array's shape but for its token axis, and
+/// dtype (KVCache layers: batch, heads, head dim and dtype of keys and of
+/// values).
+std::string block_layout(const std::vector<BlockLayer>& layers);
 
 /// The chain hash of the block holding `tokens` after the block whose
 /// chain is `parent` (0 for the first block).
@@ -64,11 +99,11 @@ struct BlockHeader {
 std::string block_file_name(uint64_t chain, uint64_t file_hash);
 bool parse_block_name(const std::string& name, uint64_t* chain, uint64_t* file_hash);
 
-/// The file of one block: a prompt-cache file of one KVCache per layer
-/// holding tokens [index * block_tokens, +block_tokens) (`layers` are those
-/// rows, evaluated by this call), its header naming model, layout, block
-/// size, index, parent, chain and tokens.
-PreparedFile prepare_block(const BlockHeader& header, const std::vector<LayerKV>& layers);
+/// The file of one block: a prompt-cache file of one cache per layer (of
+/// the layer's kind) holding tokens [index * block_tokens, +block_tokens)
+/// (`layers` are those rows, evaluated by this call), its header naming
+/// model, layout, block size, index, parent, chain and tokens.
+PreparedFile prepare_block(const BlockHeader& header, const std::vector<BlockLayer>& layers);
 
 /// The checked header of a block file's metadata (user keys, "kvcore.*"):
 /// throws ValueError unless it is a block whose chain hash is that of its
@@ -80,11 +115,14 @@ BlockHeader read_block_header(const std::string& path);
 /// The layers of block file `name` read as `bytes`, after checking the
 /// bytes hash to the name's hash, the header is the block `expect` (model,
 /// layout, block size, index, parent, chain and every token), and each
-/// layer is a KVCache of the layout's shapes holding block_tokens tokens;
-/// evaluated. Throws ValueError saying what was wrong.
-std::vector<LayerKV> load_block_bytes(
+/// layer is a cache of the layout's kind and shapes holding block_tokens
+/// tokens (no residual). Not evaluated: `bytes` is checked and stays alive
+/// with the arrays. Throws ValueError saying what was wrong.
+/// `hashed`: the bytes' hash, where the caller has taken it already.
+std::vector<BlockLayer> load_block_bytes(
     const std::string& name,
     std::shared_ptr<const std::string> bytes,
-    const BlockHeader& expect);
+    const BlockHeader& expect,
+    std::optional<uint64_t> hashed = std::nullopt);
 
 } // namespace kvcore

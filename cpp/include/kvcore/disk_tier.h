@@ -118,12 +118,14 @@ class DiskTier {
   /// Queue a block's file (its header and its rows of every layer, made
   /// ready to write here); nothing if it is on disk or queued, or the tier
   /// is closed. Write an entry's blocks before its tail.
-  void write_block(const BlockHeader& header, const std::vector<LayerKV>& rows);
+  void write_block(const BlockHeader& header, const std::vector<BlockLayer>& rows);
   /// Blocks [first, count) of the chain of `tokens` (model, layout, block
   /// size), each read, checked against its name, header, parent and these
-  /// tokens, and evaluated; per block, per layer. nullopt when one is not
-  /// on disk (a chain with a hole ends there: a miss) or is refused.
-  std::optional<std::vector<std::vector<LayerKV>>> load_blocks(
+  /// tokens, and evaluated; per block, per layer. The files are read and
+  /// hashed on a few threads at once, then checked and evaluated here in
+  /// order. nullopt when one is not on disk (a chain with a hole ends
+  /// there: a miss) or is refused.
+  std::optional<std::vector<std::vector<BlockLayer>>> load_blocks(
       const std::string& model,
       const Tokens& tokens,
       const Chain& chain,

@@ -57,7 +57,9 @@ LoadedPromptCache load_prompt_cache(const std::string& path);
 /// load_prompt_cache from a file's bytes in memory: every array is read
 /// from `bytes` and the caches are evaluated on the calling thread before
 /// this returns, so nothing refers to a file or to this thread's stream.
-LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> bytes);
+/// With `evaluate` false the arrays are left to the caller to evaluate on
+/// its own thread, with others in one mx::eval (they read only `bytes`).
+LoadedPromptCache load_prompt_cache_bytes(std::shared_ptr<const std::string> bytes, bool evaluate = true);
 
 // The layer below, for callers whose caches are not C++ objects (the
 // Python package saves Python caches' states through it).

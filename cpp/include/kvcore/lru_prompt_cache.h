@@ -48,6 +48,10 @@ namespace kvcore {
 ///   static std::string model_name(const Model&);
 ///   static PreparedFile prepare(const Caches&, const Metadata&);
 ///   static Caches from_file(LoadedPromptCache loaded);
+///   // Optional, for the disk tier's blocks: every layer of caches in order,
+///   // as the KVCache or QuantizedKVCache it is (nullptr for any other
+///   // layer, a subclass too). Without it, entries go to disk as whole files.
+///   static std::vector<Cache*> cache_layers(const Caches&);
 /// and `Mutex` serializes every call (lock()/unlock()), so any calls may
 /// run concurrently from several threads.
 ///
@@ -473,35 +477,39 @@ class LRUPromptCache {
     try {
       DiskTier::Chain chain;
       std::optional<Caches> tail;
-      std::vector<LayerKV> layers;
-      int offset = 0;
-      std::optional<Caches> rest;
-      if (block_tokens_ > 0 && Ops::share(caches, &layers, &offset, &rest) && offset >= block_tokens_ &&
-          static_cast<size_t>(offset) <= tokens.size()) {
-        const int bt = block_tokens_;
+      const int bt = block_tokens_;
+      std::optional<BlockLayers> bl = bt > 0 ? block_layers(caches) : std::nullopt;
+      // Blocks of the tokens every layer holds in its arrays (a
+      // rotated_channel layer's float residual stays in the tail).
+      int held = std::numeric_limits<int>::max();
+      bool fits = bl.has_value();
+      for (const BlockLayer& l : bl ? bl->layers : std::vector<BlockLayer>{}) {
+        held = std::min(held, l.tokens);
+        fits = fits && l.offset == bl->layers[0].offset && block_aligned(l, bt);
+      }
+      if (fits && held >= bt && static_cast<size_t>(bl->layers[0].offset) <= tokens.size()) {
         chain.block_tokens = bt;
-        chain.blocks = offset / bt;
-        chain.layout = block_layout(layers);
+        chain.blocks = held / bt;
+        chain.layout = block_layout(bl->layers);
         for (int64_t j = 0; j < chain.blocks; ++j) {
           BlockHeader h{name, chain.layout, bt, j, chain.last, 0,
                         Tokens(tokens.begin() + j * bt, tokens.begin() + (j + 1) * bt)};
           h.chain = block_chain(h.parent, name, h.layout, bt, h.tokens.data(), h.tokens.size());
           if (!disk_->has_block(h.chain)) {
-            std::vector<LayerKV> rows;
-            for (const auto& l : layers) {
-              const int at = static_cast<int>(j * bt);
-              rows.push_back({seq_slice(l.keys, at, at + bt), seq_slice(l.values, at, at + bt)});
+            std::vector<BlockLayer> rows;
+            for (const auto& l : bl->layers) {
+              rows.push_back(block_rows(l, static_cast<int>(j * bt), static_cast<int>((j + 1) * bt)));
             }
             disk_->write_block(h, rows);
           }
           chain.last = h.chain;
         }
-        std::vector<LayerKV> partial;
-        const int from = static_cast<int>(chain.blocks * bt);
-        for (const auto& l : layers) {
-          partial.push_back({seq_slice(l.keys, from, offset), seq_slice(l.values, from, offset)});
+        // The tail: the caches less the tokens of their blocks.
+        tail = Ops::copy(caches);
+        std::optional<BlockLayers> tl = block_layers(*tail);
+        for (size_t i = 0; i < tl->layers.size(); ++i) {
+          rebuild_layer(*tl->caches[i], tl->layers[i], {}, static_cast<int>(chain.blocks * bt), true);
         }
-        tail = Ops::build(std::move(partial), offset - from, rest ? &*rest : nullptr);
       }
       disk_->write(name, tokens, type, trimmable,
                    Ops::prepare(tail ? *tail : caches, DiskTier::metadata(name, tokens, type, trimmable, chain)),
@@ -532,12 +540,8 @@ class LRUPromptCache {
     int trim = d.trim; // and how many of them to trim to serve
     try {
       loaded = Ops::from_file(std::move(*file));
-      if (info->chain.blocks > 0) {
-        std::optional<Caches> joined = join_blocks(model, name, d, *info, loaded, m, &held, &trim);
-        if (!joined) {
-          return std::nullopt;
-        }
-        loaded = std::move(*joined);
+      if (info->chain.blocks > 0 && !join_blocks(model, name, d, *info, loaded, m, &held, &trim)) {
+        return std::nullopt;
       }
     } catch (const std::exception& e) {
       disk_->refuse(name, d.key, e.what());
@@ -552,79 +556,105 @@ class LRUPromptCache {
     return out;
   }
 
-  /// A tail's caches with its chain's keys and values before its own: the
-  /// blocks memory match m covers from memory, the others read from disk.
-  /// Where d is trimmed within the chain and the tail holds only KVCaches,
-  /// only the blocks d covers are read and the tail is left: `held` is set
-  /// to the tokens the caches hold, `trim` to what leaves the offset d's
-  /// trim would. nullopt if a block is missing or refused; throws if the
-  /// tail does not fit its chain.
-  std::optional<Caches> join_blocks(
+  /// The layers the disk tier keeps in blocks (KVCaches and
+  /// QuantizedKVCaches, Ops::cache_layers); `mixed` when other layers sit
+  /// beside them. nullopt when there are none or one of them is empty.
+  struct BlockLayers {
+    std::vector<Cache*> caches;
+    std::vector<BlockLayer> layers;
+    bool mixed = false;
+  };
+  static std::optional<BlockLayers> block_layers(const Caches& caches) {
+    if constexpr (requires { Ops::cache_layers(caches); }) {
+      BlockLayers out;
+      for (Cache* c : Ops::cache_layers(caches)) {
+        if (c == nullptr) {
+          out.mixed = true;
+          continue;
+        }
+        std::optional<BlockLayer> l = block_layer(*c);
+        if (!l) {
+          return std::nullopt; // an empty cache would be taken for a slot to fill
+        }
+        out.caches.push_back(c);
+        out.layers.push_back(std::move(*l));
+      }
+      if (out.layers.empty()) {
+        return std::nullopt;
+      }
+      return out;
+    } else {
+      return std::nullopt;
+    }
+  }
+
+  /// A tail's caches (in place) with its chain's tokens before their own:
+  /// the blocks memory match m covers from memory, the others read from
+  /// disk. Where d is trimmed within the chain and the tail holds only
+  /// block layers, only the blocks d covers are read and the tail's own
+  /// tokens are left: `held` is set to the tokens the caches hold, `trim` to
+  /// what leaves the offset d's trim would. false if a block is missing or
+  /// refused; throws if the tail does not fit its chain.
+  bool join_blocks(
       const Model& model,
       const std::string& name,
       const Match& d,
       const DiskTier::Entry& info,
-      const Caches& tail,
+      Caches& tail,
       const std::optional<Match>& m,
       size_t* held_tokens,
       int* trim) {
     const DiskTier::Chain& c = info.chain;
     const int bt = c.block_tokens;
-    std::vector<LayerKV> tail_layers;
-    int r = 0;
-    std::optional<Caches> rest;
-    if (!Ops::share(tail, &tail_layers, &r, &rest) || block_layout(tail_layers) != c.layout) {
-      throw ValueError("LRUPromptCache disk tier", "a tail whose KVCache layers are of layout " + c.layout.substr(0, 80),
-                       "other layers");
+    std::optional<BlockLayers> tl = block_layers(tail);
+    if (!tl || block_layout(tl->layers) != c.layout) {
+      throw ValueError("LRUPromptCache disk tier", "a tail whose layers are of layout " + c.layout.substr(0, 80),
+                       tl ? block_layout(tl->layers).substr(0, 80) : std::string("other layers"));
     }
     int64_t from_memory = 0;
-    std::vector<LayerKV> held;
+    std::optional<BlockLayers> held;
     if (m && static_cast<int64_t>(m->covered) >= bt) {
-      Caches mc = caches_of(*trie_.get(model, m->key), m->trim);
-      int mo = 0;
-      std::optional<Caches> mr;
-      if (Ops::share(mc, &held, &mo, &mr) && block_layout(held) == c.layout) {
-        from_memory = std::min<int64_t>(c.blocks, std::min<int64_t>(mo, static_cast<int64_t>(m->covered)) / bt);
+      held = block_layers(caches_of(*trie_.get(model, m->key), m->trim)); // its arrays only are used
+      if (held && block_layout(held->layers) == c.layout) {
+        const int64_t n = std::min<int64_t>(held->layers[0].tokens, static_cast<int64_t>(m->covered));
+        from_memory = std::min<int64_t>(c.blocks, n / bt);
       }
     }
     int64_t count = c.blocks;
+    bool own = true;
     // The offset served: the entry's, less d's trim (mlx-lm trims by tokens).
-    const int64_t serve = c.blocks * bt + r - d.trim;
-    if (!rest && d.trim > 0 && serve >= 0 && serve <= c.blocks * bt) {
+    const int64_t serve = c.blocks * bt + tl->layers[0].offset - d.trim;
+    if (!tl->mixed && d.trim > 0 && serve >= 0 && serve <= c.blocks * bt) {
       count = std::max<int64_t>(1, (serve + bt - 1) / bt);
-      r = 0; // the tail's tokens are not needed
+      own = false; // the tail's tokens are not needed
       *held_tokens = static_cast<size_t>(count * bt);
       *trim = static_cast<int>(count * bt - serve);
     }
     from_memory = std::min(from_memory, count);
     auto blocks = disk_->load_blocks(name, d.key, c, from_memory, count);
     if (!blocks) {
-      return std::nullopt;
+      return false;
     }
-    std::vector<LayerKV> layers;
     std::vector<mx::array> all;
-    for (size_t l = 0; l < tail_layers.size(); ++l) {
-      std::vector<mx::array> ks, vs;
+    for (size_t l = 0; l < tl->layers.size(); ++l) {
+      std::vector<BlockLayer> memory;
+      std::vector<const BlockLayer*> before;
       if (from_memory > 0) {
-        const int n = static_cast<int>(from_memory * bt);
-        ks.push_back(seq_slice(held[l].keys, 0, n));
-        vs.push_back(seq_slice(held[l].values, 0, n));
+        memory.push_back(block_rows(held->layers[l], 0, static_cast<int>(from_memory * bt)));
+        before.push_back(&memory.back());
       }
       for (const auto& b : *blocks) {
-        ks.push_back(b[l].keys);
-        vs.push_back(b[l].values);
+        before.push_back(&b[l]);
       }
-      if (r > 0) {
-        ks.push_back(seq_slice(tail_layers[l].keys, 0, r));
-        vs.push_back(seq_slice(tail_layers[l].values, 0, r));
+      rebuild_layer(*tl->caches[l], tl->layers[l], before, 0, own);
+      for (const auto& a : tl->caches[l]->state()) {
+        if (a) {
+          all.push_back(*a);
+        }
       }
-      layers.push_back({ks.size() == 1 ? mx::contiguous(ks[0]) : seq_concat(ks),
-                        vs.size() == 1 ? mx::contiguous(vs[0]) : seq_concat(vs)});
-      all.push_back(layers.back().keys);
-      all.push_back(layers.back().values);
     }
     mx::eval(all);
-    return Ops::build(std::move(layers), static_cast<int>(count * bt + r), rest ? &*rest : nullptr);
+    return true;
   }
 
   static int type_index(const std::string& t) {

@@ -62,6 +62,9 @@ struct PromptCacheOps {
   }
   static PreparedFile prepare(const PromptCache& caches, const Metadata& metadata);
   static PromptCache from_file(LoadedPromptCache loaded);
+  /// Every layer, a CacheList's members in its place: the KVCaches and
+  /// QuantizedKVCaches (not subclasses), nullptr for others.
+  static std::vector<Cache*> cache_layers(const PromptCache& caches);
 };
 
 /// The server's prompt cache for C++: finished per-layer caches by model
