@@ -19,6 +19,7 @@ Runs on the CPU here and on the GPU machine (bench/gpu_run_disk_blocks.sh).
 """
 
 import argparse
+import copy
 import datetime
 import multiprocessing as mp
 import os
@@ -34,6 +35,12 @@ import mlx.core as mx
 import kvcore
 
 LAYERS, HEADS, DIM = 4, 2, 64
+# Quantized caches go to disk as blocks of their own bytes.
+QUANTIZED = {
+    "affine 4-bit": dict(group_size=64, bits=4),
+    "rotated-channel 4-bit": dict(group_size=(32, 64), bits=4, scheme="rotated-channel"),
+    "rotated-channel 4-bit, window 0": dict(group_size=(32, 64), bits=4, scheme="rotated-channel", window=0),
+}
 
 
 def token_kv(n, seed=0):
@@ -44,12 +51,12 @@ def token_kv(n, seed=0):
             for l in range(LAYERS)]
 
 
-def caches_of(kv, n):
+def caches_of(kv, n, quantize=None):
     out = []
     for k, v in kv:
         c = kvcore.KVCache()
         c.update_and_fetch(k[:, :, :n], v[:, :, :n])
-        out.append(c)
+        out.append(c.to_quantized(**quantize) if quantize else c)
     mx.eval([c.state for c in out])
     return out
 
@@ -58,11 +65,25 @@ def cache_bytes(n):
     return LAYERS * 2 * HEADS * n * DIM * 2
 
 
+def held_bytes(caches):
+    """The bytes a list of caches holds up to its offset (a quantized
+    cache's triples and float residual)."""
+    def nbytes(x):
+        return sum(nbytes(y) for y in x) if isinstance(x, (tuple, list)) else (x.nbytes if x is not None else 0)
+    n = 0
+    for c in caches:
+        if isinstance(c, kvcore.QuantizedKVCache):
+            n += nbytes(c.keys_and_values()) + nbytes([c.residual, c.value_residual])
+        else:
+            n += nbytes([c.keys[..., : c.offset, :], c.values[..., : c.offset, :]])
+    return n
+
+
 def files_bytes(d):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 
 
-def growing(turns, per_turn=256, block_tokens=256, first=256):
+def growing(turns, per_turn=256, block_tokens=256, first=256, quantize=None):
     """Bytes written over `turns` turns (every new file's size), the
     directory's bytes at the end and the final cache's bytes."""
     total = first + per_turn * (turns - 1)
@@ -73,7 +94,8 @@ def growing(turns, per_turn=256, block_tokens=256, first=256):
     lru = kvcore.LRUPromptCache(max_size=4, disk_dir=d, disk_block_tokens=block_tokens)
     n = first
     for turn in range(turns):
-        lru.insert_cache("m", toks[:n], caches_of(kv, n))
+        caches = caches_of(kv, n, quantize)
+        lru.insert_cache("m", toks[:n], caches)
         lru.flush()
         for f in os.listdir(d):
             if f not in seen:
@@ -83,7 +105,7 @@ def growing(turns, per_turn=256, block_tokens=256, first=256):
         if turns >= 50 and turn % 20 == 19:
             print(f"  turn {turn + 1}/{turns}", flush=True)
     lru.close()
-    final = cache_bytes(n - per_turn)
+    final = held_bytes(caches)
     out = (written, files_bytes(d), final)
     shutil.rmtree(d)
     return out
@@ -134,7 +156,7 @@ def sequential_read(d):
     return n, time.perf_counter() - t
 
 
-def ttft(n_tokens, repeats):
+def ttft(n_tokens, repeats, recompute_repeats):
     from mlx_lm.generate import generate_step
     from mlx_lm.models import llama
 
@@ -156,19 +178,24 @@ def ttft(n_tokens, repeats):
     t = time.perf_counter()
     tok = first_token(prompt, cache)
     mx.synchronize()
-    print(f"  prefill of {n_tokens} tokens: {time.perf_counter() - t:.2f} s", flush=True)
+    # The stored prompt's own prefill is the first recompute sample (the
+    # query below is it plus two tokens).
+    rows = {"recompute": [time.perf_counter() - t], "disk cold": [], "disk warm": [], "read cold": [],
+            "read warm": []}
+    print(f"  prefill of {n_tokens} tokens: {rows['recompute'][0]:.2f} s", flush=True)
     stored = prompt + [tok]  # generate_step has run the first token through the cache too
     assert cache[0].offset == len(stored)
     with kvcore.LRUPromptCache(disk_dir=d) as lru:
         lru.insert_cache("m", stored, cache)
-    rows = {"recompute": [], "disk cold": [], "disk warm": [], "read cold": [], "read warm": []}
     nbytes = files_bytes(d)
     query = stored + [7]
-    want = None
+    # What the cache in memory gives: the disk's must be the same token.
+    want = first_token([7], copy.deepcopy(cache))
     for r in range(repeats):
-        t = time.perf_counter()
-        want = first_token(query, [kvcore.KVCache() for _ in range(LAYERS)])
-        rows["recompute"].append(time.perf_counter() - t)
+        if r < recompute_repeats - 1:
+            t = time.perf_counter()
+            first_token(query, [kvcore.KVCache() for _ in range(LAYERS)])
+            rows["recompute"].append(time.perf_counter() - t)
         for kind in ("cold", "warm"):
             if kind == "cold":
                 drop_cached(d)
@@ -251,6 +278,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ttft-tokens", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--recompute-repeats", type=int, default=None,
+                    help="prefills timed (the stored prompt's included); default --repeats")
     ap.add_argument("--turns", type=int, nargs="*", default=[20, 100])
     ap.add_argument("--out", default=None, help="write a Markdown report to OUT.md")
     args = ap.parse_args()
@@ -260,13 +289,16 @@ def main():
     lines += ["## Bytes written over a growing conversation",
               f"{LAYERS} layers, {HEADS} KV heads x {DIM}, float16; 256 tokens a turn (first turn 256), "
               "every new file's bytes summed after each turn.", "",
-              "| turns | tokens | blocks of | written MB | final cache MB | written / final | directory MB |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
-    cases = [(t, 256) for t in args.turns] + [(min(args.turns), 0)]
-    for turns, bt in cases:
-        print(f"growing conversation: {turns} turns, blocks of {bt}", flush=True)
-        written, left, final = growing(turns, block_tokens=bt)
-        lines.append(f"| {turns} | {final // cache_bytes(1)} | {bt or 'whole files'} | {written / 1e6:.1f} | "
+              "| turns | tokens | cache | blocks of | written MB | final cache MB | written / final | "
+              "directory MB |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    t0 = min(args.turns)
+    cases = [(t, 256, "float16") for t in args.turns] + [(t0, 0, "float16")] + [
+        (t0, 256, name) for name in QUANTIZED]
+    for turns, bt, name in cases:
+        print(f"growing conversation: {turns} turns, blocks of {bt}, {name}", flush=True)
+        written, left, final = growing(turns, block_tokens=bt, quantize=QUANTIZED.get(name))
+        lines.append(f"| {turns} | {256 * turns} | {name} | {bt or 'whole files'} | {written / 1e6:.1f} | "
                      f"{final / 1e6:.1f} | {written / final:.3f} | {left / 1e6:.1f} |")
     print("an unaligned conversation: 300 tokens a turn", flush=True)
     written, left, final = growing(min(args.turns), per_turn=300, first=300)
@@ -279,12 +311,14 @@ def main():
               "| one conversation MB | sixteen MB | sixteen / one |", "|---:|---:|---:|",
               f"| {one / 1e6:.2f} | {many / 1e6:.2f} | {many / one:.3f} |", ""]
     print(f"time to first token after a restart, {args.ttft_tokens} tokens", flush=True)
-    med, seq, nbytes, sizes = ttft(args.ttft_tokens, args.repeats)
+    recompute_repeats = args.repeats if args.recompute_repeats is None else args.recompute_repeats
+    med, seq, nbytes, sizes = ttft(args.ttft_tokens, args.repeats, recompute_repeats)
     lines += [f"## Time to first token after a restart, {args.ttft_tokens}-token prompt",
               "Random Llama-shaped model (4 layers, hidden 256, 2 KV heads x 64; its float32 weights make float32 caches); the request is the "
               "stored prompt plus one token. From disk: a new LRUPromptCache on the directory (its scan included), "
               "fetch_nearest_cache, then the first token. Cold: the files' pages dropped with "
-              f"posix_fadvise(DONTNEED) first. Median of {args.repeats}.", "",
+              f"posix_fadvise(DONTNEED) first. Median of {args.repeats} (recompute: of "
+              f"{max(1, min(args.repeats, recompute_repeats))}, the stored prompt's own prefill the first).", "",
               "| recompute s | from disk, cold s | from disk, warm s | recompute / disk (cold) |",
               "|---:|---:|---:|---:|",
               f"| {med['recompute']:.3f} | {med['disk cold']:.3f} | {med['disk warm']:.3f} | "

@@ -121,6 +121,8 @@ class Scheme:
     key_group: int = 64        # head-dim group (token) or tokens per group (channel)
     value_group: int = 64      # head-dim group of the values
     window: int = 0            # newest tokens kept in float beyond the partial group
+    sink: int = 0              # first tokens kept in float (the attention sink)
+    overlay: bool = False      # the sink quantized in its group as any token, its float copy read
     codebook: bool = False     # Lloyd-Max levels instead of the affine grid
     kvcore: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -176,6 +178,13 @@ def _schemes():
                  "chan-k4v2", "rot-chan-k4v2", "rot-chan3-v32", "rot-chan-k4v2-v32"):
         for w in (32, 64, 128, 256):
             x = replace(out[name], name=f"{name}-w{w}", window=w)
+            out[x.name] = x
+    # The first tokens (the attention sink) kept in float too.
+    for name in ("rot-chan3-w128", "rot-chan3-w64", "rot-chan3", "rot-chan-k4v2-w128", "rot-chan4"):
+        for k in (1, 4, 32):
+            x = replace(out[name], name=f"{name}-s{k}", sink=k)
+            out[x.name] = x
+            x = replace(out[name], name=f"{name}-o{k}", sink=k, overlay=True)
             out[x.name] = x
     return out
 
@@ -242,10 +251,14 @@ def _make_sim_cache_class():
             self.sk = k.copy() if self.sk is None else np.concatenate([self.sk, k], 2)
             self.sv = v.copy() if self.sv is None else np.concatenate([self.sv, v], 2)
             n = self.raw_k.shape[2]
+            if not sc.overlay:
+                self.k_done = max(self.k_done, min(n, sc.sink))
+                self.v_done = max(self.v_done, min(n, sc.sink))
             # keys
             if sc.keys == "channel":
                 G = sc.key_group
-                upto = max(0, n - sc.window) // G * G
+                s0 = 0 if sc.overlay else sc.sink
+                upto = s0 + max(0, n - sc.window - s0) // G * G
                 if upto > self.k_done:
                     blk = self.raw_k[:, :, self.k_done:upto, :]           # (B, H, T, D)
                     t = np.swapaxes(blk, 2, 3)                            # groups along tokens
@@ -253,18 +266,22 @@ def _make_sim_cache_class():
                         self._qdq(np.ascontiguousarray(t), G, sc.key_bits), 2, 3)
                     self.k_done = upto
             else:
-                upto = max(0, n - sc.window)
+                upto = max(0 if sc.overlay else sc.sink, n - sc.window)
                 if upto > self.k_done:
                     self.sk[:, :, self.k_done:upto, :] = self._qdq(
                         self.raw_k[:, :, self.k_done:upto, :], sc.key_group, sc.key_bits)
                     self.k_done = upto
             # values: per token
-            upto = max(0, n - sc.window)
+            upto = max(0 if sc.overlay else sc.sink, n - sc.window)
             if upto > self.v_done:
                 self.sv[:, :, self.v_done:upto, :] = self._qdq(
                     self.raw_v[:, :, self.v_done:upto, :], sc.value_group, sc.value_bits)
                 self.v_done = upto
             ko, vo = self.sk, self.sv
+            if sc.overlay and sc.sink:
+                ko, vo = ko.copy(), vo.copy()
+                ko[:, :, : sc.sink] = self.raw_k[:, :, : sc.sink]
+                vo[:, :, : sc.sink] = self.raw_v[:, :, : sc.sink]
             if sc.rotate:
                 ko, vo = hadamard(ko), hadamard(vo)
             self.offset = n

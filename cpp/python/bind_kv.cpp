@@ -67,18 +67,18 @@ void bind_kv(nb::module_& m) {
           "``(keys, values, offset)``; the buffers are whole, as mlx-lm keeps them.");
   kv.def("to_quantized",
          [](nb::handle self, nb::handle group_size, nb::handle bits, nb::handle scheme,
-            nb::handle window) {
+            nb::handle window, nb::handle sink) {
            constexpr const char* ctx = "KVCache.to_quantized";
            auto& c = *nb::inst_ptr<KVCache>(self);
            auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
            auto sc = scheme_arg(ctx, scheme);
            int w = window_arg(ctx, sc, window);
            nb::object cls = nb::module_::import_("kvcore").attr("QuantizedKVCache");
-           return make_instance<QuantizedKVCache>(cls, to_quantized(c, ks, vs, sc, w));
+           return make_instance<QuantizedKVCache>(cls, to_quantized(c, ks, vs, sc, w, int_arg(ctx, "sink", sink)));
          },
          "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "scheme"_a = "affine",
-         "window"_a.none() = nb::none(),
-         nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedKVCache"),
+         "window"_a.none() = nb::none(), "sink"_a = 0,
+         nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedKVCache"),
          R"pbdoc(
            The same tokens in a QuantizedKVCache.
 
@@ -91,6 +91,8 @@ void bind_kv(nb::module_& m) {
                  (see QuantizedKVCache).
                window (int, optional): ``"rotated-channel"``: tokens kept in
                  float (default 128).
+               sink (int): ``"rotated-channel"``: first tokens kept in float
+                 too (see QuantizedKVCache).
 
            Returns:
                QuantizedKVCache: With this cache's offset and quantized buffers.

@@ -29,18 +29,19 @@ void bind_quantized(nb::module_& m) {
   q.attr("step") = QuantizedKVCache::default_step;
   q.def("__init__",
         [](QuantizedKVCache* self, nb::handle group_size, nb::handle bits, nb::handle capacity,
-           nb::handle scheme, nb::handle window) {
+           nb::handle scheme, nb::handle window, nb::handle sink) {
           constexpr const char* ctx = "QuantizedKVCache";
           auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
           auto sc = scheme_arg(ctx, scheme);
-          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs, sc, window_arg(ctx, sc, window));
+          auto* c = new (self) PyCache<QuantizedKVCache>(ks, vs, sc, window_arg(ctx, sc, window),
+                                                         int_arg(ctx, "sink", sink));
           if (!capacity.is_none()) {
             c->set_capacity(int_arg(ctx, "capacity", capacity));
           }
         },
         "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "capacity"_a.none() = nb::none(),
-        "scheme"_a = "affine", "window"_a.none() = nb::none(),
-        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None) -> None"),
+        "scheme"_a = "affine", "window"_a.none() = nb::none(), "sink"_a = 0,
+        nb::sig("def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> None"),
         R"pbdoc(
           Args:
               group_size (int | tuple): Quantization group size (32, 64 or
@@ -57,6 +58,9 @@ void bind_quantized(nb::module_& m) {
                 full stay in float.
               window (int, optional): ``"rotated-channel"``: tokens kept in
                 float (default 128; 0 keeps only the partial group).
+              sink (int): ``"rotated-channel"``: the first tokens (the
+                attention sink), kept in float too and read in place of
+                their quantized form (0 to 256; 0: none).
         )pbdoc")
       .def("update_and_fetch",
            [](QuantizedKVCache& c, nb::handle keys, nb::handle values) {
@@ -87,6 +91,12 @@ void bind_quantized(nb::module_& m) {
                    "``\"affine\"`` or ``\"rotated-channel\"``.")
       .def_prop_ro("window", &QuantizedKVCache::window,
                    "``\"rotated-channel\"``: the newest tokens kept in float (0 for affine).")
+      .def_prop_ro("sink", &QuantizedKVCache::sink,
+                   "``\"rotated-channel\"``: the first tokens kept in float too (0: none).")
+      .def_prop_ro("sink_keys", [](const QuantizedKVCache& c) { return to_py(c.sink_keys()); },
+                   "The sink's keys, rotated, in float ``(B, H, min(sink, offset), D)``, or None.")
+      .def_prop_ro("sink_values", [](const QuantizedKVCache& c) { return to_py(c.sink_values()); },
+                   "The sink's values, rotated, in float, or None.")
       .def_prop_ro("residual", [](const QuantizedKVCache& c) { return to_py(c.residual()); },
                    "``\"rotated-channel\"``: the newest keys, rotated, in float, or None.")
       .def_prop_ro("value_residual", [](const QuantizedKVCache& c) { return to_py(c.value_residual()); },
@@ -148,13 +158,18 @@ void bind_quantized(nb::module_& m) {
             if (c.scheme() == QuantScheme::affine) {
               return out;
             }
-            return nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(),
-                                                  to_py(c.residual()), to_py(c.value_residual())));
+            out = nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(),
+                                                 to_py(c.residual()), to_py(c.value_residual())));
+            if (c.sink() == 0) {
+              return out;
+            }
+            return nb::tuple(out + nb::make_tuple(c.sink(), to_py(c.sink_keys()), to_py(c.sink_values())));
           },
           [](QuantizedKVCache& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedKVCache.state";
-            const bool scheme = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) && nb::len(v) == 9;
-            StateReader r(ctx, v, scheme ? 9 : 5);
+            const size_t n = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) ? nb::len(v) : 0;
+            const bool scheme = n == 9 || n == 12, sink = n == 12;
+            StateReader r(ctx, v, sink ? 12 : (scheme ? 9 : 5));
             nb::tuple t(v);
             auto keys = quantized_from_py(ctx, "keys", t[0]);
             auto values = quantized_from_py(ctx, "values", t[1]);
@@ -166,12 +181,14 @@ void bind_quantized(nb::module_& m) {
             }
             auto sc = scheme_arg(ctx, t[5]);
             c.set(std::move(keys), std::move(values), offset, ks, vs, sc, r.array(7, "residual"),
-                  r.array(8, "value residual"), r.integer(6, "window"));
+                  r.array(8, "value residual"), r.integer(6, "window"), sink ? r.integer(9, "sink") : 0,
+                  sink ? r.array(10, "sink keys") : std::nullopt, sink ? r.array(11, "sink values") : std::nullopt);
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, group_size, bits)``, keys and values as triples; "
-          "a ``\"rotated-channel\"`` cache adds ``(scheme, window, residual keys, residual values)``.")
+          "a ``\"rotated-channel\"`` cache adds ``(scheme, window, residual keys, residual values)``, "
+          "and with a sink ``(sink, sink keys, sink values)``.")
       .def("_assign", [](QuantizedKVCache& self, const QuantizedKVCache& other) { self = other; }, "other"_a,
            "Take other's contents (a staged copy), as one step.")
       .def("__copy__", [](nb::handle self) { return copy_instance<QuantizedKVCache>(self, nb::handle()); })

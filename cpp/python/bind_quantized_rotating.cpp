@@ -60,7 +60,7 @@ void bind_quantized_rotating(nb::module_& m) {
   m.def(
       "quantized_scaled_dot_product_attention",
       [](const mx::array& queries, nb::handle q_keys, nb::handle q_values, float scale,
-         nb::handle mask, nb::handle group_size, nb::handle bits, nb::handle scheme) {
+         nb::handle mask, nb::handle group_size, nb::handle bits, nb::handle scheme, nb::handle sink) {
         constexpr const char* ctx = "quantized_scaled_dot_product_attention";
         auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
         const QuantScheme sc = scheme_arg(ctx, scheme);
@@ -103,14 +103,25 @@ void bind_quantized_rotating(nb::module_& m) {
           throw ValueError(ctx, "mask as None, a str or an array",
                            nb::cast<std::string>(nb::str(mask.type().attr("__name__"))));
         }
+        std::optional<ChannelSink> cs;
+        if (!sink.is_none()) {
+          mx::array *sk = nullptr, *sv = nullptr, *st = nullptr;
+          if (sc == QuantScheme::affine || !nb::isinstance<nb::tuple>(sink) || nb::len(sink) != 3 ||
+              !nb::try_cast<mx::array*>(sink[0], sk, false) || !nb::try_cast<mx::array*>(sink[1], sv, false) ||
+              !nb::try_cast<mx::array*>(sink[2], st, false) || sk == nullptr || sv == nullptr || st == nullptr) {
+            throw ValueError(ctx, "sink as None or (keys, values, starts) arrays under the rotated-channel scheme",
+                             nb::cast<std::string>(nb::str(sink.type().attr("__name__"))));
+          }
+          cs = ChannelSink{*sk, *sv, *st};
+        }
         if (sc != QuantScheme::affine) {
-          return channel_attention(queries, *k, key_residual, *v, value_residual, scale, m, ks, vs);
+          return channel_attention(queries, *k, key_residual, *v, value_residual, scale, m, ks, vs, cs);
         }
         return quantized_attention(queries, *k, *v, scale, m, ks, vs);
       },
       "queries"_a, "q_keys"_a, "q_values"_a, "scale"_a, "mask"_a.none(),
-      "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "scheme"_a = "affine",
-      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine') -> mlx.core.array"),
+      "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "scheme"_a = "affine", "sink"_a.none() = nb::none(),
+      nb::sig("def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', sink: tuple | None = None) -> mlx.core.array"),
       R"pbdoc(
         mlx-lm's quantized attention, with keys and values at their own bits.
 
@@ -128,6 +139,11 @@ void bind_quantized_rotating(nb::module_& m) {
               dequantizing: queries rotated once, quantized matmuls
               against the keys and the values, matmuls against the float
               residuals, one softmax, the output rotated back.
+            sink (tuple, optional): ``"rotated-channel"``: ``(keys, values,
+              starts)``, the float first tokens of each row ``(B, H, S, D)``
+              and the column of each row's first token ``(B,)``; where those
+              tokens are quantized, their float keys and values are read
+              instead.
 
         Returns:
             array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and

@@ -154,7 +154,8 @@ mx::array channel_attention(
     float scale,
     const Mask& mask,
     QuantSpec key_spec,
-    QuantSpec value_spec) {
+    QuantSpec value_spec,
+    const std::optional<ChannelSink>& sink) {
   constexpr const char* ctx = "quantized_attention";
   check_specs(ctx, key_spec, value_spec);
   check_triple(ctx, "keys", keys);
@@ -213,6 +214,17 @@ mx::array channel_attention(
   if (quantized + R == 0) {
     throw ValueError(ctx, "at least one cached token", "none");
   }
+  const int S = sink ? sink->keys.shape(2) : 0;
+  if (sink &&
+      (sink->keys.ndim() != 4 || sink->keys.shape(0) != B || sink->keys.shape(1) != n_kv ||
+       sink->keys.shape(3) != D || sink->values.ndim() != 4 || sink->values.shape(0) != B ||
+       sink->values.shape(1) != n_kv || sink->values.shape(2) != S || sink->values.shape(3) != Dv ||
+       sink->start.ndim() != 1 || sink->start.shape(0) != B || !mx::issubdtype(sink->start.dtype(), mx::integer))) {
+    throw ValueError(ctx, "sink keys (B, " + std::to_string(n_kv) + ", S, " + std::to_string(D) +
+                              "), values of the same S and integer starts (B,)",
+                     shape_str(sink->keys.shape()) + ", " + shape_str(sink->values.shape()) + " and " +
+                         shape_str(sink->start.shape()) + " " + dtype_str(sink->start.dtype()));
+  }
   check_mask(ctx, mask, {B, n_q, L, quantized + R});
   const int repeats = n_q / n_kv;
   const bool dequantize = dequantizes_in_attention(); // once per call, not per matmul
@@ -222,9 +234,33 @@ mx::array channel_attention(
   if (repeats > 1) {
     q = mx::reshape(q, {B, n_kv, repeats, L, D});
   }
+  // The sink's columns among the quantized ones: hit[j] where row b's
+  // column is its sink token j (B, 1, [1,] 1, T).
+  std::vector<mx::array> hits;
+  if (S > 0 && quantized > 0) {
+    mx::Shape at(repeats > 1 ? 5 : 4, 1);
+    at[0] = B;
+    auto start = mx::reshape(mx::astype(sink->start, mx::int32), at);
+    at[0] = 1;
+    at.back() = quantized;
+    auto col = mx::reshape(mx::arange(quantized, mx::int32), at);
+    for (int j = 0; j < S; ++j) {
+      hits.push_back(mx::equal(col, mx::add(start, mx::array(j, mx::int32))));
+    }
+  }
   std::vector<mx::array> parts;
   if (quantized > 0) {
-    parts.push_back(qmatmul(dequantize, q, expand(kw), expand(ks), expand(kb), false, key_spec));
+    auto sq = qmatmul(dequantize, q, expand(kw), expand(ks), expand(kb), false, key_spec);
+    if (!hits.empty()) { // the sink's float scores in place of its quantized ones
+      auto ss = mx::matmul(q, mx::swapaxes(expand(mx::astype(sink->keys, q.dtype())), -1, -2));
+      for (int j = 0; j < S; ++j) {
+        mx::Shape lo(ss.ndim(), 0), hi = ss.shape();
+        lo.back() = j;
+        hi.back() = j + 1;
+        sq = mx::where(hits[j], mx::astype(mx::slice(ss, lo, hi), sq.dtype()), sq);
+      }
+    }
+    parts.push_back(sq);
   }
   if (R > 0) {
     parts.push_back(mx::matmul(q, mx::swapaxes(expand(*key_residual), -1, -2)));
@@ -237,6 +273,23 @@ mx::array channel_attention(
                                [&] { auto e = scores.shape(); e.back() = quantized; return e; }())
                    : scores;
     out = qmatmul(dequantize, p, expand(vw), expand(vs), expand(vb), false, value_spec);
+    // The sink's float values in place of their quantized ones: each hit
+    // column's weight times (float - dequantized) value.
+    for (int j = 0; j < S && !hits.empty(); ++j) {
+      auto idx = mx::minimum(mx::add(mx::astype(sink->start, mx::int32), mx::array(j, mx::int32)),
+                             mx::array(quantized - 1, mx::int32));
+      auto at = mx::broadcast_to(mx::reshape(idx, {B, 1, 1, 1}), {B, n_kv, 1, vw.shape(3)});
+      auto sat = mx::broadcast_to(mx::reshape(idx, {B, 1, 1, 1}), {B, n_kv, 1, vs.shape(3)});
+      auto vq = mx::dequantize(mx::take_along_axis(vw, at, 2), mx::take_along_axis(vs, sat, 2),
+                               mx::take_along_axis(vb, sat, 2), value_spec.group_size, value_spec.bits, "affine",
+                               std::nullopt, p.dtype());
+      mx::Shape lo(4, 0);
+      lo[2] = j;
+      auto vf = mx::slice(sink->values, lo, {B, n_kv, j + 1, Dv});
+      auto diff = expand(mx::subtract(mx::astype(vf, p.dtype()), vq)); // (B, n_kv, [1,] 1, Dv)
+      auto wj = mx::sum(mx::where(hits[j], p, mx::array(0.0f, p.dtype())), -1, true);
+      *out = mx::add(*out, mx::multiply(wj, diff));
+    }
   }
   if (R > 0) {
     mx::Shape lo(scores.ndim(), 0);

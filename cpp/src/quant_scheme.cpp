@@ -34,6 +34,16 @@ void check_window(const char* ctx, QuantScheme scheme, int window) {
   }
 }
 
+void check_sink(const char* ctx, QuantScheme scheme, int sink) {
+  const int most = scheme == QuantScheme::affine ? 0 : max_sink;
+  if (sink < 0 || sink > most) {
+    throw ValueError(ctx,
+                     scheme == QuantScheme::affine ? std::string("no sink for the affine scheme")
+                                                   : "a sink of 0 to " + std::to_string(most) + " tokens",
+                     "sink " + std::to_string(sink));
+  }
+}
+
 void check_rotation(const char* ctx, const char* what, int head_dim) {
   if (head_dim < 2 || head_dim > 16384 || (head_dim & (head_dim - 1)) != 0) {
     throw ValueError(ctx, std::string(what) + " a power of two from 2 to 16384 to rotate",

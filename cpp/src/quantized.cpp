@@ -161,10 +161,11 @@ QuantizedArrays quantize(const char* ctx, const mx::array& x, int group_size, in
   return {q[0], q[1], q[2]};
 }
 
-QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme, int window)
-    : key_spec_(keys), value_spec_(values), scheme_(scheme), window_(window) {
+QuantizedKVCache::QuantizedKVCache(QuantSpec keys, QuantSpec values, QuantScheme scheme, int window, int sink)
+    : key_spec_(keys), value_spec_(values), scheme_(scheme), window_(window), sink_(sink) {
   check_specs("QuantizedKVCache", keys, values);
   check_window("QuantizedKVCache", scheme, window);
+  check_sink("QuantizedKVCache", scheme, sink);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_and_fetch(
@@ -283,6 +284,10 @@ std::vector<OptionalArray> QuantizedKVCache::state() const {
     out.push_back(residual_);
     out.push_back(value_residual_);
   }
+  if (sink_ > 0) {
+    out.push_back(sink_keys_);
+    out.push_back(sink_values_);
+  }
   return out;
 }
 
@@ -312,6 +317,9 @@ std::vector<std::string> QuantizedKVCache::meta_state() const {
     out.push_back(scheme_name(scheme_));
     out.push_back(std::to_string(window_));
   }
+  if (sink_ > 0) {
+    out.push_back(std::to_string(sink_));
+  }
   return out;
 }
 
@@ -319,17 +327,25 @@ void QuantizedKVCache::restore(
     const std::vector<OptionalArray>& arrays,
     const std::vector<std::string>& meta) {
   constexpr const char* ctx = "QuantizedKVCache.state";
-  const bool affine = meta.size() != 5;
-  check_count(ctx, "arrays", arrays.size(), affine ? 6 : 8);
-  check_count(ctx, "scalars", meta.size(), affine ? 3 : 5);
+  // affine: 3 scalars and 6 arrays; rotated_channel: 5 and 8, with a sink 6
+  // and 10.
+  const bool affine = meta.size() != 5 && meta.size() != 6;
+  const bool sink = meta.size() == 6;
+  check_count(ctx, "arrays", arrays.size(), affine ? 6 : (sink ? 10 : 8));
+  check_count(ctx, "scalars", meta.size(), affine ? 3 : (sink ? 6 : 5));
   auto [keys, values] = triples_from_arrays(ctx, arrays);
   QuantSpec spec{parse_int(ctx, "group_size", meta[1]), parse_int(ctx, "bits", meta[2])};
   if (affine) {
     set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]), spec, spec);
     return;
   }
+  const int n = sink ? parse_int(ctx, "sink", meta[5]) : 0;
+  if (sink && n == 0) {
+    throw ValueError(ctx, "a sink of 1 or more tokens where its arrays are given", "sink 0");
+  }
   set(std::move(keys), std::move(values), parse_int(ctx, "offset", meta[0]), spec, spec,
-      parse_scheme(ctx, meta[3]), arrays[6], arrays[7], parse_int(ctx, "window", meta[4]));
+      parse_scheme(ctx, meta[3]), arrays[6], arrays[7], parse_int(ctx, "window", meta[4]), n,
+      sink ? arrays[8] : std::nullopt, sink ? arrays[9] : std::nullopt);
 }
 
 void QuantizedKVCache::set(
@@ -341,7 +357,10 @@ void QuantizedKVCache::set(
     QuantScheme scheme,
     OptionalArray residual,
     OptionalArray value_residual,
-    int window) {
+    int window,
+    int sink,
+    OptionalArray sink_keys,
+    OptionalArray sink_values) {
   constexpr const char* ctx = "QuantizedKVCache.state";
   check_specs(ctx, key_spec, value_spec);
   if (scheme != QuantScheme::affine) {
@@ -349,12 +368,13 @@ void QuantizedKVCache::set(
     // checks those layouts itself.
     check_triples(ctx, keys, values);
     set_channel(std::move(keys), std::move(values), offset, key_spec, value_spec, scheme,
-                std::move(residual), std::move(value_residual), window);
+                std::move(residual), std::move(value_residual), window, sink, std::move(sink_keys),
+                std::move(sink_values));
     return;
   }
-  if (residual || value_residual || window != 0) {
-    throw ValueError(ctx, "no residual and window 0 for the affine scheme",
-                     "window " + std::to_string(window));
+  if (residual || value_residual || window != 0 || sink != 0 || sink_keys || sink_values) {
+    throw ValueError(ctx, "no residual, window 0 and no sink for the affine scheme",
+                     "window " + std::to_string(window) + ", sink " + std::to_string(sink));
   }
   check_triples(ctx, keys, values, key_spec, value_spec);
   int len = 0;
@@ -377,6 +397,9 @@ void QuantizedKVCache::set(
   key_spec_ = key_spec;
   value_spec_ = value_spec;
   scheme_ = QuantScheme::affine;
+  sink_ = 0;
+  sink_keys_.reset();
+  sink_values_.reset();
   residual_.reset();
   value_residual_.reset();
   window_ = 0;
@@ -407,11 +430,13 @@ QuantizedKVCache to_quantized(
     QuantSpec keys,
     QuantSpec values,
     QuantScheme scheme,
-    int window) {
+    int window,
+    int sink) {
   constexpr const char* ctx = "KVCache.to_quantized";
+  check_sink(ctx, scheme, sink);
   if (scheme != QuantScheme::affine) {
     check_specs(ctx, keys, values);
-    QuantizedKVCache out(keys, values, scheme, window);
+    QuantizedKVCache out(keys, values, scheme, window, sink);
     if (cache.keys() && cache.values() && cache.offset() > 0) {
       out.update_and_fetch(seq_slice(*cache.keys(), 0, cache.offset()),
                            seq_slice(*cache.values(), 0, cache.offset()));

@@ -86,17 +86,26 @@ void QuantizedKVCache::set_channel(
     QuantScheme scheme,
     OptionalArray residual,
     OptionalArray value_residual,
-    int window) {
+    int window,
+    int sink,
+    OptionalArray sink_keys,
+    OptionalArray sink_values) {
   constexpr const char* ctx = "QuantizedKVCache.state";
   check_window(ctx, scheme, window);
+  check_sink(ctx, scheme, sink);
+  if (sink_keys.has_value() != sink_values.has_value() || (sink_keys && sink == 0)) {
+    throw ValueError(ctx, "sink keys and values both set (with a sink) or both None",
+                     std::string(sink_keys ? "keys" : "no keys") + (sink_values ? " and values" : " and no values") +
+                         " for sink " + std::to_string(sink));
+  }
   const int G = key_spec.group_size;
   if (residual.has_value() != value_residual.has_value()) {
     throw ValueError(ctx, "residual keys and values both set or both None", "only one set");
   }
   const int R = residual ? residual->shape(2) : 0;
   if (!keys) {
-    if (residual || offset != 0) {
-      throw ValueError(ctx, "keys and values with an offset or residual", "None");
+    if (residual || offset != 0 || sink_keys) {
+      throw ValueError(ctx, "keys and values with an offset, residual or sink", "None");
     }
   } else {
     const auto& [kw, ks, kb] = *keys;
@@ -128,6 +137,22 @@ void QuantizedKVCache::set_channel(
                          shape_str(r.shape()) + " and " + shape_str(rv.shape()));
       }
     }
+    if (sink_keys) {
+      // The sequence's first n tokens (an entry's tail, after its blocks,
+      // keeps them whatever its own offset).
+      const auto& k = *sink_keys;
+      const auto& v = *sink_values;
+      const int n = k.ndim() == 4 ? k.shape(2) : 0;
+      if (k.ndim() != 4 || k.shape(0) != B || k.shape(1) != H || n < 1 || n > sink || k.shape(3) != D ||
+          k.dtype() != ks.dtype() || v.ndim() != 4 || v.shape(0) != B || v.shape(1) != H || v.shape(2) != n ||
+          v.shape(3) != Dv || v.dtype() != ks.dtype()) {
+        throw ValueError(ctx, "sink keys (B, H, 1 to " + std::to_string(sink) + ", " + std::to_string(D) +
+                                  ") and values (B, H, the same, " + std::to_string(Dv) +
+                                  ") of dtype " + dtype_str(ks.dtype()),
+                         shape_str(k.shape()) + " " + dtype_str(k.dtype()) + " and " + shape_str(v.shape()) + " " +
+                             dtype_str(v.dtype()));
+      }
+    }
     const int quantized = offset - R;
     if (offset < 0 || quantized < 0 || quantized % G != 0 || quantized > ks.shape(3) * G ||
         quantized > vw.shape(2)) {
@@ -148,6 +173,9 @@ void QuantizedKVCache::set_channel(
   residual_ = std::move(residual);
   value_residual_ = std::move(value_residual);
   window_ = window;
+  sink_ = sink;
+  sink_keys_ = std::move(sink_keys);
+  sink_values_ = std::move(sink_values);
 }
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
@@ -261,10 +289,21 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
   // whole rotated chunk alive).
   auto rk = rotated_span(residual_, keys, add, R + S);
   auto rv = rotated_span(value_residual_, values, add, R + S);
+  // The sink's first tokens, rotated, as they arrive (copies, as above).
+  OptionalArray sk = sink_keys_, sv = sink_values_;
+  if (offset_ < sink_ && (sk ? sk->shape(2) : 0) == offset_) {
+    const int n = std::min(S, sink_ - offset_);
+    auto k = mx::contiguous(hadamard(seq_slice(keys, 0, n)));
+    auto v = mx::contiguous(hadamard(seq_slice(values, 0, n)));
+    sk = sk ? seq_concat({*sk, k}) : k;
+    sv = sv ? seq_concat({*sv, v}) : v;
+  }
   keys_ = std::move(kbuf);
   values_ = std::move(vbuf);
   residual_ = std::move(rk);
   value_residual_ = std::move(rv);
+  sink_keys_ = std::move(sk);
+  sink_values_ = std::move(sv);
   offset_ = end;
   return channel_keys_and_values();
 }
@@ -283,6 +322,11 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::channel_keys_and_v
 
 void QuantizedKVCache::trim_channel(int end) {
   const int t = quantized_tokens(), G = key_spec_.group_size;
+  if (sink_keys_) { // the sink keeps its tokens below `end`
+    const int n = std::min(sink_keys_->shape(2), end);
+    sink_keys_ = n > 0 ? OptionalArray(seq_slice(*sink_keys_, 0, n)) : std::nullopt;
+    sink_values_ = n > 0 ? OptionalArray(seq_slice(*sink_values_, 0, n)) : std::nullopt;
+  }
   if (end >= t) {
     auto keep = [&](const mx::array& r) -> OptionalArray {
       return end > t ? OptionalArray(seq_slice(r, 0, end - t)) : std::nullopt;
@@ -301,6 +345,11 @@ void QuantizedKVCache::trim_channel(int end) {
     const auto& [vw, vs, vb] = *values_;
     rv = mx::dequantize(seq_slice(vw, kept, end), seq_slice(vs, kept, end), seq_slice(vb, kept, end),
                         value_spec_.group_size, value_spec_.bits, "affine", std::nullopt, dtype);
+    if (sink_keys_ && kept == 0) { // the sink's tokens return to float as they were
+      const int n = std::min(sink_keys_->shape(2), end);
+      rk = seq_concat({*sink_keys_, seq_slice(*rk, n, end)});
+      rv = seq_concat({*sink_values_, seq_slice(*rv, n, end)});
+    }
   }
   residual_ = std::move(rk);
   value_residual_ = std::move(rv);

@@ -241,12 +241,19 @@ const std::map<std::string, ClassEntry>& table() {
             out.push_back(StateValue(k.residual()));
             out.push_back(StateValue(k.value_residual()));
           }
+          if (k.sink() > 0) {
+            // With a sink: its size and float keys and values.
+            out.push_back(k.sink());
+            out.push_back(StateValue(k.sink_keys()));
+            out.push_back(StateValue(k.sink_values()));
+          }
           return out;
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedKVCache.state";
-          const bool scheme = s.is_list() && s.as_list().size() == 9;
-          const auto& l = s.list(ctx, "state", scheme ? 9 : 5);
+          const size_t n = s.is_list() ? s.as_list().size() : 0;
+          const bool scheme = n == 9 || n == 12, sink = n == 12;
+          const auto& l = s.list(ctx, "state", sink ? 12 : (scheme ? 9 : 5));
           auto [kg, vg] = spec_from(ctx, "group_size", l[3]);
           auto [kb, vb] = spec_from(ctx, "bits", l[4]);
           auto c = std::make_unique<QuantizedKVCache>(64, 8);
@@ -257,7 +264,10 @@ const std::map<std::string, ClassEntry>& table() {
             c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                    l[2].integer(ctx, "offset"), {kg, kb}, {vg, vb},
                    parse_scheme(ctx, l[5].as_string()), l[7].optional_array(ctx, "residual"),
-                   l[8].optional_array(ctx, "value residual"), l[6].integer(ctx, "window"));
+                   l[8].optional_array(ctx, "value residual"), l[6].integer(ctx, "window"),
+                   sink ? l[9].integer(ctx, "sink") : 0,
+                   sink ? l[10].optional_array(ctx, "sink keys") : std::nullopt,
+                   sink ? l[11].optional_array(ctx, "sink values") : std::nullopt);
             return c;
           }
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),

@@ -8,6 +8,18 @@ import mlx.core as mx
 from ._ext import quantized_scaled_dot_product_attention
 
 
+def _sink(cache):
+    """A rotated-channel cache's float first tokens and where each row's
+    first token sits (a batch's left padding), or None."""
+    keys = getattr(cache, "sink_keys", None)
+    if keys is None:
+        return None
+    start = getattr(cache, "left_padding", None)
+    if start is None:
+        start = mx.zeros((keys.shape[0],), dtype=mx.int32)
+    return keys, cache.sink_values, start
+
+
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """As ``mlx_lm.models.base.scaled_dot_product_attention``: quantized
     attention when the cache has ``bits`` (an int, or a (keys, values)
@@ -19,6 +31,6 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
         return quantized_scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=mask,
             group_size=cache.group_size, bits=cache.bits,
-            scheme=getattr(cache, "scheme", "affine"))
+            scheme=getattr(cache, "scheme", "affine"), sink=_sink(cache))
     return mx.fast.scaled_dot_product_attention(
         queries, keys, values, scale=scale, mask=mask, sinks=sinks)

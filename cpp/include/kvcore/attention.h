@@ -50,6 +50,16 @@ mx::array quantized_attention(
 /// packed) hold the T quantized tokens, the residuals (B, n_kv, R, D) the
 /// newest R (or None). Masks as quantized_attention. Throws ValueError on
 /// shapes that do not fit.
+///
+/// With a sink, each row's first tokens are read in float where they are
+/// quantized: row b's sink token j sits at column start[b] + j, and where
+/// that column is below T its score is the float key's and its value the
+/// float value's.
+struct ChannelSink {
+  mx::array keys; ///< (B, n_kv, S, D), rotated
+  mx::array values; ///< (B, n_kv, S, Dv), rotated
+  mx::array start; ///< (B,) integer: each row's first token's column
+};
 mx::array channel_attention(
     const mx::array& queries,
     const QuantizedArrays& keys,
@@ -59,6 +69,7 @@ mx::array channel_attention(
     float scale,
     const Mask& mask,
     QuantSpec key_spec,
-    QuantSpec value_spec);
+    QuantSpec value_spec,
+    const std::optional<ChannelSink>& sink = std::nullopt);
 
 } // namespace kvcore

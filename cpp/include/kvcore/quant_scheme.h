@@ -33,6 +33,14 @@ constexpr int default_window = 128;
 /// 1 << 20 for rotated_channel.
 void check_window(const char* ctx, QuantScheme scheme, int window);
 
+/// The most first tokens a rotated_channel cache keeps in float (its
+/// attention sink, `sink`).
+constexpr int max_sink = 256;
+
+/// Throws ValueError unless the sink suits the scheme: 0 for affine, 0 to
+/// max_sink for rotated_channel.
+void check_sink(const char* ctx, QuantScheme scheme, int sink);
+
 /// Throws ValueError unless the rotation takes this head dim: a power of
 /// two from 2 to 16384 (mx::hadamard_transform's sizes of that form).
 void check_rotation(const char* ctx, const char* what, int head_dim);

@@ -83,12 +83,15 @@ class QuantizedKVCache : public Cache {
   /// laid out as the scheme says. With rotated_channel the keys' group
   /// size counts tokens (32, 64 or 128 per group), the values' the head
   /// dim, and the newest `window` tokens (and the group not yet full) stay
-  /// in float (0 for the affine scheme).
+  /// in float (0 for the affine scheme); so do the first `sink` tokens (the
+  /// attention sink): they are quantized in their groups as any token, and
+  /// attention reads their float copies in their place.
   QuantizedKVCache(
       QuantSpec keys,
       QuantSpec values,
       QuantScheme scheme = QuantScheme::affine,
-      int window = 0);
+      int window = 0,
+      int sink = 0);
 
   const char* name() const override {
     return "QuantizedKVCache";
@@ -113,9 +116,10 @@ class QuantizedKVCache : public Cache {
       std::optional<int> window_size = std::nullopt) const override;
 
   /// The six arrays: keys' triple, then values'; rotated_channel adds the
-  /// residual keys.
+  /// residual keys and values, and with a sink the sink's keys and values.
   std::vector<OptionalArray> state() const override;
-  /// (offset, group_size, bits); rotated_channel adds the scheme's name.
+  /// (offset, group_size, bits); rotated_channel adds the scheme's name and
+  /// the window, and with a sink its size.
   std::vector<std::string> meta_state() const override;
   void restore(
       const std::vector<OptionalArray>& arrays,
@@ -137,7 +141,9 @@ class QuantizedKVCache : public Cache {
     set(std::move(keys), std::move(values), offset, key_spec, value_spec, QuantScheme::affine,
         std::nullopt, std::nullopt, 0);
   }
-  /// Validates everything, then replaces the whole contents.
+  /// Validates everything, then replaces the whole contents. The sink's
+  /// keys and values (rotated, (B, H, n, D), 1 <= n <= sink: the sequence's
+  /// first n tokens) or None.
   void set(
       OptionalQuantized keys,
       OptionalQuantized values,
@@ -147,7 +153,10 @@ class QuantizedKVCache : public Cache {
       QuantScheme scheme,
       OptionalArray residual,
       OptionalArray value_residual,
-      int window);
+      int window,
+      int sink = 0,
+      OptionalArray sink_keys = std::nullopt,
+      OptionalArray sink_values = std::nullopt);
 
   bool empty() const override {
     return !keys_;
@@ -202,6 +211,18 @@ class QuantizedKVCache : public Cache {
   int window() const {
     return window_;
   }
+  /// rotated_channel: the first tokens kept in float too (0: none).
+  int sink() const {
+    return sink_;
+  }
+  /// The sink's keys and values, rotated, (B, H, n, D): the sequence's
+  /// first n = min(sink, offset) tokens; None without a sink or tokens.
+  const OptionalArray& sink_keys() const {
+    return sink_keys_;
+  }
+  const OptionalArray& sink_values() const {
+    return sink_values_;
+  }
   /// Tokens whose keys and values are quantized (rotated_channel: offset
   /// less the residual's tokens).
   int quantized_tokens() const {
@@ -234,7 +255,10 @@ class QuantizedKVCache : public Cache {
       QuantScheme scheme,
       OptionalArray residual,
       OptionalArray value_residual,
-      int window);
+      int window,
+      int sink,
+      OptionalArray sink_keys,
+      OptionalArray sink_values);
 
   OptionalQuantized keys_;
   OptionalQuantized values_;
@@ -245,6 +269,9 @@ class QuantizedKVCache : public Cache {
   OptionalArray residual_;
   OptionalArray value_residual_;
   int window_ = 0;
+  int sink_ = 0;
+  OptionalArray sink_keys_;
+  OptionalArray sink_values_;
   int step_ = default_step;
   int capacity_ = 0;
 };
@@ -256,7 +283,8 @@ QuantizedKVCache to_quantized(
     QuantSpec keys,
     QuantSpec values,
     QuantScheme scheme = QuantScheme::affine,
-    int window = 0);
+    int window = 0,
+    int sink = 0);
 inline QuantizedKVCache to_quantized(const KVCache& cache, int group_size = 64, int bits = 4) {
   return to_quantized(cache, {group_size, bits}, {group_size, bits});
 }

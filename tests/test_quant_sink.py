@@ -1,0 +1,200 @@
+"""The rotated-channel scheme's attention sink: a cache's first `sink` tokens
+kept in float too. They are quantized in their groups like any token (so the
+quantized arrays are those of a cache without a sink), and attention reads
+their float keys and values in place of the quantized ones."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_quant_scheme import SCHEME, dequantized, eq, kv, rot
+
+import kvcore
+
+
+def new(bits=3, window=0, sink=1, **kw):
+    return kvcore.QuantizedKVCache(group_size=32, bits=bits, scheme=SCHEME, window=window, sink=sink, **kw)
+
+
+def with_sink(cache):
+    """The cache's keys and values as floats (model space), its sink's
+    tokens read from their float copies."""
+    dk, dv = dequantized(cache)
+    if cache.sink_keys is None:
+        return dk, dv
+    n = cache.sink_keys.shape[2]
+    return (mx.concatenate([rot(cache.sink_keys), dk[:, :, n:]], axis=2),
+            mx.concatenate([rot(cache.sink_values), dv[:, :, n:]], axis=2))
+
+
+def close(got, want):
+    """Equal up to float32 rounding (outputs here reach about 50)."""
+    return mx.abs(got - want).max().item() <= 1e-5 * (1 + mx.abs(want).max().item())
+
+
+def outlier_kv(S, seed=0, H=2):
+    k, v = kv(S=S, seed=seed, H=H)
+    return k.at[:, :, 0].multiply(30.0), v.at[:, :, 0].multiply(30.0)
+
+
+@pytest.mark.parametrize("sink", [1, 3])
+def test_the_sink_holds_the_first_tokens_rotated_and_the_quantized_arrays_stay_as_without(sink):
+    k, v = outlier_kv(75)
+    c, plain = new(sink=sink), new(sink=0)
+    c.update_and_fetch(k[:, :, :2], v[:, :, :2])  # the sink fills over updates
+    c.update_and_fetch(k[:, :, 2:], v[:, :, 2:])
+    plain.update_and_fetch(k, v)
+    assert c.sink == sink and plain.sink == 0 and plain.sink_keys is None
+    eq(c.sink_keys, rot(k[:, :, :sink]))
+    eq(c.sink_values, rot(v[:, :, :sink]))
+    for a, b in zip(c.keys_and_values(), plain.keys_and_values()):
+        for x, y in zip(a, b):
+            eq(x, y)
+    # Bytes: the quantized cache's, plus the sink's floats.
+    assert c.nbytes == plain.nbytes + 2 * sink * 2 * 64 * 4
+
+
+@pytest.mark.parametrize("window", [0, 16])
+@pytest.mark.parametrize("sink", [1, 3])
+def test_attention_reads_the_sinks_float_keys_and_values(sink, window):
+    for n_q, L, S in ((4, 1, 75), (2, 5, 64), (4, 3, 20)):  # groups and residual, whole groups, residual only
+        c = new(sink=sink, window=window)
+        keys, values = c.update_and_fetch(*outlier_kv(S, seed=S))
+        q = mx.random.normal((1, n_q, L, 64), key=mx.random.key(7))
+        for mask in (None, "causal"):
+            got = kvcore.quantized_scaled_dot_product_attention(
+                q, keys, values, scale=0.125, mask=mask, group_size=32, bits=3, scheme=SCHEME,
+                sink=(c.sink_keys, c.sink_values, mx.array([0])))
+            dk, dv = with_sink(c)
+            want = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.125, mask=mask)
+            assert close(got, want), (n_q, L, S, mask)
+    # mlx-lm's entry point passes the cache's sink.
+    from kvcore._attention import scaled_dot_product_attention
+
+    got = scaled_dot_product_attention(q, keys, values, c, scale=0.125, mask=None)
+    dk, dv = with_sink(c)
+    assert close(got, mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.125, mask=None))
+
+
+def test_a_sink_brings_attention_closer_to_float_where_the_first_token_is_an_outlier():
+    k, v = outlier_kv(200)
+    q = mx.random.normal((1, 4, 1, 64), key=mx.random.key(3))
+    exact = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=None)
+    errors = []
+    for sink in (0, 1):
+        c = new(sink=sink)
+        keys, values = c.update_and_fetch(k, v)
+        from kvcore._attention import scaled_dot_product_attention
+
+        got = scaled_dot_product_attention(q, keys, values, c, scale=0.125, mask=None)
+        errors.append(mx.abs(got - exact).max().item())
+    assert errors[1] < errors[0] / 2, errors
+
+
+def test_state_files_and_copies_carry_the_sink(tmp_path):
+    c = new(sink=2, window=16)
+    c.update_and_fetch(*outlier_kv(75))
+    state = c.state
+    assert len(state) == 12 and state[2:7] == (75, 32, 3, SCHEME, 16) and state[9] == 2
+    eq(state[10], c.sink_keys)
+    back = kvcore.QuantizedKVCache.from_state(state)
+    assert back.sink == 2
+    eq(back.sink_values, c.sink_values)
+    path = str(tmp_path / "c.safetensors")
+    kvcore.save_prompt_cache(path, [c, new(sink=0)])
+    loaded = kvcore.load_prompt_cache(path)
+    assert (loaded[0].sink, loaded[1].sink, loaded[1].sink_keys) == (2, 0, None)
+    eq(loaded[0].sink_keys, c.sink_keys)
+    d = copy.deepcopy(c)
+    d.trim(74)
+    assert c.sink_keys.shape[2] == 2 and d.sink_keys.shape[2] == 1
+
+
+def test_trim_into_the_first_group_returns_the_sinks_float_tokens():
+    k, v = outlier_kv(75)
+    c = new(sink=2)
+    c.update_and_fetch(k, v)
+    c.trim(75 - 10)  # into group 0: its kept tokens go back to float
+    assert c.offset == 10 and c.keys_and_values()[0][1].shape[-1] == 0
+    eq(c.residual[:, :, :2], rot(k[:, :, :2]))  # exactly, not dequantized
+    assert not mx.array_equal(c.residual[:, :, 2:], rot(k[:, :, 2:10])).item()  # the rest dequantized
+    c.trim(9)
+    assert c.offset == 1 and c.sink_keys.shape[2] == 1
+    c.trim(1)
+    assert c.offset == 0 and c.sink_keys is None
+    c.update_and_fetch(k, v)  # fills again
+    eq(c.sink_keys, rot(k[:, :, :2]))
+
+
+def test_to_quantized_takes_a_sink():
+    k, v = outlier_kv(70)
+    f = kvcore.KVCache()
+    f.update_and_fetch(k, v)
+    q = f.to_quantized(group_size=32, bits=3, scheme=SCHEME, window=0, sink=1)
+    c = new(sink=1)
+    c.update_and_fetch(k, v)
+    eq(q.sink_keys, c.sink_keys)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheme="affine", sink=1), "no sink for the affine scheme but got sink 1"),
+    (dict(scheme=SCHEME, sink=-1), "a sink of 0 to 256 tokens but got sink -1"),
+    (dict(scheme=SCHEME, sink=257), "a sink of 0 to 256 tokens but got sink 257"),
+])
+def test_bad_sinks_are_typed_errors_naming_the_value(kwargs, message):
+    with pytest.raises(kvcore.CacheValueError, match=message):
+        kvcore.QuantizedKVCache(group_size=32, bits=4, **kwargs)
+    f = kvcore.KVCache()
+    f.update_and_fetch(*kv(S=8))
+    with pytest.raises(kvcore.CacheValueError, match=message):
+        f.to_quantized(group_size=32, bits=4, **kwargs)
+
+
+def test_a_state_with_a_bad_sink_is_refused_and_the_cache_unchanged():
+    c = new(sink=2)
+    c.update_and_fetch(*outlier_kv(40))
+    before = c.state
+    state = list(before)
+    for spoil, message in [
+        (lambda s: s.__setitem__(10, s[10][:, :, :, :32]), "sink keys \\(B, H, 1 to 2, 64\\)"),
+        (lambda s: s.__setitem__(11, None), "sink keys and values both set \\(with a sink\\) or both None"),
+        (lambda s: (s.__setitem__(10, mx.concatenate([s[10]] * 2, 2)),
+                    s.__setitem__(11, mx.concatenate([s[11]] * 2, 2))), "sink keys \\(B, H, 1 to 2, 64\\)"),
+    ]:
+        s = list(state)
+        spoil(s)
+        with pytest.raises(kvcore.CacheValueError, match=message):
+            c.state = tuple(s)
+        assert c.offset == 40
+        eq(c.sink_keys, before[10])
+
+
+def test_a_sink_cache_goes_to_disk_in_blocks_shared_with_caches_without_one(tmp_path):
+    toks = list(range(1000, 1000 + 600))
+    k, v = outlier_kv(600)
+
+    def cache(sink, n=600):
+        c = kvcore.QuantizedKVCache(group_size=(32, 64), bits=3, scheme=SCHEME, window=0, sink=sink)
+        c.update_and_fetch(k[:, :, :n], v[:, :, :n])
+        return c
+
+    with kvcore.LRUPromptCache(disk_dir=tmp_path) as w:
+        w.insert_cache("m", toks, [cache(1)])
+        w.insert_cache("m", toks[:512] + [1], [cache(0, 513)])  # the same first 2 blocks
+        w.flush()
+        assert w.disk_blocks == 2
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    got, rest = lru.fetch_nearest_cache("m", toks)
+    assert rest == [] and lru.disk_errors == []
+    want = cache(1)
+    assert got[0].sink == 1 and got[0].offset == 600
+    eq(got[0].sink_keys, want.sink_keys)
+    for a, b in zip(got[0].keys_and_values(), want.keys_and_values()):
+        for x, y in zip(a, b):
+            eq(x, y) if x is not None else None
+    # A prefix served by a trim within the chain keeps the sink.
+    lru = kvcore.LRUPromptCache(disk_dir=tmp_path)
+    got, rest = lru.fetch_nearest_cache("m", toks[:520] + [5])
+    assert rest == [5] and got[0].offset == 520 and got[0].sink == 1 and lru.disk_blocks_read == 2
+    eq(got[0].sink_keys, want.sink_keys)
