@@ -201,19 +201,21 @@ def _pair(s):
 
 def scheme_named(name):
     """A row of SCHEMES, or kvcore's real cache as
-    ``kvcore:SCHEME:BITS:GROUP[:WINDOW]`` (BITS and GROUP an int or K/V, e.g.
-    ``kvcore:rotated-channel:4/2:32/64:128``)."""
+    ``kvcore:SCHEME:BITS:GROUP[:WINDOW[:SINK]]`` (BITS and GROUP an int or
+    K/V, e.g. ``kvcore:rotated-channel:4/2:32/64:128:1``)."""
     if not name.startswith("kvcore:"):
         return SCHEMES[name]
     _, scheme, bits, group, *window = name.split(":")
+    sink = int(window.pop()) if len(window) == 2 else 0
     bits, group = _pair(bits), _pair(group)
     kb, vb = bits if isinstance(bits, tuple) else (bits, bits)
     kg, vg = group if isinstance(group, tuple) else (group, group)
     return Scheme(name, kind="kvcore", key_bits=kb, value_bits=vb, key_group=kg, value_group=vg,
                   keys="channel" if scheme != "affine" else "token",
-                  window=int(window[0]) if window else (128 if scheme != "affine" else 0),
+                  window=int(window[0]) if window else (128 if scheme != "affine" else 0), sink=sink,
                   kvcore=dict(group_size=group, bits=bits, scheme=scheme,
-                              **({"window": int(window[0])} if window else {})))
+                              **({"window": int(window[0])} if window else {}),
+                              **({"sink": sink} if sink else {})))
 
 
 # ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_sizes_use_mlx_lm_units(text, value):
 
 
 def _kv_args(**kw):
-    base = dict(kv_bits=4, kv_group_size=None, kv_scheme="affine", kv_window=None,
+    base = dict(kv_bits=4, kv_group_size=None, kv_scheme="affine", kv_window=None, kv_sink=None,
                 max_kv_size=None, quantized_kv_start=0)
     return _options.settle_kv(types.SimpleNamespace(**{**base, **kw}))
 
@@ -60,9 +60,9 @@ def test_group_size_is_checked_against_each_head_dimension():
 
 def test_rotated_channel_groups_keys_over_tokens_and_wants_power_of_two_heads():
     args = _kv_args(kv_scheme="rotated-channel")
-    assert (args.kv_group_size, args.kv_window) == ((32, 64), 128)
+    assert (args.kv_group_size, args.kv_window, args.kv_sink) == ((32, 64), 128, 1)
     assert _options.quantize_kwargs(args) == {"group_size": (32, 64), "bits": 4,
-                                              "scheme": "rotated-channel", "window": 128}
+                                              "scheme": "rotated-channel", "window": 128, "sink": 1}
     # A key group of 128 tokens on a head dim of 64: keys group along tokens.
     _options.check_head_dims(_kv_args(kv_scheme="rotated-channel", kv_group_size=(128, 32)),
                              (64, 64))
@@ -75,7 +75,10 @@ def test_rotated_channel_groups_keys_over_tokens_and_wants_power_of_two_heads():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(kv_window=64), "--kv-window is for --kv-scheme rotated-channel (the affine scheme "
-                         "keeps no float window)"),
+                         "keeps no float tokens)"),
+    (dict(kv_sink=1), "--kv-sink is for --kv-scheme rotated-channel (the affine scheme "
+                      "keeps no float tokens)"),
+    (dict(kv_scheme="rotated-channel", kv_sink=300), "--kv-sink takes 0 to 256 tokens, not 300"),
     (dict(kv_scheme="rotated-channel", kv_bits=None),
      "--kv-scheme rotated-channel quantizes: give --kv-bits too"),
     (dict(kv_scheme="rotated-channel", max_kv_size=512),
@@ -102,10 +105,14 @@ def test_startup_line_names_bits_group_start_and_window():
         "quantized KV cache: affine, keys 8 bits, values 4 bits, group 64, from the first token; "
         "sliding window 4096 tokens")
     args = types.SimpleNamespace(kv_bits=4, kv_group_size=(32, 64), quantized_kv_start=5000,
-                                 max_kv_size=None, kv_scheme="rotated-channel", kv_window=128)
+                                 max_kv_size=None, kv_scheme="rotated-channel", kv_window=128, kv_sink=0)
     assert _options.describe_kv(args) == (
         "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 tokens, values group "
         "64, newest 128 tokens in float, from token 5000; no sliding window")
+    args.kv_sink = 1
+    assert _options.describe_kv(args) == (
+        "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 tokens, values group "
+        "64, newest 128 tokens in float, first 1 in float, from token 5000; no sliding window")
     args = types.SimpleNamespace(kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
                                  max_kv_size=None)
     assert _options.describe_kv(args) == "float KV cache; no sliding window"

@@ -4,6 +4,7 @@ quantized arrays are those of a cache without a sink), and attention reads
 their float keys and values in place of the quantized ones."""
 
 import copy
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -198,3 +199,96 @@ def test_a_sink_cache_goes_to_disk_in_blocks_shared_with_caches_without_one(tmp_
     got, rest = lru.fetch_nearest_cache("m", toks[:520] + [5])
     assert rest == [5] and got[0].offset == 520 and got[0].sink == 1 and lru.disk_blocks_read == 2
     eq(got[0].sink_keys, want.sink_keys)
+
+
+# ---------------------------------------------------------------------------
+# The batch cache: row b's sink token j sits at position left_padding[b] + j.
+
+def single(n, seed, sink=2, window=0):
+    c = new(bits=4, window=window, sink=sink)
+    if n:
+        c.update_and_fetch(*outlier_kv(n, seed=seed))
+    return c
+
+
+def attend(q, keys, values, cache, mask):
+    from kvcore._attention import scaled_dot_product_attention
+
+    return scaled_dot_product_attention(q, keys, values, cache, scale=0.125, mask=mask)
+
+
+@pytest.mark.parametrize("L", [1, 4])
+def test_batch_rows_attend_as_their_own_sink_caches(L):
+    lengths = (70, 38, 102)  # padded by 32, 64 and 0: whole groups, so rows keep their groups exactly
+    singles = [single(n, seed=n) for n in lengths]
+    b = kvcore.QuantizedBatchKVCache.merge([copy.deepcopy(s) for s in singles])
+    assert b.sink == 2 and b.sink_keys.shape == (3, 2, 2, 64)
+    for i, s in enumerate(singles):
+        eq(b.sink_keys[i:i + 1], s.sink_keys)
+    k, v = kv(B=3, S=L, seed=9)
+    mask = b.make_mask(L, return_array=True)
+    keys, values = b.update_and_fetch(k, v)
+    q = mx.random.normal((3, 4, L, 64), key=mx.random.key(5))
+    got = attend(q, keys, values, b, mask)
+    plain = kvcore.quantized_scaled_dot_product_attention(
+        q, keys, values, scale=0.125, mask=mask, group_size=32, bits=4, scheme=SCHEME)
+    for i, s in enumerate(singles):
+        sk, sv = s.update_and_fetch(k[i:i + 1], v[i:i + 1])
+        own = attend(q[i:i + 1], sk, sv, s, "causal" if L > 1 else None)
+        assert close(got[i:i + 1], own), i
+        # Without the sink the rows read their quantized first tokens: another result.
+        assert mx.abs(plain[i:i + 1] - own).max().item() > 1e-3, i
+    for i, s in enumerate(singles):  # and back
+        e = b.extract(i)
+        assert (e.offset, e.sink) == (s.offset, 2)
+        eq(e.sink_keys, s.sink_keys)
+        eq(e.sink_values, s.sink_values)
+
+
+def test_batch_updates_fill_each_rows_sink_from_its_first_token():
+    b = kvcore.QuantizedBatchKVCache([3, 0], group_size=32, bits=4, scheme=SCHEME, window=0, sink=2)
+    ks, vs = [], []
+    for step in range(4):
+        k, v = kv(B=2, S=2 if step == 0 else 1, seed=step)
+        b.update_and_fetch(k, v)
+        ks.append(k)
+        vs.append(v)
+    k = mx.concatenate(ks, axis=2)  # positions 0..4 of both rows
+    eq(b.sink_keys[1:], rot(k[1:, :, 0:2]))  # row 1 starts at 0
+    eq(b.sink_keys[:1], rot(k[:1, :, 3:5]))  # row 0 at its padding, 3
+    eq(b.sink_values[:1], rot(mx.concatenate(vs, axis=2)[:1, :, 3:5]))
+
+
+def test_batch_to_quantized_filter_extend_and_state_carry_the_sink():
+    f = kvcore.BatchKVCache([1, 0])
+    k, v = outlier_kv(40)
+    k2, v2 = kv(B=2, S=40, seed=3)
+    f.update_and_fetch(k2, v2)
+    b = f.to_quantized(group_size=32, bits=4, scheme=SCHEME, window=0, sink=1)
+    eq(b.sink_keys[0:1], rot(k2[0:1, :, 1:2]))
+    eq(b.sink_keys[1:2], rot(k2[1:2, :, 0:1]))
+    state = b.state
+    assert len(state) == 14 and state[11] == 1
+    back = kvcore.QuantizedBatchKVCache.from_state(state)
+    eq(back.sink_keys, b.sink_keys)
+    b.filter([1])
+    eq(b.sink_keys, back.sink_keys[1:2])
+    b.extend(copy.deepcopy(back))
+    assert b.sink_keys.shape == (3, 2, 1, 64)
+    eq(b.sink_keys[1:], back.sink_keys)
+
+
+def test_batch_refuses_caches_of_other_sinks_and_changes_nothing():
+    a, c = single(40, seed=1, sink=2), single(40, seed=2, sink=1)
+    with pytest.raises(kvcore.CacheValueError, match=re.escape(
+            "expected caches quantized alike: group_size (32, 32), bits (4, 4), window 0, sink 2 but got "
+            "group_size (32, 32), bits (4, 4), window 0, sink 1")):
+        kvcore.QuantizedBatchKVCache.merge([a, c])
+    b = kvcore.QuantizedBatchKVCache.merge([copy.deepcopy(a)])
+    other = kvcore.QuantizedBatchKVCache.merge([c])
+    before = b.sink_keys
+    with pytest.raises(kvcore.CacheValueError, match="and sink 2 but got window 0, sink 1"):
+        b.extend(other)
+    eq(b.sink_keys, before)
+    with pytest.raises(kvcore.CacheValueError, match="a sink of 0 to 256 tokens but got sink 300"):
+        kvcore.QuantizedBatchKVCache([0], group_size=32, bits=4, scheme=SCHEME, sink=300)

@@ -102,16 +102,16 @@ void bind_quantized_batch(nb::module_& m) {
       "BatchKVCache holding keys and values quantized by ``mx.quantize``.");
   qb.def("__init__",
          [](QB* self, nb::handle left_padding, nb::handle group_size, nb::handle bits,
-            nb::handle scheme, nb::handle window) {
+            nb::handle scheme, nb::handle window, nb::handle sink) {
            constexpr const char* ctx = "QuantizedBatchKVCache";
            auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
            auto sc = scheme_arg(ctx, scheme);
            new (self) PyCache<QB>(int_list_required(ctx, "left_padding", left_padding), ks, vs, sc,
-                                  window_arg(ctx, sc, window));
+                                  window_arg(ctx, sc, window), int_arg(ctx, "sink", sink));
          },
          "left_padding"_a, "group_size"_a = 64, "bits"_a = 8, nb::kw_only(), "scheme"_a = "affine",
-         "window"_a.none() = nb::none(),
-         nb::sig("def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None) -> None"),
+         "window"_a.none() = nb::none(), "sink"_a = 0,
+         nb::sig("def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> None"),
          R"pbdoc(
            Args:
                left_padding (list[int]): Pad tokens before each row's prompt.
@@ -122,12 +122,19 @@ void bind_quantized_batch(nb::module_& m) {
                  shared by all rows).
                window (int, optional): ``"rotated-channel"``: tokens kept in
                  float (default 128).
+               sink (int): ``"rotated-channel"``: each row's first tokens kept
+                 in float too (as QuantizedKVCache's).
          )pbdoc");
   def_quantized_batch_api(qb);
   qb.def_prop_ro("scheme", [](const QB& c) { return scheme_name(c.scheme()); },
                  "``\"affine\"`` or ``\"rotated-channel\"``.")
       .def_prop_ro("window", &QB::window,
                    "``\"rotated-channel\"``: the newest positions kept in float (0 for affine).")
+      .def_prop_ro("sink", &QB::sink, "``\"rotated-channel\"``: each row's first tokens kept in float (0: none).")
+      .def_prop_ro("sink_keys", [](const QB& c) { return to_py(c.sink_keys()); },
+                   "Each row's first tokens' keys, rotated, in float ``(B, H, sink, D)``, or None.")
+      .def_prop_ro("sink_values", [](const QB& c) { return to_py(c.sink_values()); },
+                   "Their values, rotated, in float, or None.")
       .def_prop_ro("residual", [](const QB& c) { return to_py(c.residual()); },
                    "``\"rotated-channel\"``: the float keys of the newest positions, rotated, or None.")
       .def_prop_ro("value_residual", [](const QB& c) { return to_py(c.value_residual()); },
@@ -166,13 +173,18 @@ void bind_quantized_batch(nb::module_& m) {
             if (c.scheme() == QuantScheme::affine) {
               return out;
             }
-            return nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(),
-                                                  to_py(c.residual()), to_py(c.value_residual())));
+            out = nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(),
+                                                 to_py(c.residual()), to_py(c.value_residual())));
+            if (c.sink() == 0) {
+              return out;
+            }
+            return nb::tuple(out + nb::make_tuple(c.sink(), to_py(c.sink_keys()), to_py(c.sink_values())));
           },
           [](QB& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedBatchKVCache.state";
-            const bool scheme = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) && nb::len(v) == 11;
-            StateReader r(ctx, v, scheme ? 11 : 7);
+            const size_t n = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) ? nb::len(v) : 0;
+            const bool scheme = n == 11 || n == 14, sink = n == 14;
+            StateReader r(ctx, v, sink ? 14 : (scheme ? 11 : 7));
             nb::tuple t(v);
             auto [ks, vs] = quant_specs_arg(ctx, t[5], t[6]);
             auto keys = quantized_from_py(ctx, "keys", t[0]);
@@ -188,13 +200,15 @@ void bind_quantized_batch(nb::module_& m) {
                                nb::cast<std::string>(nb::repr(t[7])));
             }
             c.set(std::move(keys), std::move(values), offset, left_padding, r.integer(4, "_idx"),
-                  r.array(9, "residual"), r.array(10, "value residual"), ks, vs, r.integer(8, "window"));
+                  r.array(9, "residual"), r.array(10, "value residual"), ks, vs, r.integer(8, "window"),
+                  sink ? r.integer(11, "sink") : 0, sink ? r.array(12, "sink keys") : std::nullopt,
+                  sink ? r.array(13, "sink values") : std::nullopt);
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values "
           "are triples. A ``\"rotated-channel\"`` cache adds ``(scheme, window, residual keys, "
-          "residual values)``.");
+          "residual values)``, and with a sink ``(sink, sink keys, sink values)``.");
   def_from_state<QB>(qb, "Build a cache from ``state`` without calling __init__.",
                      std::vector<int>{}, QuantSpec{64, 8}, QuantSpec{64, 8});
   auto merge_qb = [](nb::handle type, nb::handle caches) {
@@ -299,17 +313,18 @@ void bind_quantized_batch(nb::module_& m) {
   nb::object q_cls = m.attr("QuantizedKVCache"), qrot_cls = m.attr("QuantizedRotatingKVCache");
   nb::setattr(b_cls, "to_quantized", nb::cpp_function(
       [qb](const BatchKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme,
-           nb::handle window) {
+           nb::handle window, nb::handle sink) {
         constexpr const char* ctx = "BatchKVCache.to_quantized";
         auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
         auto sc = scheme_arg(ctx, scheme);
-        return make_instance<QB>(qb, to_quantized(c, ks, vs, sc, window_arg(ctx, sc, window)));
+        return make_instance<QB>(
+            qb, to_quantized(c, ks, vs, sc, window_arg(ctx, sc, window), int_arg(ctx, "sink", sink)));
       },
       nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
-      "scheme"_a = "affine", "window"_a.none() = nb::none(),
-      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedBatchKVCache"),
-      "The same rows and padding with keys and values quantized (``scheme`` and ``window`` "
-      "as QuantizedKVCache's)."));
+      "scheme"_a = "affine", "window"_a.none() = nb::none(), "sink"_a = 0,
+      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedBatchKVCache"),
+      "The same rows and padding with keys and values quantized (``scheme``, ``window`` and "
+      "``sink`` as QuantizedKVCache's)."));
   nb::setattr(r_cls, "to_quantized", nb::cpp_function(
       [qr](const BatchRotatingKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme) {
         auto [ks, vs] = quant_specs_arg("BatchRotatingKVCache.to_quantized", group_size, bits);

@@ -147,11 +147,13 @@ QuantizedBatchKVCache::QuantizedBatchKVCache(
     QuantSpec keys,
     QuantSpec values,
     QuantScheme scheme,
-    int window)
+    int window,
+    int sink)
     : QuantizedBatchKVCache(left_padding, keys, values) {
   check_window("QuantizedBatchKVCache", scheme, window);
+  check_sink("QuantizedBatchKVCache", scheme, sink);
   if (scheme != QuantScheme::affine) {
-    channel_.emplace(left_padding, keys, values, window);
+    channel_.emplace(left_padding, keys, values, window, sink);
   }
 }
 
@@ -222,6 +224,16 @@ const OptionalArray& QuantizedBatchKVCache::residual() const {
   return channel_ ? channel_->residual() : none;
 }
 
+const OptionalArray& QuantizedBatchKVCache::sink_keys() const {
+  static const OptionalArray none;
+  return channel_ ? channel_->sink_keys() : none;
+}
+
+const OptionalArray& QuantizedBatchKVCache::sink_values() const {
+  static const OptionalArray none;
+  return channel_ ? channel_->sink_values() : none;
+}
+
 const OptionalArray& QuantizedBatchKVCache::value_residual() const {
   static const OptionalArray none;
   return channel_ ? channel_->value_residual() : none;
@@ -272,7 +284,8 @@ QuantizedBatchKVCache QuantizedBatchKVCache::merge(
   check_non_null_list(ctx, caches);
   const QuantSpec ks = caches[0]->key_spec(), vs = caches[0]->value_spec();
   if (caches[0]->scheme() != QuantScheme::affine) {
-    QuantizedBatchKVCache out(std::vector<int>{}, ks, vs, caches[0]->scheme(), caches[0]->window());
+    QuantizedBatchKVCache out(std::vector<int>{}, ks, vs, caches[0]->scheme(), caches[0]->window(),
+                              caches[0]->sink());
     out.channel_ = ChannelBatch::merge(caches);
     return out;
   }
@@ -312,8 +325,9 @@ void QuantizedBatchKVCache::restore(
     const std::vector<OptionalArray>& arrays,
     const std::vector<std::string>& meta) {
   constexpr const char* ctx = "QuantizedBatchKVCache.state";
-  if (meta.size() == 3) {
-    check_count(ctx, "arrays", arrays.size(), 10);
+  if (meta.size() == 3 || meta.size() == 4) { // rotated_channel, with a sink 4
+    const bool sink = meta.size() == 4;
+    check_count(ctx, "arrays", arrays.size(), sink ? 12 : 10);
     if (!arrays[6] || !arrays[7]) {
       throw ValueError(ctx, "offset and left_padding arrays", "None");
     }
@@ -322,7 +336,9 @@ void QuantizedBatchKVCache::restore(
     }
     auto [keys, values] = triples_from_arrays(ctx, arrays);
     set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "_idx", meta[0]),
-        arrays[8], arrays[9], key_spec_, value_spec_, parse_int(ctx, "window", meta[2]));
+        arrays[8], arrays[9], key_spec_, value_spec_, parse_int(ctx, "window", meta[2]),
+        sink ? parse_int(ctx, "sink", meta[3]) : 0, sink ? arrays[10] : std::nullopt,
+        sink ? arrays[11] : std::nullopt);
     return;
   }
   check_count(ctx, "arrays", arrays.size(), 8);
@@ -360,10 +376,14 @@ void QuantizedBatchKVCache::set(
     OptionalArray value_residual,
     QuantSpec key_spec,
     QuantSpec value_spec,
-    int window) {
+    int window,
+    int sink,
+    OptionalArray sink_keys,
+    OptionalArray sink_values) {
   ChannelBatch c(std::vector<int>{}, key_spec, value_spec, window);
   c.set(std::move(keys), std::move(values), std::move(offset), std::move(left_padding), idx,
-        std::move(residual), std::move(value_residual), key_spec, value_spec, window);
+        std::move(residual), std::move(value_residual), key_spec, value_spec, window, sink,
+        std::move(sink_keys), std::move(sink_values));
   channel_ = std::move(c);
   for (auto& p : parts_) {
     p = BatchKVCache(std::vector<int>{});
@@ -377,12 +397,14 @@ QuantizedBatchKVCache to_quantized(
     QuantSpec keys,
     QuantSpec values,
     QuantScheme scheme,
-    int window) {
+    int window,
+    int sink) {
   constexpr const char* ctx = "BatchKVCache.to_quantized";
   check_specs(ctx, keys, values);
+  check_sink(ctx, scheme, sink);
   if (scheme != QuantScheme::affine) {
-    QuantizedBatchKVCache out(std::vector<int>{}, keys, values, scheme, window);
-    out.channel_ = ChannelBatch::from_float(cache, keys, values, window);
+    QuantizedBatchKVCache out(std::vector<int>{}, keys, values, scheme, window, sink);
+    out.channel_ = ChannelBatch::from_float(cache, keys, values, window, sink);
     return out;
   }
   auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);

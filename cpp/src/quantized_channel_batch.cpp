@@ -109,14 +109,38 @@ ChannelBatch::ChannelBatch(
     const std::vector<int>& left_padding,
     QuantSpec keys,
     QuantSpec values,
-    int window)
+    int window,
+    int sink)
     : offset_(mx::negative(int_rows(left_padding))),
       left_padding_(int_rows(left_padding)),
       key_spec_(keys),
       value_spec_(values),
-      window_(window) {
+      window_(window),
+      sink_(sink) {
   check_specs("QuantizedBatchKVCache", keys, values);
   check_window("QuantizedBatchKVCache", QuantScheme::rotated_channel, window);
+  check_sink("QuantizedBatchKVCache", QuantScheme::rotated_channel, sink);
+}
+
+void ChannelBatch::capture_sink(const mx::array& keys, const mx::array& values, int at) {
+  if (sink_ == 0) {
+    return;
+  }
+  const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2);
+  auto sk = sink_keys_ ? *sink_keys_ : mx::zeros({B, H, sink_, keys.shape(3)}, keys.dtype());
+  auto sv = sink_values_ ? *sink_values_ : mx::zeros({B, H, sink_, values.shape(3)}, values.dtype());
+  // Row b's token j is at position left_padding[b] + j: new token t there.
+  auto t = mx::subtract(mx::add(mx::reshape(mx::astype(left_padding(), mx::int32), {B, 1, 1, 1}),
+                                mx::reshape(mx::arange(sink_, mx::int32), {1, 1, sink_, 1})),
+                        mx::array(at, mx::int32));
+  auto in = mx::logical_and(mx::greater_equal(t, mx::array(0, mx::int32)), mx::less(t, mx::array(S, mx::int32)));
+  auto idx = mx::clip(t, mx::array(0, mx::int32), mx::array(S - 1, mx::int32));
+  auto pick = [&](const mx::array& x, const mx::array& old) {
+    auto i = mx::broadcast_to(idx, {B, H, sink_, x.shape(3)});
+    return mx::where(in, mx::take_along_axis(x, i, 2), old);
+  };
+  sink_keys_ = pick(keys, sk);
+  sink_values_ = pick(values, sv);
 }
 
 int ChannelBatch::quantized_tokens() const {
@@ -218,6 +242,7 @@ std::pair<QuantizedArrays, QuantizedArrays> ChannelBatch::update_and_fetch(
   }
   next.residual_ = residual_ ? seq_concat({*residual_, pk}) : pk;
   next.value_residual_ = value_residual_ ? seq_concat({*value_residual_, pv}) : pv;
+  next.capture_sink(pk, pv, idx_);
   next.idx_ = end;
   next.offset_.shift(S);
   // Right-padded rows are rolled by finalize: their tokens stay in float
@@ -313,6 +338,10 @@ void ChannelBatch::filter(const std::vector<int>& indices) {
       next.residual_ = take(*residual_);
       next.value_residual_ = take(*value_residual_);
     }
+    if (sink_keys_) {
+      next.sink_keys_ = take(*sink_keys_);
+      next.sink_values_ = take(*sink_values_);
+    }
   }
   next.offset_ = take(offset());
   next.left_padding_ = take(left_padding());
@@ -357,7 +386,8 @@ ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> side
     max_idx = std::max(max_idx, s.idx_);
     total += s.rows();
   }
-  ChannelBatch out(std::vector<int>{}, sides[0].key_spec_, sides[0].value_spec_, sides[0].window_);
+  ChannelBatch out(std::vector<int>{}, sides[0].key_spec_, sides[0].value_spec_, sides[0].window_,
+                   sides[0].sink_);
   std::vector<mx::array> offsets, paddings, pending;
   bool any_pending = false;
   for (const auto& s : sides) {
@@ -421,9 +451,14 @@ ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> side
     s.idx_ = max_idx;
     T = std::max(T, s.quantized_tokens());
   }
-  std::vector<mx::array> kparts[3], vparts[3], residuals, value_residuals;
+  std::vector<mx::array> kparts[3], vparts[3], residuals, value_residuals, sinks, sink_values;
   for (auto& s : sides) {
     s.quantize_up_to(T);
+    if (out.sink_ > 0) { // a side without tokens has empty slots
+      const int B = s.rows();
+      sinks.push_back(s.sink_keys_ ? *s.sink_keys_ : mx::zeros({B, H, out.sink_, D}, dtype));
+      sink_values.push_back(s.sink_values_ ? *s.sink_values_ : mx::zeros({B, H, out.sink_, Dv}, dtype));
+    }
     for (int i = 0; i < 3; ++i) {
       kparts[i].push_back(i == 0 ? std::get<0>(*s.keys_) : i == 1 ? std::get<1>(*s.keys_) : std::get<2>(*s.keys_));
       vparts[i].push_back(i == 0 ? std::get<0>(*s.values_) : i == 1 ? std::get<1>(*s.values_) : std::get<2>(*s.values_));
@@ -443,6 +478,10 @@ ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> side
     out.residual_ = mx::concatenate(residuals, 0);
     out.value_residual_ = mx::concatenate(value_residuals, 0);
   }
+  if (!sinks.empty()) {
+    out.sink_keys_ = mx::concatenate(sinks, 0);
+    out.sink_values_ = mx::concatenate(sink_values, 0);
+  }
   out.offset_ = mx::concatenate(offsets, 0);
   out.left_padding_ = mx::concatenate(paddings, 0);
   if (any_pending) {
@@ -455,10 +494,10 @@ ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> side
 void ChannelBatch::extend(const ChannelBatch& other) {
   constexpr const char* ctx = "QuantizedBatchKVCache.extend";
   if (!same(key_spec_, other.key_spec_) || !same(value_spec_, other.value_spec_) ||
-      window_ != other.window_) {
-    throw ValueError(ctx, "a rotated-channel cache of the same group_size, bits and window " +
-                              std::to_string(window_),
-                     "window " + std::to_string(other.window_));
+      window_ != other.window_ || sink_ != other.sink_) {
+    throw ValueError(ctx, "a rotated-channel cache of the same group_size, bits, window " +
+                              std::to_string(window_) + " and sink " + std::to_string(sink_),
+                     "window " + std::to_string(other.window_) + ", sink " + std::to_string(other.sink_));
   }
   *this = stack(ctx, {*this, other});
 }
@@ -474,19 +513,34 @@ ChannelBatch ChannelBatch::merge(const std::vector<const QuantizedKVCache*>& cac
                        std::string("'") + scheme_name(c->scheme()) + "'");
     }
     if (!same(c->key_spec(), first.key_spec()) || !same(c->value_spec(), first.value_spec()) ||
-        c->window() != first.window()) {
+        c->window() != first.window() || c->sink() != first.sink()) {
       auto str = [](const QuantizedKVCache& q) {
         return "group_size (" + std::to_string(q.key_spec().group_size) + ", " +
             std::to_string(q.value_spec().group_size) + "), bits (" + std::to_string(q.key_spec().bits) +
-            ", " + std::to_string(q.value_spec().bits) + "), window " + std::to_string(q.window());
+            ", " + std::to_string(q.value_spec().bits) + "), window " + std::to_string(q.window()) + ", sink " +
+            std::to_string(q.sink());
       };
       throw ValueError(ctx, "caches quantized alike: " + str(first), str(*c));
     }
-    ChannelBatch s({0}, c->key_spec(), c->value_spec(), c->window());
+    const int n = c->sink_keys() ? c->sink_keys()->shape(2) : 0;
+    if (n != std::min(c->sink(), c->offset())) {
+      throw ValueError(ctx, "caches holding their first min(sink, offset) tokens in the sink",
+                       std::to_string(n) + " sink tokens at offset " + std::to_string(c->offset()));
+    }
+    ChannelBatch s({0}, c->key_spec(), c->value_spec(), c->window(), c->sink());
     if (c->keys()) {
       auto [k, v] = c->keys_and_values();
+      OptionalArray sk, sv;
+      if (c->sink() > 0) { // padded to the batch's sink slots
+        const auto& ks = std::get<1>(k);
+        const int H = ks.shape(1), D = ks.shape(2), Dv = std::get<1>(v).shape(3) * c->value_spec().group_size;
+        auto zk = mx::zeros({1, H, c->sink() - n, D}, ks.dtype());
+        auto zv = mx::zeros({1, H, c->sink() - n, Dv}, ks.dtype());
+        sk = n > 0 ? seq_concat({*c->sink_keys(), zk}) : zk;
+        sv = n > 0 ? seq_concat({*c->sink_values(), zv}) : zv;
+      }
       s.set(k, v, int_rows({c->offset()}), int_rows({0}), c->offset(), c->residual(),
-            c->value_residual(), c->key_spec(), c->value_spec(), c->window());
+            c->value_residual(), c->key_spec(), c->value_spec(), c->window(), c->sink(), sk, sv);
     }
     sides.push_back(std::move(s));
   }
@@ -497,8 +551,9 @@ ChannelBatch ChannelBatch::from_float(
     const BatchKVCache& cache,
     QuantSpec keys,
     QuantSpec values,
-    int window) {
-  ChannelBatch out(std::vector<int>{}, keys, values, window);
+    int window,
+    int sink) {
+  ChannelBatch out(std::vector<int>{}, keys, values, window, sink);
   const int n = cache.keys() && cache.values() ? cache.idx() : 0;
   out.offset_ = n > 0 ? mx::subtract(cache.offset(), mx::array(n, cache.offset().dtype())) : cache.offset();
   out.left_padding_ = cache.left_padding();
@@ -543,9 +598,20 @@ QuantizedKVCache ChannelBatch::extract(int idx) const {
       rv = mx::contiguous(seq_slice(row(fv, idx), lp, idx_));
     }
   }
-  QuantizedKVCache out(key_spec_, value_spec_, QuantScheme::rotated_channel, window_);
+  // The row's first tokens in the sink: as many as it holds.
+  const int n = std::min(sink_, idx_ - lp);
+  OptionalArray sk, sv;
+  if (n > 0 && sink_keys_) {
+    sk = mx::contiguous(seq_slice(row(*sink_keys_, idx), 0, n));
+    sv = mx::contiguous(seq_slice(row(*sink_values_, idx), 0, n));
+    if (!(lp % G == 0 && lp <= T) && r) { // its float tokens read the sink's exact copies
+      r = seq_concat({*sk, seq_slice(*r, n, r->shape(2))});
+      rv = seq_concat({*sv, seq_slice(*rv, n, rv->shape(2))});
+    }
+  }
+  QuantizedKVCache out(key_spec_, value_spec_, QuantScheme::rotated_channel, window_, sink_);
   out.set(std::move(k), std::move(v), idx_ - lp, key_spec_, value_spec_, QuantScheme::rotated_channel,
-          std::move(r), std::move(rv), window_);
+          std::move(r), std::move(rv), window_, sink_, std::move(sk), std::move(sv));
   return out;
 }
 
@@ -609,11 +675,19 @@ std::vector<OptionalArray> ChannelBatch::state() const {
     }
   }
   out.insert(out.end(), {offset(), left_padding(), residual_, value_residual_});
+  if (sink_ > 0) {
+    out.insert(out.end(), {sink_keys_, sink_values_});
+  }
   return out;
 }
 
 std::vector<std::string> ChannelBatch::meta_state() const {
-  return {std::to_string(idx_), scheme_name(QuantScheme::rotated_channel), std::to_string(window_)};
+  std::vector<std::string> out{std::to_string(idx_), scheme_name(QuantScheme::rotated_channel),
+                               std::to_string(window_)};
+  if (sink_ > 0) {
+    out.push_back(std::to_string(sink_));
+  }
+  return out;
 }
 
 void ChannelBatch::set(
@@ -626,10 +700,19 @@ void ChannelBatch::set(
     OptionalArray value_residual,
     QuantSpec key_spec,
     QuantSpec value_spec,
-    int window) {
+    int window,
+    int sink,
+    OptionalArray sink_keys,
+    OptionalArray sink_values) {
   constexpr const char* ctx = "QuantizedBatchKVCache.state";
   check_specs(ctx, key_spec, value_spec);
   check_window(ctx, QuantScheme::rotated_channel, window);
+  check_sink(ctx, QuantScheme::rotated_channel, sink);
+  if (sink_keys.has_value() != sink_values.has_value() || sink_keys.has_value() != (sink > 0 && keys.has_value())) {
+    throw ValueError(ctx, "sink keys and values set exactly when there is a sink and keys",
+                     std::string(sink_keys ? "keys" : "no keys") + (sink_values ? " and values" : " and no values") +
+                         " for sink " + std::to_string(sink));
+  }
   check_triples(ctx, keys, values);
   check_rows(ctx, "offset", offset);
   check_rows(ctx, "left_padding", left_padding);
@@ -681,6 +764,16 @@ void ChannelBatch::set(
                          shape_str(r.shape()) + " and " + shape_str(rv.shape()));
       }
     }
+    if (sink_keys) {
+      const auto& k = *sink_keys;
+      const auto& v = *sink_values;
+      if (k.shape() != mx::Shape{B, H, sink, D} || k.dtype() != ks.dtype() ||
+          v.shape() != mx::Shape{B, H, sink, Dv} || v.dtype() != ks.dtype()) {
+        throw ValueError(ctx, "sink keys " + shape_str({B, H, sink, D}) + " and values " +
+                                  shape_str({B, H, sink, Dv}) + " of dtype " + dtype_str(ks.dtype()),
+                         shape_str(k.shape()) + " and " + shape_str(v.shape()));
+      }
+    }
   }
   keys_ = std::move(keys);
   values_ = std::move(values);
@@ -693,10 +786,13 @@ void ChannelBatch::set(
   key_spec_ = key_spec;
   value_spec_ = value_spec;
   window_ = window;
+  sink_ = sink;
+  sink_keys_ = std::move(sink_keys);
+  sink_values_ = std::move(sink_values);
 }
 
 size_t ChannelBatch::nbytes() const {
-  size_t n = nbytes_of(residual_) + nbytes_of(value_residual_);
+  size_t n = nbytes_of(residual_) + nbytes_of(value_residual_) + nbytes_of(sink_keys_) + nbytes_of(sink_values_);
   for (const auto* q : {&keys_, &values_}) {
     if (*q) {
       n += std::get<0>(**q).nbytes() + std::get<1>(**q).nbytes() + std::get<2>(**q).nbytes();

@@ -307,12 +307,18 @@ const std::map<std::string, ClassEntry>& table() {
             out.push_back(StateValue(b.residual()));
             out.push_back(StateValue(b.value_residual()));
           }
+          if (b.sink() > 0) {
+            out.push_back(b.sink());
+            out.push_back(StateValue(b.sink_keys()));
+            out.push_back(StateValue(b.sink_values()));
+          }
           return out;
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedBatchKVCache.state";
-          const bool scheme = s.is_list() && s.as_list().size() == 11;
-          const auto& l = s.list(ctx, "state", scheme ? 11 : 7);
+          const size_t n = s.is_list() ? s.as_list().size() : 0;
+          const bool scheme = n == 11 || n == 14, sink = n == 14;
+          const auto& l = s.list(ctx, "state", sink ? 14 : (scheme ? 11 : 7));
           auto [kg, vg] = spec_from(ctx, "group_size", l[5]);
           auto [kb, vb] = spec_from(ctx, "bits", l[6]);
           auto c = std::make_unique<QuantizedBatchKVCache>(std::vector<int>{});
@@ -324,7 +330,9 @@ const std::map<std::string, ClassEntry>& table() {
                    l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"),
                    l[4].integer(ctx, "_idx"), l[9].optional_array(ctx, "residual"),
                    l[10].optional_array(ctx, "value residual"), {kg, kb}, {vg, vb},
-                   l[8].integer(ctx, "window"));
+                   l[8].integer(ctx, "window"), sink ? l[11].integer(ctx, "sink") : 0,
+                   sink ? l[12].optional_array(ctx, "sink keys") : std::nullopt,
+                   sink ? l[13].optional_array(ctx, "sink values") : std::nullopt);
             return c;
           }
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),

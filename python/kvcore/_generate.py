@@ -120,7 +120,7 @@ def main(argv):
 
     import kvcore
 
-    kvcore.patch_mlx_lm(kv_scheme=args.kv_scheme, kv_window=args.kv_window)
+    kvcore.patch_mlx_lm(kv_scheme=args.kv_scheme, kv_window=args.kv_window, kv_sink=args.kv_sink)
     from mlx_lm import load
     import importlib
 

@@ -61,10 +61,12 @@ def _originals():
     return out
 
 
-def quantizer(scheme, window=None):
+def quantizer(scheme, window=None, sink=None):
     """mlx-lm's maybe_quantize_kv_cache, quantizing with ``scheme`` (and,
-    for "rotated-channel", a float ``window`` other than the default)."""
-    extra = {"scheme": scheme} if window is None else {"scheme": scheme, "window": window}
+    for "rotated-channel", a float ``window`` other than the default and a
+    ``sink``)."""
+    extra = {"scheme": scheme}
+    extra.update({} if window is None else {"window": window}, **({} if sink is None else {"sink": sink}))
 
     def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
         if kv_bits is None:
@@ -76,7 +78,7 @@ def quantizer(scheme, window=None):
     return maybe_quantize_kv_cache
 
 
-def _replacements(originals, kv_scheme=None, kv_window=None):
+def _replacements(originals, kv_scheme=None, kv_window=None, kv_sink=None):
     """{name: (mlx-lm's object, kvcore's)}."""
     import importlib
 
@@ -87,7 +89,7 @@ def _replacements(originals, kv_scheme=None, kv_window=None):
     out = {n: (o, getattr(kvcore, n)) for n, o in originals.items()}
     generate = importlib.import_module("mlx_lm.generate")
     if kv_scheme is not None and kv_scheme != "affine":
-        out["maybe_quantize_kv_cache"] = (generate.maybe_quantize_kv_cache, quantizer(kv_scheme, kv_window))
+        out["maybe_quantize_kv_cache"] = (generate.maybe_quantize_kv_cache, quantizer(kv_scheme, kv_window, kv_sink))
     out["stream_generate"] = (
         generate.stream_generate,
         _checkpoints.checkpointing_stream_generate(generate.stream_generate),
@@ -102,7 +104,7 @@ def _replacements(originals, kv_scheme=None, kv_window=None):
 _replaced = None  # [(module, name, original)] while patched
 
 
-def patch_mlx_lm(kv_scheme=None, kv_window=None):
+def patch_mlx_lm(kv_scheme=None, kv_window=None, kv_sink=None):
     """Use kvcore's caches everywhere in mlx-lm. Idempotent (unpatch first
     to change the scheme).
 
@@ -113,6 +115,8 @@ def patch_mlx_lm(kv_scheme=None, kv_window=None):
           ``KVCORE_KV_SCHEME`` from the environment.
         kv_window (int, optional): ``"rotated-channel"``: the newest tokens
           kept in float (default 128).
+        kv_sink (int, optional): ``"rotated-channel"``: each sequence's
+          first tokens kept in float too (default 0).
     """
     global _replaced
     if _replaced is not None:
@@ -123,10 +127,15 @@ def patch_mlx_lm(kv_scheme=None, kv_window=None):
         from ._ext import QuantizedKVCache
 
         # A typed error for an unknown name or a bad window, before patching.
-        QuantizedKVCache(scheme=kv_scheme, **({} if kv_window is None else {"window": kv_window}))
-    elif kv_window is not None:
-        QuantizedKVCache(window=kv_window)  # the affine scheme's error for any window
-    replacements = _replacements(_originals(), kv_scheme, kv_window)
+        QuantizedKVCache(scheme=kv_scheme, **({} if kv_window is None else {"window": kv_window}),
+                         **({} if kv_sink is None else {"sink": kv_sink}))
+    elif kv_window is not None or kv_sink is not None:
+        from ._ext import QuantizedKVCache
+
+        # The affine scheme's error for any window or sink.
+        QuantizedKVCache(**({} if kv_window is None else {"window": kv_window}),
+                         **({} if kv_sink is None else {"sink": kv_sink}))
+    replacements = _replacements(_originals(), kv_scheme, kv_window, kv_sink)
     replaced = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not (mod_name == "mlx_lm" or mod_name.startswith("mlx_lm.")):

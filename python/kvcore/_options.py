@@ -15,6 +15,9 @@ KV_SCHEMES = ("affine", "rotated-channel")
 # rotated-channel: keys grouped over 32 tokens, values over 64 channels
 # (bench/reference/cpu-2core-kv-quality.md).
 DEFAULT_GROUP_SIZE = {"affine": 64, "rotated-channel": (32, 64)}
+# rotated-channel: the first token kept in float (3 bits: +5.7% perplexity
+# without it, +1-2% with it; bench/reference/*-kv-quality.md).
+DEFAULT_KV_SINK = 1
 DEFAULT_KV_WINDOW = 128
 DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's
 DEFAULT_DISK_BYTES = 20 * 10**9
@@ -121,6 +124,10 @@ def add_kv_options(parser):
     g.add_argument("--kv-window", type=non_negative, default=None, metavar="N",
                    help="rotated-channel: the newest N tokens stay in float "
                         f"(default: {DEFAULT_KV_WINDOW})")
+    g.add_argument("--kv-sink", type=non_negative, default=None, metavar="N",
+                   help="rotated-channel: each sequence's first N tokens (the attention "
+                        "sink) also kept in float and read in place of their quantized form "
+                        f"(default: {DEFAULT_KV_SINK}; 0: none)")
     g.add_argument("--quantized-kv-start", type=non_negative,
                    default=DEFAULT_QUANTIZED_KV_START, metavar="N",
                    help="quantize once a sequence holds N tokens, as mlx-lm "
@@ -137,12 +144,17 @@ def settle_kv(args):
     if args.kv_group_size is None:
         args.kv_group_size = DEFAULT_GROUP_SIZE[args.kv_scheme]
     if args.kv_scheme == "affine":
-        if args.kv_window is not None:
-            raise UsageError("--kv-window is for --kv-scheme rotated-channel "
-                             "(the affine scheme keeps no float window)")
+        for flag, value in (("--kv-window", args.kv_window), ("--kv-sink", args.kv_sink)):
+            if value is not None:
+                raise UsageError(f"{flag} is for --kv-scheme rotated-channel "
+                                 "(the affine scheme keeps no float tokens)")
         return args
     if args.kv_window is None:
         args.kv_window = DEFAULT_KV_WINDOW
+    if args.kv_sink is None:
+        args.kv_sink = DEFAULT_KV_SINK
+    if args.kv_sink > 256:
+        raise UsageError(f"--kv-sink takes 0 to 256 tokens, not {args.kv_sink}")
     if args.kv_bits is None:
         raise UsageError("--kv-scheme rotated-channel quantizes: give --kv-bits too")
     if args.max_kv_size is not None:
@@ -155,7 +167,7 @@ def quantize_kwargs(args):
     """to_quantized's arguments for these settings."""
     kw = {"group_size": args.kv_group_size, "bits": args.kv_bits}
     if args.kv_scheme != "affine":
-        kw.update(scheme=args.kv_scheme, window=args.kv_window)
+        kw.update(scheme=args.kv_scheme, window=args.kv_window, sink=args.kv_sink)
     return kw
 
 
@@ -268,6 +280,8 @@ def describe_kv(args):
         if scheme != "affine":
             group = (f"keys grouped over {kg} tokens, values group {vg}, "
                      f"newest {args.kv_window} tokens in float")
+            if args.kv_sink:
+                group += f", first {args.kv_sink} in float"
         kv = f"quantized KV cache: {scheme}, {bits}, {group}, {start}"
     window = (f"sliding window {args.max_kv_size} tokens" if args.max_kv_size
               else "no sliding window")

@@ -326,7 +326,7 @@ def main(argv):
 
     import kvcore
 
-    kvcore.patch_mlx_lm(kv_scheme=opts.kv_scheme, kv_window=opts.kv_window)
+    kvcore.patch_mlx_lm(kv_scheme=opts.kv_scheme, kv_window=opts.kv_window, kv_sink=opts.kv_sink)
     batch_quantizes = opts.kv_bits is None or _batch_takes(kvcore, opts)
     import mlx_lm.server as server
 

@@ -106,13 +106,14 @@ class QuantizedBatchCache : public Cache {
 class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
  public:
   QuantizedBatchKVCache(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values);
-  /// window: as QuantizedKVCache's (0 for affine).
+  /// window and sink: as QuantizedKVCache's (0 for affine).
   QuantizedBatchKVCache(
       const std::vector<int>& left_padding,
       QuantSpec keys,
       QuantSpec values,
       QuantScheme scheme,
-      int window);
+      int window,
+      int sink = 0);
   explicit QuantizedBatchKVCache(
       const std::vector<int>& left_padding,
       int group_size = 64,
@@ -169,11 +170,19 @@ class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
   int window() const {
     return channel_ ? channel_->window() : 0;
   }
+  int sink() const {
+    return channel_ ? channel_->sink() : 0;
+  }
+  /// rotated_channel with a sink: each row's first tokens in float
+  /// (B, H, sink, D), or None.
+  const OptionalArray& sink_keys() const;
+  const OptionalArray& sink_values() const;
   /// rotated_channel: the float keys and values of positions [T, _idx).
   const OptionalArray& residual() const;
   const OptionalArray& value_residual() const;
 
-  /// (_idx); rotated_channel adds the scheme's name and the window.
+  /// (_idx); rotated_channel adds the scheme's name and the window (and a
+  /// sink's size).
   std::vector<std::string> meta_state() const override;
   void restore(
       const std::vector<OptionalArray>& arrays,
@@ -199,7 +208,10 @@ class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
       OptionalArray value_residual,
       QuantSpec key_spec,
       QuantSpec value_spec,
-      int window);
+      int window,
+      int sink = 0,
+      OptionalArray sink_keys = std::nullopt,
+      OptionalArray sink_values = std::nullopt);
   std::unique_ptr<Cache> copy() const override {
     return std::make_unique<QuantizedBatchKVCache>(*this);
   }
@@ -210,6 +222,7 @@ class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
       QuantSpec,
       QuantSpec,
       QuantScheme,
+      int,
       int);
 
   std::optional<ChannelBatch> channel_;
@@ -288,7 +301,8 @@ QuantizedBatchKVCache to_quantized(
     QuantSpec keys,
     QuantSpec values,
     QuantScheme scheme = QuantScheme::affine,
-    int window = 0);
+    int window = 0,
+    int sink = 0);
 /// BatchRotatingKVCache.to_quantized, likewise.
 QuantizedBatchRotatingKVCache to_quantized(
     const BatchRotatingKVCache& cache,

@@ -26,9 +26,14 @@ namespace kvcore {
 /// again from its dequantized tokens. While right padding is pending
 /// (prepare) nothing is quantized, so finalize rolls the new tokens in
 /// float; the quantized history of a row it moves is quantized again.
+///
+/// With a sink, each row's first `sink` tokens are also kept in float
+/// (sink_keys (B, H, sink, D), slots past a row's tokens unused): row b's
+/// token j sits at position left_padding[b] + j, and attention reads the
+/// float copy there (attention.h, ChannelSink).
 class ChannelBatch {
  public:
-  ChannelBatch(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values, int window);
+  ChannelBatch(const std::vector<int>& left_padding, QuantSpec keys, QuantSpec values, int window, int sink = 0);
 
   /// Rotate and append keys and values (B, H, S, D); returns the quantized
   /// triples (keys transposed) of positions [0, T); residual() the rest.
@@ -51,14 +56,16 @@ class ChannelBatch {
   /// quantized groups as stored when its padding is whole groups, else its
   /// tokens (dequantized) in the float residual.
   QuantizedKVCache extract(int idx) const;
-  /// One batch from rotated_channel QuantizedKVCaches of one spec and window.
+  /// One batch from rotated_channel QuantizedKVCaches of one spec, window
+  /// and sink.
   static ChannelBatch merge(const std::vector<const QuantizedKVCache*>& caches);
   /// The float cache's rows, rotated, quantized as updates would have.
   static ChannelBatch from_float(
       const BatchKVCache& cache,
       QuantSpec keys,
       QuantSpec values,
-      int window);
+      int window,
+      int sink = 0);
 
   /// As QuantizedKVCache::trim: a trim into a group returns its kept
   /// tokens, dequantized, to the residual.
@@ -66,9 +73,9 @@ class ChannelBatch {
   Mask make_mask(int N, std::optional<int> window_size) const;
 
   /// keys' triple, values' triple, offset, left_padding, residual keys,
-  /// residual values.
+  /// residual values; with a sink, its keys and values.
   std::vector<OptionalArray> state() const;
-  /// (_idx, scheme, window).
+  /// (_idx, scheme, window); with a sink, its size.
   std::vector<std::string> meta_state() const;
   /// Validates everything, then replaces the whole contents.
   void set(
@@ -81,7 +88,10 @@ class ChannelBatch {
       OptionalArray value_residual,
       QuantSpec key_spec,
       QuantSpec value_spec,
-      int window);
+      int window,
+      int sink = 0,
+      OptionalArray sink_keys = std::nullopt,
+      OptionalArray sink_values = std::nullopt);
 
   size_t nbytes() const;
   bool empty() const {
@@ -117,6 +127,17 @@ class ChannelBatch {
   int window() const {
     return window_;
   }
+  int sink() const {
+    return sink_;
+  }
+  /// Each row's first tokens, rotated, in float (B, H, sink, D); None
+  /// without a sink or tokens.
+  const OptionalArray& sink_keys() const {
+    return sink_keys_;
+  }
+  const OptionalArray& sink_values() const {
+    return sink_values_;
+  }
   /// Positions whose keys and values are quantized (T).
   int quantized_tokens() const;
 
@@ -128,6 +149,9 @@ class ChannelBatch {
   std::pair<mx::array, mx::array> dequantized() const;
   /// Quantize the residual's positions up to `to` (a multiple of G).
   void quantize_up_to(int to);
+  /// The sink's slots that rotated new tokens (B, H, S, D) written at
+  /// positions [at, at + S) fill.
+  void capture_sink(const mx::array& keys, const mx::array& values, int at);
   /// Rows stacked and right-aligned at the largest write position.
   static ChannelBatch stack(const char* ctx, std::vector<ChannelBatch> sides);
 
@@ -142,6 +166,9 @@ class ChannelBatch {
   QuantSpec key_spec_;
   QuantSpec value_spec_;
   int window_ = 0;
+  int sink_ = 0;
+  OptionalArray sink_keys_;
+  OptionalArray sink_values_;
 };
 
 } // namespace kvcore
