@@ -292,3 +292,60 @@ def test_batch_refuses_caches_of_other_sinks_and_changes_nothing():
     eq(b.sink_keys, before)
     with pytest.raises(kvcore.CacheValueError, match="a sink of 0 to 256 tokens but got sink 300"):
         kvcore.QuantizedBatchKVCache([0], group_size=32, bits=4, scheme=SCHEME, sink=300)
+
+
+def test_a_model_on_sink_caches_computes_what_float_attention_over_them_does():
+    from test_quant_scheme import _qwen
+
+    from kvcore._mlx_lm import patch_mlx_lm, unpatch_mlx_lm
+
+    class Reference:
+        """The cache's contents as floats, its sink read from its float copy."""
+
+        def __init__(self):
+            self.inner = new(bits=4, window=16, sink=1)
+
+        @property
+        def offset(self):
+            return self.inner.offset
+
+        def make_mask(self, *a, **kw):
+            return self.inner.make_mask(*a, **kw)
+
+        def update_and_fetch(self, k, v):
+            self.inner.update_and_fetch(k, v)
+            return with_sink(self.inner)
+
+    model = _qwen(layers=1)
+    patch_mlx_lm()
+    try:
+        ours = [new(bits=4, window=16, sink=1) for _ in model.layers]
+        ref = [Reference() for _ in model.layers]
+        tokens = mx.random.randint(0, 128, (1, 90), key=mx.random.key(5))
+        for a, b in ((0, 40), (40, 41), (41, 90)):
+            got, want = model(tokens[:, a:b], cache=ours), model(tokens[:, a:b], cache=ref)
+            assert mx.abs(got - want).max().item() < 1e-4
+    finally:
+        unpatch_mlx_lm()
+
+
+def test_generate_step_quantizes_with_the_sink_patch_mlx_lm_names():
+    from mlx_lm.generate import generate_step
+    from test_quant_scheme import _qwen
+
+    from kvcore._mlx_lm import patch_mlx_lm, unpatch_mlx_lm
+
+    model = _qwen()
+    with pytest.raises(kvcore.CacheValueError, match="no sink for the affine scheme but got sink 1"):
+        patch_mlx_lm(kv_sink=1)
+    patch_mlx_lm(kv_scheme=SCHEME, kv_sink=1)
+    try:
+        cache = kvcore.make_prompt_cache(model)
+        prompt = mx.random.randint(0, 128, (40,), key=mx.random.key(6))
+        toks = [t for (t, _), _ in zip(generate_step(
+            prompt, model, prompt_cache=cache, kv_bits=3, kv_group_size=32,
+            quantized_kv_start=0, max_tokens=3), range(3))]
+        assert len(toks) == 3
+        assert all(c.scheme == SCHEME and c.sink == 1 and c.sink_keys.shape[2] == 1 for c in cache)
+    finally:
+        unpatch_mlx_lm()
