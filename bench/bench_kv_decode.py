@@ -38,8 +38,9 @@ def make_caches(model, spec):
     n = len(model.layers)
     if spec == "float":
         return [kvcore.KVCache() for _ in range(n)]
-    scheme, bits, group = spec.split(":")
-    return [kvcore.QuantizedKVCache(group_size=pair(group), bits=pair(bits), scheme=scheme)
+    scheme, bits, group, *sink = spec.split(":")  # a fourth part: rotated-channel's sink
+    extra = {"sink": int(sink[0])} if sink else {}
+    return [kvcore.QuantizedKVCache(group_size=pair(group), bits=pair(bits), scheme=scheme, **extra)
             for _ in range(n)]
 
 
