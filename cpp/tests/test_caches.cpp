@@ -246,6 +246,42 @@ TEST(rotated_channel_cache_keeps_whole_groups_quantized_and_the_rest_in_float) {
   CHECK_THROWS(ValueError, "'nope'", parse_scheme("test", "nope"));
 }
 
+TEST(rotated_channel_sink_reads_the_first_tokens_in_float) {
+  // The first token an outlier: its float copy is what attention reads.
+  auto k = mx::random::normal({1, 2, 75, 64}, mx::float32, 0.0, 1.0, mx::random::key(4));
+  auto v = mx::random::normal({1, 2, 75, 64}, mx::float32, 0.0, 1.0, mx::random::key(5));
+  auto scale = mx::concatenate(std::vector<mx::array>{mx::full({1, 1, 1, 1}, 30.0f), mx::ones({1, 1, 74, 1})}, 2);
+  k = k * scale;
+  v = v * scale;
+  QuantizedKVCache c({32, 3}, {64, 3}, QuantScheme::rotated_channel, 0, 1);
+  QuantizedKVCache plain({32, 3}, {64, 3}, QuantScheme::rotated_channel, 0);
+  auto [qk, qv] = c.update_and_fetch(k, v);
+  plain.update_and_fetch(k, v);
+  CHECK(mx::array_equal(std::get<0>(qk), std::get<0>(plain.keys_and_values().first)).item<bool>());
+  CHECK(c.sink_keys()->shape() == mx::Shape({1, 2, 1, 64}));
+  auto deq_k = mx::swapaxes(mx::dequantize(std::get<0>(qk), std::get<1>(qk), std::get<2>(qk), 32, 3), 2, 3);
+  auto deq_v = mx::dequantize(std::get<0>(qv), std::get<1>(qv), std::get<2>(qv), 64, 3);
+  auto slice = [](const mx::array& a, int from, int to) {
+    return mx::slice(a, {0, 0, from, 0}, {a.shape(0), a.shape(1), to, a.shape(3)});
+  };
+  auto keys = mx::concatenate(std::vector<mx::array>{*c.sink_keys(), slice(deq_k, 1, 64), *c.residual()}, 2);
+  auto values = mx::concatenate(std::vector<mx::array>{*c.sink_values(), slice(deq_v, 1, 64), *c.value_residual()}, 2);
+  auto q = mx::random::normal({1, 4, 3, 64}, mx::float32, 0.0, 1.0, mx::random::key(6));
+  auto got = channel_attention(q, qk, c.residual(), qv, c.value_residual(), 0.125f, std::string("causal"),
+                               {32, 3}, {64, 3}, ChannelSink{*c.sink_keys(), *c.sink_values(), mx::zeros({1}, mx::int32)});
+  auto want = mx::fast::scaled_dot_product_attention(q, hadamard(keys), hadamard(values), 0.125f, "causal");
+  CHECK(mx::allclose(got, want, 1e-4, 1e-4).item<bool>());
+  // State and meta carry the sink (meta_state: one group size and bits);
+  // the affine scheme takes none.
+  QuantizedKVCache one({32, 3}, {32, 3}, QuantScheme::rotated_channel, 0, 1);
+  one.update_and_fetch(k, v);
+  QuantizedKVCache back(64, 8);
+  back.restore(one.state(), one.meta_state());
+  CHECK_EQ(back.sink(), 1);
+  CHECK(mx::array_equal(*back.sink_values(), *one.sink_values()).item<bool>());
+  CHECK_THROWS(ValueError, "no sink for the affine scheme", QuantizedKVCache({64, 4}, {64, 4}, QuantScheme::affine, 0, 1));
+}
+
 TEST(rotated_channel_batch_merges_on_one_grid_and_extracts_rows_whole) {
   // Lengths 70 and 38: paddings 0 and 32, whole groups of 32 positions, so
   // each row keeps its own cache's groups.
