@@ -230,7 +230,8 @@ def test_replies_equal_mlx_lm_server(model_dir, float_run, tmp_path):
 @pytest.mark.parametrize("scheme, line", [
     ("affine", "quantized KV cache: affine, 4 bits, group 64, from the first token"),
     ("rotated-channel", "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 "
-                        "tokens, values group 64, newest 0 tokens in float, from the first token"),
+                        "tokens, values group 64, newest 0 tokens in float, first 1 in float, "
+                        "from the first token"),
 ])
 def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_path, scheme, line):
     extra = [] if scheme == "affine" else ["--kv-scheme", scheme, "--kv-window", "0"]
@@ -345,12 +346,12 @@ def test_generate_with_the_rotated_channel_scheme_saves_and_checks_it(model_dir,
     assert first.returncode == 0, first.stderr
     assert "Paris" in first.stdout
     assert ("quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 tokens, values "
-            "group 64, newest 0 tokens in float, from the first token") in first.stderr
+            "group 64, newest 0 tokens in float, first 1 in float, from the first token") in first.stderr
     assert "in 30 layers of QuantizedKVCache" in first.stderr
     import kvcore
 
     cache = kvcore.load_prompt_cache(str(cache_file))
-    assert {(c.scheme, c.window, c.bits) for c in cache} == {("rotated-channel", 0, 4)}
+    assert {(c.scheme, c.window, c.bits, c.sink) for c in cache} == {("rotated-channel", 0, 4, 1)}
     assert cache[0].state[0][0].shape[2] == 64  # keys grouped per channel: (B, H, D, packed)
     mismatch = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert mismatch.returncode == 2

@@ -108,11 +108,13 @@ void bind_quantized_rotating(nb::module_& m) {
           mx::array *sk = nullptr, *sv = nullptr, *st = nullptr;
           if (sc == QuantScheme::affine || !nb::isinstance<nb::tuple>(sink) || nb::len(sink) != 3 ||
               !nb::try_cast<mx::array*>(sink[0], sk, false) || !nb::try_cast<mx::array*>(sink[1], sv, false) ||
-              !nb::try_cast<mx::array*>(sink[2], st, false) || sk == nullptr || sv == nullptr || st == nullptr) {
-            throw ValueError(ctx, "sink as None or (keys, values, starts) arrays under the rotated-channel scheme",
+              (!sink[2].is_none() && !nb::try_cast<mx::array*>(sink[2], st, false)) || sk == nullptr ||
+              sv == nullptr || (!sink[2].is_none() && st == nullptr)) {
+            throw ValueError(ctx,
+                             "sink as None or (keys, values, starts or None) arrays under the rotated-channel scheme",
                              nb::cast<std::string>(nb::str(sink.type().attr("__name__"))));
           }
-          cs = ChannelSink{*sk, *sv, *st};
+          cs = ChannelSink{*sk, *sv, st ? std::optional<mx::array>(*st) : std::nullopt};
         }
         if (sc != QuantScheme::affine) {
           return channel_attention(queries, *k, key_residual, *v, value_residual, scale, m, ks, vs, cs);
@@ -141,9 +143,9 @@ void bind_quantized_rotating(nb::module_& m) {
               residuals, one softmax, the output rotated back.
             sink (tuple, optional): ``"rotated-channel"``: ``(keys, values,
               starts)``, the float first tokens of each row ``(B, H, S, D)``
-              and the column of each row's first token ``(B,)``; where those
-              tokens are quantized, their float keys and values are read
-              instead.
+              and the column of each row's first token ``(B,)`` (None: 0,
+              a single sequence's cache); where those tokens are
+              quantized, their float keys and values are read instead.
 
         Returns:
             array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and

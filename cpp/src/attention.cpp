@@ -219,11 +219,14 @@ mx::array channel_attention(
       (sink->keys.ndim() != 4 || sink->keys.shape(0) != B || sink->keys.shape(1) != n_kv ||
        sink->keys.shape(3) != D || sink->values.ndim() != 4 || sink->values.shape(0) != B ||
        sink->values.shape(1) != n_kv || sink->values.shape(2) != S || sink->values.shape(3) != Dv ||
-       sink->start.ndim() != 1 || sink->start.shape(0) != B || !mx::issubdtype(sink->start.dtype(), mx::integer))) {
+       (sink->start && (sink->start->ndim() != 1 || sink->start->shape(0) != B ||
+                        !mx::issubdtype(sink->start->dtype(), mx::integer))))) {
     throw ValueError(ctx, "sink keys (B, " + std::to_string(n_kv) + ", S, " + std::to_string(D) +
-                              "), values of the same S and integer starts (B,)",
-                     shape_str(sink->keys.shape()) + ", " + shape_str(sink->values.shape()) + " and " +
-                         shape_str(sink->start.shape()) + " " + dtype_str(sink->start.dtype()));
+                              "), values of the same S and integer starts (B,) or None",
+                     shape_str(sink->keys.shape()) + ", " + shape_str(sink->values.shape()) +
+                         (sink->start ? " and " + shape_str(sink->start->shape()) + " " +
+                                            dtype_str(sink->start->dtype())
+                                      : std::string()));
   }
   check_mask(ctx, mask, {B, n_q, L, quantized + R});
   const int repeats = n_q / n_kv;
@@ -234,13 +237,16 @@ mx::array channel_attention(
   if (repeats > 1) {
     q = mx::reshape(q, {B, n_kv, repeats, L, D});
   }
-  // The sink's columns among the quantized ones: hit[j] where row b's
-  // column is its sink token j (B, 1, [1,] 1, T).
+  // The sink's columns among the quantized ones. Rows starting at column 0
+  // (no `start`): columns [0, S'), S' = min(S, T). Otherwise hit[j] where row
+  // b's column is its sink token j (B, 1, [1,] 1, T).
+  const bool rows_at_zero = S > 0 && !sink->start;
+  const int S0 = rows_at_zero ? std::min(S, quantized) : 0;
   std::vector<mx::array> hits;
-  if (S > 0 && quantized > 0) {
+  if (S > 0 && quantized > 0 && !rows_at_zero) {
     mx::Shape at(repeats > 1 ? 5 : 4, 1);
     at[0] = B;
-    auto start = mx::reshape(mx::astype(sink->start, mx::int32), at);
+    auto start = mx::reshape(mx::astype(*sink->start, mx::int32), at);
     at[0] = 1;
     at.back() = quantized;
     auto col = mx::reshape(mx::arange(quantized, mx::int32), at);
@@ -248,16 +254,28 @@ mx::array channel_attention(
       hits.push_back(mx::equal(col, mx::add(start, mx::array(j, mx::int32))));
     }
   }
+  auto last = [](const mx::array& a, int from, int to) {
+    mx::Shape lo(a.ndim(), 0), hi = a.shape();
+    lo.back() = from;
+    hi.back() = to;
+    return mx::slice(a, lo, hi);
+  };
+  auto tokens = [](const mx::array& a, int to) { // a's first `to` tokens (axis 2)
+    return mx::slice(a, {0, 0, 0, 0}, {a.shape(0), a.shape(1), to, a.shape(3)});
+  };
   std::vector<mx::array> parts;
   if (quantized > 0) {
     auto sq = qmatmul(dequantize, q, expand(kw), expand(ks), expand(kb), false, key_spec);
-    if (!hits.empty()) { // the sink's float scores in place of its quantized ones
-      auto ss = mx::matmul(q, mx::swapaxes(expand(mx::astype(sink->keys, q.dtype())), -1, -2));
-      for (int j = 0; j < S; ++j) {
-        mx::Shape lo(ss.ndim(), 0), hi = ss.shape();
-        lo.back() = j;
-        hi.back() = j + 1;
-        sq = mx::where(hits[j], mx::astype(mx::slice(ss, lo, hi), sq.dtype()), sq);
+    if (S0 > 0 || !hits.empty()) { // the sink's float scores in place of its quantized ones
+      auto sk = S0 > 0 ? tokens(sink->keys, S0) : sink->keys;
+      auto ss = mx::astype(mx::matmul(q, mx::swapaxes(expand(mx::astype(sk, q.dtype())), -1, -2)), sq.dtype());
+      if (S0 > 0) {
+        mx::Shape lo(sq.ndim(), 0), hi = sq.shape();
+        hi.back() = S0;
+        sq = mx::slice_update(sq, ss, lo, hi);
+      }
+      for (size_t j = 0; j < hits.size(); ++j) {
+        sq = mx::where(hits[j], last(ss, j, j + 1), sq);
       }
     }
     parts.push_back(sq);
@@ -269,14 +287,18 @@ mx::array channel_attention(
   scores = mx::softmax(masked(scores, mask, repeats), -1, true);
   std::optional<mx::array> out;
   if (quantized > 0) {
-    auto p = R > 0 ? mx::slice(scores, mx::Shape(scores.ndim(), 0),
-                               [&] { auto e = scores.shape(); e.back() = quantized; return e; }())
-                   : scores;
+    auto p = R > 0 ? last(scores, 0, quantized) : scores;
     out = qmatmul(dequantize, p, expand(vw), expand(vs), expand(vb), false, value_spec);
-    // The sink's float values in place of their quantized ones: each hit
+    // The sink's float values in place of their quantized ones: each sink
     // column's weight times (float - dequantized) value.
-    for (int j = 0; j < S && !hits.empty(); ++j) {
-      auto idx = mx::minimum(mx::add(mx::astype(sink->start, mx::int32), mx::array(j, mx::int32)),
+    if (S0 > 0) {
+      auto vq = mx::dequantize(tokens(vw, S0), tokens(vs, S0), tokens(vb, S0), value_spec.group_size,
+                               value_spec.bits, "affine", std::nullopt, p.dtype());
+      auto diff = expand(mx::subtract(mx::astype(tokens(sink->values, S0), p.dtype()), vq));
+      *out = mx::add(*out, mx::matmul(last(p, 0, S0), diff));
+    }
+    for (size_t j = 0; j < hits.size(); ++j) {
+      auto idx = mx::minimum(mx::add(mx::astype(*sink->start, mx::int32), mx::array(static_cast<int>(j), mx::int32)),
                              mx::array(quantized - 1, mx::int32));
       auto at = mx::broadcast_to(mx::reshape(idx, {B, 1, 1, 1}), {B, n_kv, 1, vw.shape(3)});
       auto sat = mx::broadcast_to(mx::reshape(idx, {B, 1, 1, 1}), {B, n_kv, 1, vs.shape(3)});
@@ -284,8 +306,8 @@ mx::array channel_attention(
                                mx::take_along_axis(vb, sat, 2), value_spec.group_size, value_spec.bits, "affine",
                                std::nullopt, p.dtype());
       mx::Shape lo(4, 0);
-      lo[2] = j;
-      auto vf = mx::slice(sink->values, lo, {B, n_kv, j + 1, Dv});
+      lo[2] = static_cast<int>(j);
+      auto vf = mx::slice(sink->values, lo, {B, n_kv, static_cast<int>(j) + 1, Dv});
       auto diff = expand(mx::subtract(mx::astype(vf, p.dtype()), vq)); // (B, n_kv, [1,] 1, Dv)
       auto wj = mx::sum(mx::where(hits[j], p, mx::array(0.0f, p.dtype())), -1, true);
       *out = mx::add(*out, mx::multiply(wj, diff));

@@ -14,10 +14,8 @@ def _sink(cache):
     keys = getattr(cache, "sink_keys", None)
     if keys is None:
         return None
-    start = getattr(cache, "left_padding", None)
-    if start is None:
-        start = mx.zeros((keys.shape[0],), dtype=mx.int32)
-    return keys, cache.sink_values, start
+    # A batch's rows start at their left padding; a single cache's at 0.
+    return keys, cache.sink_values, getattr(cache, "left_padding", None)
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):

@@ -52,13 +52,13 @@ mx::array quantized_attention(
 /// shapes that do not fit.
 ///
 /// With a sink, each row's first tokens are read in float where they are
-/// quantized: row b's sink token j sits at column start[b] + j, and where
-/// that column is below T its score is the float key's and its value the
-/// float value's.
+/// quantized: row b's sink token j sits at column start[b] + j (j without
+/// `start`: a single sequence's cache), and where that column is below T
+/// its score is the float key's and its value the float value's.
 struct ChannelSink {
   mx::array keys; ///< (B, n_kv, S, D), rotated
   mx::array values; ///< (B, n_kv, S, Dv), rotated
-  mx::array start; ///< (B,) integer: each row's first token's column
+  std::optional<mx::array> start; ///< (B,) integer: each row's first token's column
 };
 mx::array channel_attention(
     const mx::array& queries,
