@@ -600,10 +600,12 @@ def op_to_channel(case):
         return
     kg, vg = ep.pick([32, 64, 128]), ep.pick([32, 64])
     kb, vb = ep.pick(BITS), ep.pick(BITS)
-    window = ep.pick([0, 5, 40, None])
-    g = dict(case.g, kspec=(kg, kb), vspec=(vg, vb), group_size=(kg, vg), bits=(kb, vb), window=window)
-    call = lambda c: c.to_quantized(group_size=(kg, vg), bits=(kb, vb), scheme=SCHEME, window=window)  # noqa: E731
-    what = f"to_quantized({(kg, vg)}, {(kb, vb)}, rotated-channel, window={window})"
+    window, sink = ep.pick([0, 5, 40, None]), ep.pick([0, 0, 1, 2])
+    g = dict(case.g, kspec=(kg, kb), vspec=(vg, vb), group_size=(kg, vg), bits=(kb, vb), window=window,
+             sink=sink)
+    call = lambda c: c.to_quantized(group_size=(kg, vg), bits=(kb, vb), scheme=SCHEME, window=window,  # noqa: E731
+                                    sink=sink)
+    what = f"to_quantized({(kg, vg)}, {(kb, vb)}, rotated-channel, window={window}, sink={sink})"
     held = c.offset if isinstance(c.offset, int) else c._idx
     # (no tokens held: an empty rotated-channel cache, whatever the head dims)
     if c.keys is not None and held > 0 and (c.values.shape[3] % vg or not mx.issubdtype(c.keys.dtype, mx.floating)):
@@ -1383,6 +1385,7 @@ def channel_geometry(ep, batch=False):
     g["group_size"] = kg if kg == vg and ep.chance(0.8) else (kg, vg)
     g["bits"] = kb if kb == vb and ep.chance(0.8) else (kb, vb)
     g["window"] = ep.pick([0, 0, 1, 5, 16, 40, 128, None])
+    g["sink"] = ep.pick([0, 0, 1, 2])
     g["channel"] = True
     return g
 
@@ -1393,7 +1396,7 @@ def channel_window(g):
 
 def new_channel(g, **kw):
     return kvcore.QuantizedKVCache(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME,
-                                   window=g["window"], **kw)
+                                   window=g["window"], sink=g.get("sink", 0), **kw)
 
 
 def is_channel(c):
@@ -1585,10 +1588,30 @@ def channel_attention(case):
         q.astype(mx.float32), dk.astype(mx.float32), dv.astype(mx.float32), scale=0.125,
         mask=None if mask is None else mask if isinstance(mask, str) else mask)
     idx = mx.array(rows)
-    got, want = got.astype(mx.float32)[idx], want[idx]
     tol = 1e-4
-    err = mx.abs(got - want).max().item()
-    assert err <= tol * (1 + mx.abs(want).max().item()), f"{what}: off float attention by {err}"
+    err = mx.abs(got.astype(mx.float32)[idx] - want[idx]).max().item()
+    assert err <= tol * (1 + mx.abs(want[idx]).max().item()), f"{what}: off float attention by {err}"
+    if c.sink_keys is None:
+        return
+    # With the sink (as mlx-lm's entry point passes it): each row's first
+    # tokens read from their float copies where they are quantized.
+    from kvcore._attention import scaled_dot_product_attention
+
+    got = case.good(what + " with the sink", lambda c: scaled_dot_product_attention(
+        q, keys, values, c, scale=0.125, mask=mask))
+    Tq = tokens_quantized(c)
+    sk, sv = rot(c.sink_keys), rot(c.sink_values)
+    lp = c.left_padding.tolist() if hasattr(c, "left_padding") else [0] * B
+    dk, dv = dk.astype(mx.float32), dv.astype(mx.float32)
+    for b in range(B):
+        for j in range(sk.shape[2]):
+            at = lp[b] + j
+            if 0 <= at < Tq:
+                dk[b, :, at] = sk[b, :, j].astype(mx.float32)
+                dv[b, :, at] = sv[b, :, j].astype(mx.float32)
+    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), dk, dv, scale=0.125, mask=mask)
+    err = mx.abs(got.astype(mx.float32)[idx] - want[idx]).max().item()
+    assert err <= tol * (1 + mx.abs(want[idx]).max().item()), f"{what}: off float attention with the sink by {err}"
 
 
 def bad_attention(case):
@@ -1662,15 +1685,16 @@ def channel_forged_states(case):
     if st[0] is not None and not st[0][1].shape[-1]:
         # no key group stored: wider key scales of zero groups are the same
         out = [x for x in out if x[0] != "state[0] scales of another width"]
-    batch = len(st) == 11
-    at = 5 if batch else 3  # group_size, bits, scheme, window
+    batch = len(st) in (11, 14)
+    at = 5 if batch else 3  # group_size, bits, scheme, window, residuals (then a sink's size and arrays)
+    sink = len(st) > at + 6
     g = case.g
     out += [
         ("scheme 'nope'", with_item(st, at + 2, "nope")),
         # (without residuals and window 0 the arrays may well fit an affine
         # cache of another shape: relabelled, they are a state like any)
         ("scheme 'affine' with residuals", with_item(st, at + 2, "affine"))
-        if batch or st[-2] is not None or st[at + 3] else ("scheme None", with_item(st, at + 2, None)),
+        if batch or st[at + 4] is not None or st[at + 3] or sink else ("scheme None", with_item(st, at + 2, None)),
         ("scheme 5", with_item(st, at + 2, 5)),
         ("window -1", with_item(st, at + 3, -1)),
         ("window 2**40", with_item(st, at + 3, 2**40)),
@@ -1688,25 +1712,38 @@ def channel_forged_states(case):
         out.append(("bits of another width", with_item(st, at + 1, (other[0], g["vspec"][1]))))
         out.append(("key group_size of another size",
                     with_item(st, at, ({32: 64, 64: 128, 128: 32}[kg], g["vspec"][0]))))
-    r, rv = st[-2], st[-1]
+    r, rv = st[at + 4], st[at + 5]
     if r is not None:
         out += [
-            ("residual keys one token shorter", with_item(st, len(st) - 2, r[:, :, 1:])),
-            ("residual keys of another head dim", with_item(st, len(st) - 2, mx.concatenate([r, r], -1))),
+            ("residual keys one token shorter", with_item(st, at + 4, r[:, :, 1:])),
+            ("residual keys of another head dim", with_item(st, at + 4, mx.concatenate([r, r], -1))),
             ("residual keys of another dtype", with_item(
-                st, len(st) - 2, r.astype(mx.float16 if r.dtype != mx.float16 else mx.float32))),
-            ("residual values of rank 3", with_item(st, len(st) - 1, rv[0])),
-            ("residual values None", with_item(st, len(st) - 1, None)),
-            ("residual keys None", with_item(st, len(st) - 2, None)),
-            ("residual keys as ints", with_item(st, len(st) - 2, r.astype(mx.int32))),
-            ("residuals of another batch", with_item(with_item(st, len(st) - 2, mx.concatenate([r, r])),
-                                                     len(st) - 1, mx.concatenate([rv, rv]))),
+                st, at + 4, r.astype(mx.float16 if r.dtype != mx.float16 else mx.float32))),
+            ("residual values of rank 3", with_item(st, at + 5, rv[0])),
+            ("residual values None", with_item(st, at + 5, None)),
+            ("residual keys None", with_item(st, at + 4, None)),
+            ("residual keys as ints", with_item(st, at + 4, r.astype(mx.int32))),
+            ("residuals of another batch", with_item(with_item(st, at + 4, mx.concatenate([r, r])),
+                                                     at + 5, mx.concatenate([rv, rv]))),
         ]
     elif st[0] is not None:
         out.append(("a residual of one token past the offset",
-                    with_item(with_item(st, len(st) - 2, mx.zeros(st[0][1].shape[:2] + (1, st[0][1].shape[2]),
+                    with_item(with_item(st, at + 4, mx.zeros(st[0][1].shape[:2] + (1, st[0][1].shape[2]),
                                                                   st[0][1].dtype)),
-                              len(st) - 1, mx.zeros(st[1][0].shape[:3][:2] + (1, g["Dv"]), st[0][1].dtype))))
+                              at + 5, mx.zeros(st[1][0].shape[:3][:2] + (1, g["Dv"]), st[0][1].dtype))))
+    if sink:
+        n, sk, sv = st[at + 6], st[at + 7], st[at + 8]
+        out += [("sink -1", with_item(st, at + 6, -1)), ("sink 300", with_item(st, at + 6, 300)),
+                ("sink '1'", with_item(st, at + 6, "1"))]
+        if sk is not None:
+            out += [
+                ("sink keys of another head dim", with_item(st, at + 7, mx.concatenate([sk, sk], -1))),
+                ("sink values None", with_item(st, at + 8, None)),
+                ("sink keys of another dtype", with_item(
+                    st, at + 7, sk.astype(mx.float16 if sk.dtype != mx.float16 else mx.float32))),
+                ("sink keys of more tokens than the sink", with_item(with_item(
+                    st, at + 7, mx.concatenate([sk] * (n + 1), 2)), at + 8, mx.concatenate([sv] * (n + 1), 2))),
+            ]
     if st[0] is not None and st[0][1].shape[-1]:
         (kw, ks, kbi), (vw, vs, vbi) = st[0], st[1]
         out += [
@@ -1834,7 +1871,7 @@ def make_channel_single(ep):
             q.update_and_fetch(k, v)
         ep.note(f"KVCache of {f.offset} tokens .to_quantized(rotated-channel)")
         c = ep.ok("to_quantized(rotated-channel)", lambda: f.to_quantized(
-            group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"]))
+            group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"], sink=g["sink"]))
         case = ChannelCase(ep, c, g)
         same(case.picture_of(c), case.picture_of(q), "to_quantized against a cache fed the same tokens")
         return case
@@ -1894,13 +1931,14 @@ def channel_batch(ep, g, B):
     if u < 0.75:
         ep.note(f"QuantizedBatchKVCache({lp}, rotated-channel)")
         return kvcore.QuantizedBatchKVCache(lp, g["group_size"], g["bits"], scheme=SCHEME,
-                                            window=g["window"])
+                                            window=g["window"], sink=g["sink"])
     f = kvcore.BatchKVCache(lp)
     tmp = Case(ep, f, None, "none", dict(g, B=B))
     for _ in range(ep.pick([0, 1, 2])):
         f.update_and_fetch(*tmp.kv(ep.pick([1, 5, 50, 70])))
     ep.note(f"BatchKVCache({lp}) of _idx {f._idx} .to_quantized(rotated-channel)")
-    return f.to_quantized(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"])
+    return f.to_quantized(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"],
+                          sink=g["sink"])
 
 
 def channel_extend(case):
