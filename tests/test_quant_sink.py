@@ -295,22 +295,15 @@ def test_batch_refuses_caches_of_other_sinks_and_changes_nothing():
 
 
 def test_a_model_on_sink_caches_computes_what_float_attention_over_them_does():
-    from test_quant_scheme import _qwen
+    from test_quant_scheme import Dequantizing, _qwen
 
     from kvcore._mlx_lm import patch_mlx_lm, unpatch_mlx_lm
 
-    class Reference:
+    class Reference(Dequantizing):
         """The cache's contents as floats, its sink read from its float copy."""
 
         def __init__(self):
             self.inner = new(bits=4, window=16, sink=1)
-
-        @property
-        def offset(self):
-            return self.inner.offset
-
-        def make_mask(self, *a, **kw):
-            return self.inner.make_mask(*a, **kw)
 
         def update_and_fetch(self, k, v):
             self.inner.update_and_fetch(k, v)

@@ -15,6 +15,7 @@
 // Iteration i draws from its own generator (seed, i), so a failure is
 // replayed alone with `kvcore_fuzz_loader seed 1 i`; the failing file is
 // also written to the current directory.
+#include <functional>
 #include <climits>
 #include <cstring>
 #include <iostream>
@@ -463,6 +464,27 @@ struct BlockSeed {
 std::vector<BlockSeed> block_seeds(const std::string& dir) {
   std::vector<BlockSeed> out;
   int k = 0;
+  // Chain k: two blocks of bt tokens, block j's layers rows(j).
+  auto chain = [&](int bt, const std::function<std::vector<BlockLayer>(int64_t)>& rows) {
+    BlockHeader h;
+    h.model = "fuzz-model";
+    h.block_tokens = bt;
+    uint64_t parent = 0;
+    for (int64_t j = 0; j < 2; ++j) {
+      const std::vector<BlockLayer> layers = rows(j);
+      h.layout = block_layout(layers);
+      h.index = j;
+      h.parent = parent;
+      h.tokens.clear();
+      for (int t = 0; t < bt; ++t) h.tokens.push_back(1000 * k + j * bt + t);
+      h.chain = block_chain(parent, h.model, h.layout, bt, h.tokens.data(), h.tokens.size());
+      parent = h.chain;
+      auto path = dir + "/block" + std::to_string(k) + "_" + std::to_string(j) + ".safetensors";
+      write_prepared(path, prepare_block(h, layers));
+      out.push_back({kvtest::read_bytes(path), h});
+    }
+    ++k;
+  };
   for (auto dtype : {mx::float16, mx::float32, mx::bfloat16}) {
     for (int layers : {1, 2}) {
       const int bt = 4 + 4 * (k % 2);
@@ -474,23 +496,7 @@ std::vector<BlockSeed> block_seeds(const std::string& dir) {
         row.tokens = row.offset = bt;
         rows.push_back(std::move(row));
       }
-      BlockHeader h;
-      h.model = "fuzz-model";
-      h.layout = block_layout(rows);
-      h.block_tokens = bt;
-      uint64_t parent = 0;
-      for (int64_t j = 0; j < 2; ++j) {
-        h.index = j;
-        h.parent = parent;
-        h.tokens.clear();
-        for (int t = 0; t < bt; ++t) h.tokens.push_back(1000 * k + j * bt + t);
-        h.chain = block_chain(parent, h.model, h.layout, bt, h.tokens.data(), h.tokens.size());
-        parent = h.chain;
-        auto path = dir + "/block" + std::to_string(k) + "_" + std::to_string(j) + ".safetensors";
-        write_prepared(path, prepare_block(h, rows));
-        out.push_back({kvtest::read_bytes(path), h});
-      }
-      ++k;
+      chain(bt, [&](int64_t) { return rows; });
     }
   }
   // Quantized layers, one per scheme: blocks of whole key groups.
@@ -500,24 +506,9 @@ std::vector<BlockSeed> block_seeds(const std::string& dir) {
     auto a = mx::astype(mx::reshape(mx::arange(2 * 2 * bt * 64), {1, 2, 2 * bt, 64}), mx::float16) * 0.01;
     q.update_and_fetch(a, -a);
     const BlockLayer whole = *block_layer(q);
-    BlockHeader h;
-    h.model = "fuzz-model";
-    h.block_tokens = bt;
-    uint64_t parent = 0;
-    for (int64_t j = 0; j < 2; ++j) {
-      std::vector<BlockLayer> rows{block_rows(whole, static_cast<int>(j * bt), static_cast<int>((j + 1) * bt))};
-      h.layout = block_layout(rows);
-      h.index = j;
-      h.parent = parent;
-      h.tokens.clear();
-      for (int t = 0; t < bt; ++t) h.tokens.push_back(1000 * k + j * bt + t);
-      h.chain = block_chain(parent, h.model, h.layout, bt, h.tokens.data(), h.tokens.size());
-      parent = h.chain;
-      auto path = dir + "/block" + std::to_string(k) + "_" + std::to_string(j) + ".safetensors";
-      write_prepared(path, prepare_block(h, rows));
-      out.push_back({kvtest::read_bytes(path), h});
-    }
-    ++k;
+    chain(bt, [&](int64_t j) {
+      return std::vector<BlockLayer>{block_rows(whole, static_cast<int>(j * bt), static_cast<int>((j + 1) * bt))};
+    });
   }
   return out;
 }
