@@ -164,7 +164,7 @@ class KVCache:
     @state.setter
     def state(self, state: tuple, /) -> None: ...
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedKVCache:
         """
         The same tokens in a QuantizedKVCache.
 
@@ -177,6 +177,8 @@ class KVCache:
               (see QuantizedKVCache).
             window (int, optional): ``"rotated-channel"``: tokens kept in
               float (default 128).
+            sink (int): ``"rotated-channel"``: first tokens kept in float
+              too (see QuantizedKVCache).
 
         Returns:
             QuantizedKVCache: With this cache's offset and quantized buffers.
@@ -432,7 +434,7 @@ class QuantizedKVCache:
     Full-attention cache holding keys and values quantized by ``mx.quantize``.
     """
 
-    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None) -> None:
+    def __init__(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, capacity: int | None = None, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> None:
         """
         Args:
             group_size (int | tuple): Quantization group size (32, 64 or
@@ -449,6 +451,9 @@ class QuantizedKVCache:
               full stay in float.
             window (int, optional): ``"rotated-channel"``: tokens kept in
               float (default 128; 0 keeps only the partial group).
+            sink (int): ``"rotated-channel"``: the first tokens (the
+              attention sink), kept in float too and read in place of
+              their quantized form (0 to 256; 0: none).
         """
 
     step: int = 256
@@ -480,6 +485,20 @@ class QuantizedKVCache:
     @property
     def window(self) -> int:
         """``"rotated-channel"``: the newest tokens kept in float (0 for affine)."""
+
+    @property
+    def sink(self) -> int:
+        """``"rotated-channel"``: the first tokens kept in float too (0: none)."""
+
+    @property
+    def sink_keys(self) -> object:
+        """
+        The sink's keys, rotated, in float ``(B, H, min(sink, offset), D)``, or None.
+        """
+
+    @property
+    def sink_values(self) -> object:
+        """The sink's values, rotated, in float, or None."""
 
     @property
     def residual(self) -> object:
@@ -544,7 +563,7 @@ class QuantizedKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, group_size, bits)``, keys and values as triples; a ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``.
+        ``(keys, values, offset, group_size, bits)``, keys and values as triples; a ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``, and with a sink ``(sink, sink keys, sink values)``.
         """
 
     @state.setter
@@ -665,7 +684,7 @@ class ChunkedKVCache:
     def from_state(cls, state: tuple) -> Self:
         """Build a cache from ``state`` without calling __init__."""
 
-def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine') -> mlx.core.array:
+def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tuple, q_values: tuple, scale: float, mask: mlx.core.array | str | None, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', sink: tuple | None = None) -> mlx.core.array:
     """
     mlx-lm's quantized attention, with keys and values at their own bits.
 
@@ -683,6 +702,11 @@ def quantized_scaled_dot_product_attention(queries: mlx.core.array, q_keys: tupl
           dequantizing: queries rotated once, quantized matmuls
           against the keys and the values, matmuls against the float
           residuals, one softmax, the output rotated back.
+        sink (tuple, optional): ``"rotated-channel"``: ``(keys, values,
+          starts)``, the float first tokens of each row ``(B, H, S, D)``
+          and the column of each row's first token ``(B,)`` (None: 0,
+          a single sequence's cache); where those tokens are
+          quantized, their float keys and values are read instead.
 
     Returns:
         array: ``(B, n_q_heads, L, v_head_dim)``; with one int for bits and
@@ -1016,9 +1040,9 @@ class BatchKVCache:
         RotatingKVCaches), left-padded.
         """
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None) -> QuantizedBatchKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedBatchKVCache:
         """
-        The same rows and padding with keys and values quantized (``scheme`` and ``window`` as QuantizedKVCache's).
+        The same rows and padding with keys and values quantized (``scheme``, ``window`` and ``sink`` as QuantizedKVCache's).
         """
 
 class BatchRotatingKVCache:
@@ -1140,7 +1164,7 @@ class BatchRotatingKVCache:
 class QuantizedBatchKVCache:
     """BatchKVCache holding keys and values quantized by ``mx.quantize``."""
 
-    def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None) -> None:
+    def __init__(self, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> None:
         """
         Args:
             left_padding (list[int]): Pad tokens before each row's prompt.
@@ -1151,6 +1175,8 @@ class QuantizedBatchKVCache:
               shared by all rows).
             window (int, optional): ``"rotated-channel"``: tokens kept in
               float (default 128).
+            sink (int): ``"rotated-channel"``: each row's first tokens kept
+              in float too (as QuantizedKVCache's).
         """
 
     def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]:
@@ -1237,6 +1263,22 @@ class QuantizedBatchKVCache:
         """
 
     @property
+    def sink(self) -> int:
+        """
+        ``"rotated-channel"``: each row's first tokens kept in float (0: none).
+        """
+
+    @property
+    def sink_keys(self) -> object:
+        """
+        Each row's first tokens' keys, rotated, in float ``(B, H, sink, D)``, or None.
+        """
+
+    @property
+    def sink_values(self) -> object:
+        """Their values, rotated, in float, or None."""
+
+    @property
     def residual(self) -> object:
         """
         ``"rotated-channel"``: the float keys of the newest positions, rotated, or None.
@@ -1258,7 +1300,7 @@ class QuantizedBatchKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values are triples. A ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``.
+        ``(keys, values, offset, left_padding, _idx, group_size, bits)``; keys and values are triples. A ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``, and with a sink ``(sink, sink keys, sink values)``.
         """
 
     @state.setter
