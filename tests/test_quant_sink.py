@@ -342,3 +342,74 @@ def test_generate_step_quantizes_with_the_sink_patch_mlx_lm_names():
         assert all(c.scheme == SCHEME and c.sink == 1 and c.sink_keys.shape[2] == 1 for c in cache)
     finally:
         unpatch_mlx_lm()
+
+
+def test_a_disk_prefix_shorter_than_the_sink_holds_only_its_own_first_tokens(tmp_path):
+    # Blocks of 32 tokens, a sink of 128: a prefix served on a block edge holds
+    # 64 sink tokens, and its next update fills the rest from the new tokens.
+    k, v = outlier_kv(300)
+    toks = list(range(300))
+
+    def cache():
+        return kvcore.QuantizedKVCache(group_size=(32, 64), bits=4, scheme=SCHEME, window=0, sink=128)
+
+    c = cache()
+    c.update_and_fetch(k, v)
+    with kvcore.LRUPromptCache(disk_dir=tmp_path, disk_block_tokens=32) as w:
+        w.insert_cache("m", toks, [c])
+    got, rest = kvcore.LRUPromptCache(disk_dir=tmp_path, disk_block_tokens=32).fetch_nearest_cache(
+        "m", toks[:64] + [7])
+    assert rest == [7] and got[0].offset == 64 and got[0].sink_keys.shape[2] == 64
+    k2, v2 = kv(S=70, seed=4)
+    direct = cache()
+    direct.update_and_fetch(k[:, :, :64], v[:, :, :64])
+    q = mx.random.normal((1, 4, 1, 64), key=mx.random.key(2))
+    outs = []
+    for x in (got[0], direct):
+        keys, values = x.update_and_fetch(k2, v2)
+        outs.append(attend(q, keys, values, x, None))
+    eq(got[0].sink_keys, direct.sink_keys)
+    assert close(outs[0], outs[1])
+
+
+def test_a_state_whose_sink_runs_past_its_offset_is_cut_at_the_next_update_and_merge():
+    c = new(sink=4)
+    c.update_and_fetch(*outlier_kv(40))
+    st = list(c.state)
+    st[2] = 2  # offset 2, no whole group: two float tokens (which ones does not matter here)
+    st[0] = tuple(x[..., :0] for x in st[0])
+    st[1] = tuple(x[:, :, :0] for x in st[1])
+    st[7], st[8] = c.residual[:, :, :2], c.value_residual[:, :, :2]
+    short = kvcore.QuantizedKVCache.from_state(tuple(st))
+    assert short.sink_keys.shape[2] == 4  # an entry's tail keeps the sequence's first tokens
+    b = kvcore.QuantizedBatchKVCache.merge([copy.deepcopy(short)])
+    eq(b.sink_keys[:, :, :2], c.sink_keys[:, :, :2])
+    k2, v2 = kv(S=3, seed=8)
+    short.update_and_fetch(k2, v2)
+    eq(short.sink_keys, mx.concatenate([c.sink_keys[:, :, :2], rot(k2[:, :, :2])], axis=2))
+
+
+def test_batch_trim_and_finalize_give_the_sinks_tokens_back_in_float():
+    a, c = single(70, seed=1, sink=3), single(2, seed=2, sink=3)
+    b = kvcore.QuantizedBatchKVCache.merge([copy.deepcopy(a)])
+    a.trim(60)
+    b.trim(60)  # into the first group: its kept tokens return to float
+    eq(b.residual[:, :, :3], a.residual[:, :, :3])
+    eq(b.residual[:, :, :3], a.sink_keys)
+    # A row rolled right by finalize moves its sink tokens past the quantized positions.
+    long = single(64, seed=3, sink=3)
+    batch = kvcore.QuantizedBatchKVCache.merge([copy.deepcopy(c), copy.deepcopy(long)])
+    batch.prepare(right_padding=[6, 0])
+    k8, v8 = kv(B=2, S=8, seed=5)
+    batch.update_and_fetch(k8, v8)
+    batch.finalize()
+    c.update_and_fetch(k8[:1, :, :2], v8[:1, :, :2])
+    lp = batch.left_padding.tolist()[0]
+    T = batch.keys_and_values()[0][1].shape[-1] * 32
+    eq(batch.residual[0:1, :, lp - T:lp - T + 3], c.sink_keys)
+    k1, v1 = kv(B=2, S=1, seed=9)
+    q = mx.random.normal((2, 4, 1, 64), key=mx.random.key(13))
+    m = batch.make_mask(1, return_array=True)
+    kb, vb = batch.update_and_fetch(k1, v1)
+    ks, vs = c.update_and_fetch(k1[:1], v1[:1])
+    assert close(attend(q, kb, vb, batch, m)[:1], attend(q[:1], ks, vs, c, None))

@@ -246,10 +246,16 @@ void rebuild_layer(Cache& c, const BlockLayer& l, const std::vector<const BlockL
   OptionalArray residual = own ? q.residual() : std::nullopt;
   OptionalArray value_residual = own ? q.value_residual() : std::nullopt;
   const int offset = tokens + (residual ? residual->shape(2) : 0);
-  // A sink's first tokens stay with the cache, its tokens cut or not.
+  // A sink's first tokens stay with a tail (its own offset may be short of
+  // them); a cache rebuilt from its first token keeps those it holds.
+  OptionalArray sink_keys = q.sink_keys(), sink_values = q.sink_values();
+  if (sink_keys && !before.empty() && sink_keys->shape(2) > offset) {
+    sink_keys = offset > 0 ? OptionalArray(seq_slice(*sink_keys, 0, offset)) : std::nullopt;
+    sink_values = offset > 0 ? OptionalArray(seq_slice(*sink_values, 0, offset)) : std::nullopt;
+  }
   q.set(QuantizedArrays{arrays[0], arrays[1], arrays[2]}, QuantizedArrays{arrays[3], arrays[4], arrays[5]}, offset,
         l.key_spec, l.value_spec, l.scheme, std::move(residual), std::move(value_residual), q.window(), q.sink(),
-        q.sink_keys(), q.sink_values());
+        std::move(sink_keys), std::move(sink_values));
 }
 
 std::shared_ptr<Cache> block_cache(const BlockLayer& rows) {

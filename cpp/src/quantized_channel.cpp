@@ -291,6 +291,10 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
   auto rv = rotated_span(value_residual_, values, add, R + S);
   // The sink's first tokens, rotated, as they arrive (copies, as above).
   OptionalArray sk = sink_keys_, sv = sink_values_;
+  if (sk && sk->shape(2) > offset_) { // tokens past the offset (a tail's) are not this sequence's
+    sk = offset_ > 0 ? OptionalArray(seq_slice(*sk, 0, offset_)) : std::nullopt;
+    sv = offset_ > 0 ? OptionalArray(seq_slice(*sv, 0, offset_)) : std::nullopt;
+  }
   if (offset_ < sink_ && (sk ? sk->shape(2) : 0) == offset_) {
     const int n = std::min(S, sink_ - offset_);
     auto k = mx::contiguous(hadamard(seq_slice(keys, 0, n)));

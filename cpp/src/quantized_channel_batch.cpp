@@ -86,6 +86,22 @@ QuantizedArrays quantize_keys(const mx::array& x, const mx::array& left_padding,
   return {q[0], q[1], q[2]};
 }
 
+// x (B, H, n, D): positions [from, from + n) of every row, with each row's
+// sink tokens there (positions left_padding + j) taken from the sink's
+// float copies (B, H, S, D) instead: float tokens a trim, finalize or merge
+// made from dequantized ones.
+mx::array with_sink(const mx::array& x, const OptionalArray& sink, const mx::array& left_padding, int from) {
+  if (!sink || x.shape(2) == 0) {
+    return x;
+  }
+  const int B = x.shape(0), H = x.shape(1), n = x.shape(2), S = sink->shape(2);
+  auto rel = mx::subtract(mx::reshape(mx::arange(from, from + n, mx::int32), {1, 1, n, 1}),
+                          mx::reshape(mx::astype(left_padding, mx::int32), {B, 1, 1, 1}));
+  auto in = mx::logical_and(mx::greater_equal(rel, mx::array(0, mx::int32)), mx::less(rel, mx::array(S, mx::int32)));
+  auto idx = mx::broadcast_to(mx::clip(rel, mx::array(0, mx::int32), mx::array(S - 1, mx::int32)), {B, H, n, x.shape(3)});
+  return mx::where(in, mx::take_along_axis(mx::astype(*sink, x.dtype()), idx, 2), x);
+}
+
 bool same(QuantSpec a, QuantSpec b) {
   return a.group_size == b.group_size && a.bits == b.bits;
 }
@@ -318,6 +334,10 @@ void ChannelBatch::finalize() {
     }
     next.residual_ = tail(k, T);
     next.value_residual_ = tail(v, T);
+    if (next.residual_) { // a row's sink tokens moved past T: float, as they were
+      next.residual_ = with_sink(*next.residual_, sink_keys_, next.left_padding(), T);
+      next.value_residual_ = with_sink(*next.value_residual_, sink_values_, next.left_padding(), T);
+    }
     next.quantize_up_to(target(idx_, window_, key_spec_.group_size));
   }
   *this = std::move(next);
@@ -448,6 +468,10 @@ ChannelBatch ChannelBatch::stack(const char* ctx, std::vector<ChannelBatch> side
       s.values_ = map3(*s.values_, [&](const mx::array& a) { return seq_concat({seq_zeros(a, d), a}); });
     }
     s.left_padding_.shift(d);
+    if (s.residual_ && s.quantized_tokens() == 0) { // dequantized above: its sink tokens as they were
+      s.residual_ = with_sink(*s.residual_, s.sink_keys_, s.left_padding(), 0);
+      s.value_residual_ = with_sink(*s.value_residual_, s.sink_values_, s.left_padding(), 0);
+    }
     s.idx_ = max_idx;
     T = std::max(T, s.quantized_tokens());
   }
@@ -522,7 +546,9 @@ ChannelBatch ChannelBatch::merge(const std::vector<const QuantizedKVCache*>& cac
       };
       throw ValueError(ctx, "caches quantized alike: " + str(first), str(*c));
     }
-    const int n = c->sink_keys() ? c->sink_keys()->shape(2) : 0;
+    // Sink tokens past the offset (an entry's tail after its disk blocks)
+    // are not the cache's: cut.
+    const int n = c->sink_keys() ? std::min(c->sink_keys()->shape(2), c->offset()) : 0;
     if (n != std::min(c->sink(), c->offset())) {
       throw ValueError(ctx, "caches holding their first min(sink, offset) tokens in the sink",
                        std::to_string(n) + " sink tokens at offset " + std::to_string(c->offset()));
@@ -536,8 +562,8 @@ ChannelBatch ChannelBatch::merge(const std::vector<const QuantizedKVCache*>& cac
         const int H = ks.shape(1), D = ks.shape(2), Dv = std::get<1>(v).shape(3) * c->value_spec().group_size;
         auto zk = mx::zeros({1, H, c->sink() - n, D}, ks.dtype());
         auto zv = mx::zeros({1, H, c->sink() - n, Dv}, ks.dtype());
-        sk = n > 0 ? seq_concat({*c->sink_keys(), zk}) : zk;
-        sv = n > 0 ? seq_concat({*c->sink_values(), zv}) : zv;
+        sk = n > 0 ? seq_concat({seq_slice(*c->sink_keys(), 0, n), zk}) : zk;
+        sv = n > 0 ? seq_concat({seq_slice(*c->sink_values(), 0, n), zv}) : zv;
       }
       s.set(k, v, int_rows({c->offset()}), int_rows({0}), c->offset(), c->residual(),
             c->value_residual(), c->key_spec(), c->value_spec(), c->window(), c->sink(), sk, sv);
@@ -644,6 +670,10 @@ int ChannelBatch::trim(int n) {
     next.keys_ = QuantizedArrays{columns(kw, 0, kept / G * per_group), columns(ks, 0, kept / G),
                                  columns(kb, 0, kept / G)};
     next.values_ = map3(*values_, [&](const mx::array& a) { return seq_slice(a, 0, kept); });
+    if (rk) { // the sink's tokens in the kept part of the group: float, as they were
+      rk = with_sink(*rk, sink_keys_, left_padding(), kept);
+      rv = with_sink(*rv, sink_values_, left_padding(), kept);
+    }
     next.residual_ = std::move(rk);
     next.value_residual_ = std::move(rv);
   }
