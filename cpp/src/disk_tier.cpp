@@ -943,7 +943,7 @@ std::optional<std::vector<std::vector<BlockLayer>>> DiskTier::load_blocks(
   size_t launched = 0;
   auto launch = [&] {
     const Want& w = wants[launched++];
-    ahead.push_back(std::async(std::launch::async, [path = w.path, size = w.size] {
+    auto read = [path = w.path, size = w.size] {
       Read r;
       auto bytes = std::make_shared<std::string>();
       if (read_whole(path, size, *bytes)) {
@@ -951,7 +951,12 @@ std::optional<std::vector<std::vector<BlockLayer>>> DiskTier::load_blocks(
         r.bytes = std::move(bytes);
       }
       return r;
-    }));
+    };
+    try {
+      ahead.push_back(std::async(std::launch::async, read));
+    } catch (const std::system_error&) { // no thread to be had: read it here, when its turn comes
+      ahead.push_back(std::async(std::launch::deferred, read));
+    }
   };
   // Drops the block of `w` from the index (and its file, if refused).
   auto drop = [&](const Want& w, const std::string* why) {
