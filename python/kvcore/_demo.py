@@ -179,7 +179,9 @@ def run(model=None, tokens: int = 24, repeat: int = 1) -> int:
                 ("keys 8, values 4 bits", dict(group_size=64, bits=(8, 4))),
                 ("4 bits", dict(group_size=64, bits=4)),
                 ("4 bits rotated-channel", dict(rotated, bits=4)),
-                ("3 bits rotated-channel", dict(rotated, bits=3))]
+                ("3 bits rotated-channel", dict(rotated, bits=3)),
+                # and the first token in float too (the commands' default sink)
+                ("3 bits r-c, sink 1", dict(rotated, bits=3, sink=1))]
     for name, kw in settings:
         q = [c.to_quantized(**kw) for c in full]
         nbytes = sum(c.nbytes for c in q)
