@@ -254,20 +254,11 @@ mx::array channel_attention(
       hits.push_back(mx::equal(col, mx::add(start, mx::array(j, mx::int32))));
     }
   }
-  auto last = [](const mx::array& a, int from, int to) {
-    mx::Shape lo(a.ndim(), 0), hi = a.shape();
-    lo.back() = from;
-    hi.back() = to;
-    return mx::slice(a, lo, hi);
-  };
-  auto tokens = [](const mx::array& a, int to) { // a's first `to` tokens (axis 2)
-    return mx::slice(a, {0, 0, 0, 0}, {a.shape(0), a.shape(1), to, a.shape(3)});
-  };
   std::vector<mx::array> parts;
   if (quantized > 0) {
     auto sq = qmatmul(dequantize, q, expand(kw), expand(ks), expand(kb), false, key_spec);
     if (S0 > 0 || !hits.empty()) { // the sink's float scores in place of its quantized ones
-      auto sk = S0 > 0 ? tokens(sink->keys, S0) : sink->keys;
+      auto sk = S0 > 0 ? seq_slice(sink->keys, 0, S0) : sink->keys;
       auto ss = mx::astype(mx::matmul(q, mx::swapaxes(expand(mx::astype(sk, q.dtype())), -1, -2)), sq.dtype());
       if (S0 > 0) {
         mx::Shape lo(sq.ndim(), 0), hi = sq.shape();
@@ -275,7 +266,7 @@ mx::array channel_attention(
         sq = mx::slice_update(sq, ss, lo, hi);
       }
       for (size_t j = 0; j < hits.size(); ++j) {
-        sq = mx::where(hits[j], last(ss, j, j + 1), sq);
+        sq = mx::where(hits[j], last_slice(ss, j, j + 1), sq);
       }
     }
     parts.push_back(sq);
@@ -287,15 +278,15 @@ mx::array channel_attention(
   scores = mx::softmax(masked(scores, mask, repeats), -1, true);
   std::optional<mx::array> out;
   if (quantized > 0) {
-    auto p = R > 0 ? last(scores, 0, quantized) : scores;
+    auto p = R > 0 ? last_slice(scores, 0, quantized) : scores;
     out = qmatmul(dequantize, p, expand(vw), expand(vs), expand(vb), false, value_spec);
     // The sink's float values in place of their quantized ones: each sink
     // column's weight times (float - dequantized) value.
     if (S0 > 0) {
-      auto vq = mx::dequantize(tokens(vw, S0), tokens(vs, S0), tokens(vb, S0), value_spec.group_size,
+      auto vq = mx::dequantize(seq_slice(vw, 0, S0), seq_slice(vs, 0, S0), seq_slice(vb, 0, S0), value_spec.group_size,
                                value_spec.bits, "affine", std::nullopt, p.dtype());
-      auto diff = expand(mx::subtract(mx::astype(tokens(sink->values, S0), p.dtype()), vq));
-      *out = mx::add(*out, mx::matmul(last(p, 0, S0), diff));
+      auto diff = expand(mx::subtract(mx::astype(seq_slice(sink->values, 0, S0), p.dtype()), vq));
+      *out = mx::add(*out, mx::matmul(last_slice(p, 0, S0), diff));
     }
     for (size_t j = 0; j < hits.size(); ++j) {
       auto idx = mx::minimum(mx::add(mx::astype(*sink->start, mx::int32), mx::array(static_cast<int>(j), mx::int32)),
@@ -314,9 +305,7 @@ mx::array channel_attention(
     }
   }
   if (R > 0) {
-    mx::Shape lo(scores.ndim(), 0);
-    lo.back() = quantized;
-    auto p = mx::slice(scores, lo, scores.shape());
+    auto p = last_slice(scores, quantized, scores.shape(-1));
     auto r = mx::matmul(p, mx::astype(expand(*value_residual), p.dtype()));
     out = out ? mx::add(*out, r) : r;
   }

@@ -185,6 +185,13 @@ int check_size(const char* ctx, const char* what, long long n, int min, int max)
   return static_cast<int>(n);
 }
 
+mx::array last_slice(const mx::array& x, int start, int stop) {
+  mx::Shape lo(x.ndim(), 0), hi = x.shape();
+  lo.back() = start;
+  hi.back() = stop;
+  return mx::slice(x, lo, hi);
+}
+
 mx::array seq_slice(const mx::array& buf, int start, int stop) {
   int n = buf.shape(2);
   start = std::clamp(start, 0, n);

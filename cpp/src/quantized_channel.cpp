@@ -14,24 +14,17 @@ namespace kvcore {
 
 namespace {
 
-mx::array columns(const mx::array& a, int from, int to) {
-  mx::Shape lo(a.ndim(), 0), hi = a.shape();
-  lo.back() = from;
-  hi.back() = to;
-  return mx::slice(a, lo, hi);
-}
-
 // x written at column `at` of buf's last axis, after growing buf (kept up to
 // `at`) by `grow` columns when grow > 0. A first allocation (at 0) is the
 // zeros alone, not a copy of them.
-mx::array write_columns(const mx::array& buf, const mx::array& x, int at, int grow) {
+mx::array write_last_slice(const mx::array& buf, const mx::array& x, int at, int grow) {
   auto b = buf;
   if (grow > 0) {
     auto shape = x.shape();
     shape.back() = grow;
     b = mx::zeros(shape, x.dtype());
     if (at > 0) {
-      b = mx::concatenate({columns(buf, 0, at), b}, -1);
+      b = mx::concatenate({last_slice(buf, 0, at), b}, -1);
     }
   }
   mx::Shape lo(x.ndim(), 0), hi = x.shape();
@@ -262,9 +255,9 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
                        key_spec_.bits);
     const auto& [bw, bs, bb] = *kbuf;
     kbuf = QuantizedArrays{
-        write_columns(bw, std::get<0>(qk), done / G * per_group, kgrow / G * per_group),
-        write_columns(bs, std::get<1>(qk), done / G, kgrow / G),
-        write_columns(bb, std::get<2>(qk), done / G, kgrow / G)};
+        write_last_slice(bw, std::get<0>(qk), done / G * per_group, kgrow / G * per_group),
+        write_last_slice(bs, std::get<1>(qk), done / G, kgrow / G),
+        write_last_slice(bb, std::get<2>(qk), done / G, kgrow / G)};
     // Values are quantized per token: the residual's and the new ones apart,
     // each written where it goes.
     const auto& [vw0, vs0, vb0] = *vbuf;
@@ -315,8 +308,8 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::channel_keys_and_values() const {
   const int t = quantized_tokens(), G = key_spec_.group_size;
   const auto& [kw, ks, kb] = *keys_;
-  QuantizedArrays k{columns(kw, 0, t / G * G * key_spec_.bits / 32), columns(ks, 0, t / G),
-                    columns(kb, 0, t / G)};
+  QuantizedArrays k{last_slice(kw, 0, t / G * G * key_spec_.bits / 32), last_slice(ks, 0, t / G),
+                    last_slice(kb, 0, t / G)};
   const auto& [vw, vs, vb] = *values_;
   if (t == vw.shape(2)) {
     return {k, *values_};

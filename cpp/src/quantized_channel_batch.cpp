@@ -8,6 +8,7 @@
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
 #include "kvcore/mask.h"
+#include "batch_rows.h"
 
 namespace kvcore {
 
@@ -17,24 +18,8 @@ mx::array int_rows(const std::vector<int>& v) {
   return mx::array(v.data(), mx::Shape{static_cast<int>(v.size())}, mx::int32);
 }
 
-std::vector<int> to_ints(const mx::array& a) {
-  auto x = mx::astype(a, mx::int32);
-  x.eval();
-  return std::vector<int>(x.data<int32_t>(), x.data<int32_t>() + x.size());
-}
-
-mx::array columns(const mx::array& a, int from, int to) {
-  mx::Shape lo(a.ndim(), 0), hi = a.shape();
-  lo.back() = from;
-  hi.back() = to;
-  return mx::slice(a, lo, hi);
-}
-
 mx::array row(const mx::array& a, int i) {
-  mx::Shape lo(a.ndim(), 0), hi = a.shape();
-  lo[0] = i;
-  hi[0] = i + 1;
-  return mx::contiguous(mx::slice(a, lo, hi));
+  return mx::contiguous(batch_rows::row_slice(a, i, i + 1));
 }
 
 template <class F>
@@ -113,12 +98,6 @@ void check_rows(const char* ctx, const char* what, const mx::array& v) {
   }
 }
 
-void check_index(const char* ctx, int i, int B) {
-  if (i < 0 || i >= B) {
-    throw IndexError(ctx, "batch indices in [0, " + std::to_string(B) + ")", std::to_string(i));
-  }
-}
-
 } // namespace
 
 ChannelBatch::ChannelBatch(
@@ -140,6 +119,18 @@ ChannelBatch::ChannelBatch(
 
 void ChannelBatch::capture_sink(const mx::array& keys, const mx::array& values, int at) {
   if (sink_ == 0) {
+    return;
+  }
+  // Every row's sink is full once the write position reaches the largest
+  // left padding plus the sink: read once per padding array, so a decode
+  // step past it does nothing here.
+  const mx::array& padding = left_padding();
+  if (!sink_full_for_ || sink_full_for_->id() != padding.id()) {
+    const auto pads = batch_rows::to_ints(padding);
+    sink_full_at_ = (pads.empty() ? 0 : *std::max_element(pads.begin(), pads.end())) + sink_;
+    sink_full_for_ = padding;
+  }
+  if (sink_keys_ && at >= sink_full_at_) {
     return;
   }
   const int B = keys.shape(0), H = keys.shape(1), S = keys.shape(2);
@@ -345,9 +336,7 @@ void ChannelBatch::finalize() {
 
 void ChannelBatch::filter(const std::vector<int>& indices) {
   constexpr const char* ctx = "filter";
-  for (int i : indices) {
-    check_index(ctx, i, rows());
-  }
+  batch_rows::check_indices(ctx, indices, rows());
   auto idx = int_rows(indices);
   auto take = [&](const mx::array& a) { return mx::take(a, idx, 0); };
   ChannelBatch next = *this;
@@ -369,15 +358,15 @@ void ChannelBatch::filter(const std::vector<int>& indices) {
   // Drop the padding no row needs any more, in whole groups (the grid
   // stays where it is).
   if (!indices.empty() && next.keys_) {
-    auto pads = to_ints(next.left_padding());
+    auto pads = batch_rows::to_ints(next.left_padding());
     const int G = key_spec_.group_size;
     const int shift = std::max(0, std::min(*std::min_element(pads.begin(), pads.end()), next.idx_)) / G * G;
     if (shift > 0) {
       const int T = next.quantized_tokens(), q = std::min(shift, T);
       const int per_group = G * key_spec_.bits / 32;
       const auto& [kw, ks, kb] = *next.keys_;
-      next.keys_ = QuantizedArrays{columns(kw, q / G * per_group, kw.shape(3)),
-                                   columns(ks, q / G, ks.shape(3)), columns(kb, q / G, kb.shape(3))};
+      next.keys_ = QuantizedArrays{last_slice(kw, q / G * per_group, kw.shape(3)),
+                                   last_slice(ks, q / G, ks.shape(3)), last_slice(kb, q / G, kb.shape(3))};
       next.values_ = map3(*next.values_, [&](const mx::array& a) { return seq_slice(a, q, T); });
       if (shift > T) {
         next.residual_ = tail(*next.residual_, shift - T);
@@ -595,11 +584,11 @@ QuantizedKVCache ChannelBatch::extract(int idx) const {
   if (left_padding_.size() != offset_.size()) {
     throw RuntimeError(ctx, "offset and left_padding for one batch", "a mismatch");
   }
-  check_index(ctx, idx, rows());
+  batch_rows::check_indices(ctx, {idx}, rows());
   if (!keys_) {
     throw RuntimeError(ctx, "the cache is empty: no keys or values yet");
   }
-  const int lp = std::clamp(to_ints(left_padding())[idx], 0, idx_);
+  const int lp = std::clamp(batch_rows::to_ints(left_padding())[idx], 0, idx_);
   const int T = quantized_tokens(), G = key_spec_.group_size, per_group = G * key_spec_.bits / 32;
   const auto& [kw, ks, kb] = *keys_;
   const auto& [vw, vs, vb] = *values_;
@@ -608,8 +597,8 @@ QuantizedKVCache ChannelBatch::extract(int idx) const {
   OptionalArray r, rv;
   if (lp % G == 0 && lp <= T) {
     // Its groups are its own: as stored.
-    k = QuantizedArrays{columns(row(kw, idx), lp / G * per_group, T / G * per_group),
-                        columns(row(ks, idx), lp / G, T / G), columns(row(kb, idx), lp / G, T / G)};
+    k = QuantizedArrays{last_slice(row(kw, idx), lp / G * per_group, T / G * per_group),
+                        last_slice(row(ks, idx), lp / G, T / G), last_slice(row(kb, idx), lp / G, T / G)};
     v = map3(*values_, [&](const mx::array& a) { return seq_slice(row(a, idx), lp, T); });
     if (residual_) {
       r = row(*residual_, idx);
@@ -667,8 +656,8 @@ int ChannelBatch::trim(int n) {
       rv = mx::dequantize(seq_slice(vw, kept, end), seq_slice(vs, kept, end), seq_slice(vb, kept, end),
                           value_spec_.group_size, value_spec_.bits, "affine", std::nullopt, ks.dtype());
     }
-    next.keys_ = QuantizedArrays{columns(kw, 0, kept / G * per_group), columns(ks, 0, kept / G),
-                                 columns(kb, 0, kept / G)};
+    next.keys_ = QuantizedArrays{last_slice(kw, 0, kept / G * per_group), last_slice(ks, 0, kept / G),
+                                 last_slice(kb, 0, kept / G)};
     next.values_ = map3(*values_, [&](const mx::array& a) { return seq_slice(a, 0, kept); });
     if (rk) { // the sink's tokens in the kept part of the group: float, as they were
       rk = with_sink(*rk, sink_keys_, left_padding(), kept);

@@ -65,6 +65,8 @@ int check_size(
 
 /// buf[..., start:stop, :].
 mx::array seq_slice(const mx::array& buf, int start, int stop);
+/// x[..., start:stop] (the last axis).
+mx::array last_slice(const mx::array& x, int start, int stop);
 /// buf with x written at buf[..., at:at+S, :] (in place when buf is unique).
 mx::array seq_write(const mx::array& buf, const mx::array& x, int at);
 /// Concatenate along the sequence axis.

@@ -169,6 +169,11 @@ class ChannelBatch {
   int sink_ = 0;
   OptionalArray sink_keys_;
   OptionalArray sink_values_;
+  // capture_sink's bound: no row takes a sink token at or past
+  // sink_full_at_, computed for the left padding array sink_full_for_ (held,
+  // so that its id names it).
+  OptionalArray sink_full_for_;
+  int sink_full_at_ = 0;
 };
 
 } // namespace kvcore
