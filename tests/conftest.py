@@ -7,6 +7,7 @@ Each helper is self-contained; helpers for parity checks against mlx-lm.
 import threading
 
 import mlx.core as mx
+import pytest
 
 # Unsigned integer views used for bit-exact comparison of float arrays.
 _BIT_VIEWS = {
@@ -90,3 +91,14 @@ def run_in_threads(work, n=4):
     for t in threads:
         t.join()
     return errors
+
+
+@pytest.fixture
+def memory_limit():
+    """A memory limit of 1 GiB: small enough that a huge size must be refused
+    before it allocates (kvcore checks every allocation against it)."""
+    old = mx.set_memory_limit(1 << 30)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(old)

@@ -44,6 +44,7 @@ from mlx_lm.models import cache as ref
 
 import kvcore
 from conftest import assert_arrays_equal, assert_states_equal, int_valued_normal
+from test_quant_scheme import dequantized  # a rotated-channel cache's contents as floats, unrotated
 
 SECONDS = float(os.environ.get("KVCORE_FUZZ_SECONDS", "60"))
 SEED = int(os.environ.get("KVCORE_FUZZ_SEED", "1"))
@@ -627,6 +628,18 @@ def op_to_channel(case):
 # -- bad calls on sequence caches (single and batch)
 
 
+def unlike_the_cache(case, S):
+    """Updates of S tokens that do not fit what a non-empty cache holds."""
+    ep, g = case.ep, case.g
+    return [
+        ("keys of another batch", lambda: case.kv(S, B=g["B"] + 1)),
+        ("keys of other heads", lambda: case.kv(S, H=g["H"] + 1)),
+        ("keys of another head dim", lambda: case.kv(S, Dk=g["Dk"] * 2)),
+        ("values of another head dim", lambda: case.kv(S, Dv=g["Dv"] * 2)),
+        ("keys of another dtype", lambda: case.kv(S, dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))),
+    ]
+
+
 def bad_update(case):
     """Keys and values no cache of this kind takes in its present state."""
     ep, c, g = case.ep, case.c, case.g
@@ -642,14 +655,7 @@ def bad_update(case):
         ("keys as a list", lambda: ([[1.0]], v)),
     ]
     if not c.empty():
-        options += [
-            ("keys of another batch", lambda: case.kv(S, B=g["B"] + 1)),
-            ("keys of other heads", lambda: case.kv(S, H=g["H"] + 1)),
-            ("keys of another head dim", lambda: case.kv(S, Dk=g["Dk"] * 2)),
-            ("values of another head dim", lambda: case.kv(S, Dv=g["Dv"] * 2)),
-            ("keys of another dtype", lambda: case.kv(
-                S, dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))),
-        ]
+        options += unlike_the_cache(case, S)
     if isinstance(c, (kvcore.KVCache, kvcore.ChunkedKVCache, kvcore.QuantizedKVCache,
                       kvcore.BatchKVCache, kvcore.QuantizedBatchKVCache)):
         # A buffer past the memory limit (the fixture's 1 GiB) is refused
@@ -898,17 +904,6 @@ def single_episode(ep):
             weighted(ep, SEQUENCE_BAD)(case)
         else:
             weighted(ep, SINGLE_GOOD)(case)
-
-
-@pytest.fixture
-def memory_limit():
-    """A memory limit small enough that a huge size must be refused before
-    it allocates (kvcore checks every allocation against it)."""
-    old = mx.set_memory_limit(1 << 30)
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(old)
 
 
 def test_caches(memory_limit):
@@ -1537,20 +1532,6 @@ def channel_deepcopy(case):
     case.check("copy.deepcopy")
 
 
-def dequantized(c):
-    """A rotated-channel cache's keys and values as floats, unrotated."""
-    (kg, vg), (kb, vb) = pair(c.group_size), pair(c.bits)
-    (kw, ks, kbi, r), (vw, vs, vbi, rv) = c.keys_and_values()
-    keys, values = [], []
-    if ks.shape[-1]:
-        keys.append(mx.swapaxes(mx.dequantize(kw, ks, kbi, group_size=kg, bits=kb), 2, 3))
-        values.append(mx.dequantize(vw, vs, vbi, group_size=vg, bits=vb))
-    if r is not None:
-        keys.append(r)
-        values.append(rv)
-    return rot(mx.concatenate(keys, axis=2)), rot(mx.concatenate(values, axis=2))
-
-
 def channel_attention(case):
     """kvcore's attention over the cache against float attention over its
     dequantized contents (within rounding of the cache's dtype)."""
@@ -1665,14 +1646,7 @@ def bad_channel_update(case):
         ("values of other heads", lambda: (case.kv(S)[0], case.kv(S, H=g["H"] + 1)[1])),
     ]
     if not c.empty():
-        options += [
-            ("keys of other heads", lambda: case.kv(S, H=g["H"] + 1)),
-            ("keys of another batch", lambda: case.kv(S, B=g["B"] + 1)),
-            ("keys of another head dim", lambda: case.kv(S, Dk=g["Dk"] * 2)),
-            ("values of another head dim", lambda: case.kv(S, Dv=g["Dv"] * 2)),
-            ("keys and values of another dtype", lambda: case.kv(
-                S, dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))),
-        ]
+        options += unlike_the_cache(case, S)
     what, make = ep.pick(options)
     keys, values = make()
     case.bad(f"update_and_fetch({what})", lambda c: c.update_and_fetch(keys, values), allow=())

@@ -540,15 +540,6 @@ def test_attention_takes_a_mask_per_query_head_with_grouped_heads(scheme):
         assert mx.allclose(got[:, h:h + 1], one, atol=1e-5).item(), h
 
 
-@pytest.fixture
-def memory_limit():
-    old = mx.set_memory_limit(1 << 30)
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(old)
-
-
 def test_an_update_of_float_tokens_past_the_memory_limit_is_refused(memory_limit):
     # Only the growth of the quantized buffers was checked: an update that
     # quantizes nothing (all of it inside the window) took 4 GiB of float

@@ -614,15 +614,6 @@ def test_batch_generator_extends_a_running_batch():
 # -- found by the fuzz (tests/test_bad_calls.py) --------------------------------------
 
 
-@pytest.fixture
-def memory_limit():
-    old = mx.set_memory_limit(1 << 30)
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(old)
-
-
 @pytest.mark.parametrize("window", [0, 128])
 def test_an_update_past_the_memory_limit_is_refused_before_it_allocates(memory_limit, window):
     # The batch's update checked no size: 2**27 tokens were taken (lazily)
