@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "kvcore/files.h"
-#include "kvcore/kv_store.h"
+#include "kvcore/prompt_trie.h"
 #include "kvcore/quantized.h"
 
 namespace kvcore {

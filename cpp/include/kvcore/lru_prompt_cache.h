@@ -461,8 +461,8 @@ class LRUPromptCache {
   }
 
   /// Queue caches to be written through to the disk tier unless it holds
-  /// the entry: the plain KVCache layers' whole blocks the tier lacks, then
-  /// a tail with the rest. A failure (disk full, a cache that cannot be
+  /// the entry: the whole blocks of its KVCache and QuantizedKVCache layers
+  /// (block_layers) the tier lacks, then a tail with the rest. A failure (disk full, a cache that cannot be
   /// saved) is noted, not raised: the entry stays in memory.
   void write_through(
       const Model& model,
