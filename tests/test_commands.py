@@ -81,9 +81,9 @@ def test_rotated_channel_groups_keys_over_tokens_and_wants_power_of_two_heads():
     (dict(kv_scheme="rotated-channel", kv_sink=300), "--kv-sink takes 0 to 256 tokens, not 300"),
     (dict(kv_scheme="rotated-channel", kv_bits=None),
      "--kv-scheme rotated-channel quantizes: give --kv-bits too"),
-    (dict(kv_scheme="rotated-channel", max_kv_size=512),
-     "--kv-scheme rotated-channel does not take --max-kv-size yet (sliding windows quantize "
-     "with the affine scheme)"),
+    (dict(kv_scheme="rotated-channel", max_kv_size=512, kv_sink=5),
+     "--kv-sink 5 with --max-kv-size: a sliding window keeps its first 4 tokens, and the "
+     "sink lies within them"),
 ])
 def test_settings_that_do_not_go_together_are_refused(kw, message):
     with pytest.raises(_options.UsageError) as e:

@@ -328,10 +328,10 @@ def test_generate_reuses_its_prompt_cache_file(model_dir, tmp_path):
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_settings_that_do_not_go_together_end_at_start(command):
     rc, err = _run(command, "--kv-bits", "4", "--kv-scheme", "rotated-channel",
-                   "--max-kv-size", "512")
+                   "--max-kv-size", "512", "--kv-sink", "5")
     assert rc == 2
-    assert err == [f"kvcore {command}: error: --kv-scheme rotated-channel does not take "
-                   "--max-kv-size yet (sliding windows quantize with the affine scheme)"]
+    assert err == [f"kvcore {command}: error: --kv-sink 5 with --max-kv-size: a sliding window "
+                   "keeps its first 4 tokens, and the sink lies within them"]
 
 
 def test_generate_with_the_rotated_channel_scheme_saves_and_checks_it(model_dir, tmp_path):

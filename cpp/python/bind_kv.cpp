@@ -168,16 +168,20 @@ void bind_kv(nb::module_& m) {
                    },
                    "The ring cursor: where the next single token goes.")
       .def("to_quantized",
-           [](nb::handle self, nb::handle group_size, nb::handle bits, nb::handle scheme) {
+           [](nb::handle self, nb::handle group_size, nb::handle bits, nb::handle scheme,
+              nb::handle window, nb::handle sink) {
              constexpr const char* ctx = "RotatingKVCache.to_quantized";
              auto& c = *nb::inst_ptr<RotatingKVCache>(self);
              auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-             require_affine(ctx, scheme);
+             auto sc = scheme_arg(ctx, scheme);
+             int w = window_arg(ctx, sc, window);
              nb::object cls = nb::module_::import_("kvcore").attr("QuantizedRotatingKVCache");
-             return make_instance<QuantizedRotatingKVCache>(cls, to_quantized(c, ks, vs));
+             return make_instance<QuantizedRotatingKVCache>(
+                 cls, to_quantized(c, ks, vs, sc, w, int_arg(ctx, "sink", sink)));
            },
            "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "scheme"_a = "affine",
-           nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedRotatingKVCache"),
+           "window"_a.none() = nb::none(), "sink"_a = 0,
+           nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedRotatingKVCache"),
            R"pbdoc(
              The same ring (offset, cursor, window), each slot quantized.
              mlx-lm raises NotImplementedError here.
@@ -185,6 +189,12 @@ void bind_kv(nb::module_& m) {
              Args:
                  group_size (int | tuple): Group size, or ``(keys, values)``.
                  bits (int | tuple): Bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+                 scheme (str): ``"affine"`` or ``"rotated-channel"`` (see
+                   QuantizedRotatingKVCache).
+                 window (int, optional): ``"rotated-channel"``: tokens kept
+                   in float (default 128).
+                 sink (int): ``"rotated-channel"``: first tokens kept in
+                   float too, at most ``keep``.
 
              Returns:
                  QuantizedRotatingKVCache: With this cache's tokens.

@@ -7,17 +7,8 @@ namespace kvcore::py {
 
 namespace {
 
-// (keys, values) as update_and_fetch returns them: triples, or under a
-// scheme with float residuals (weights, scales, biases, residual) each.
 nb::object fetched(const QuantizedKVCache& c, const std::pair<QuantizedArrays, QuantizedArrays>& kv) {
-  const auto& [k, v] = kv;
-  nb::object values = to_py(OptionalQuantized(v));
-  if (c.scheme() == QuantScheme::affine) {
-    return nb::make_tuple(to_py(OptionalQuantized(k)), values);
-  }
-  return nb::make_tuple(
-      nb::make_tuple(std::get<0>(k), std::get<1>(k), std::get<2>(k), to_py(c.residual())),
-      nb::make_tuple(std::get<0>(v), std::get<1>(v), std::get<2>(v), to_py(c.value_residual())));
+  return fetched_kv(c.scheme(), kv, c.residual(), c.value_residual());
 }
 
 } // namespace

@@ -13,20 +13,11 @@ constexpr const char* kTripleSig =
 using Fetched = std::pair<QuantizedArrays, QuantizedArrays>;
 
 nb::object fetched(const QuantizedBatchRotatingKVCache&, const Fetched& kv) {
-  return nb::make_tuple(to_py(OptionalQuantized(kv.first)), to_py(OptionalQuantized(kv.second)));
+  return fetched_kv(QuantScheme::affine, kv);
 }
 
-// (keys, values) as update_and_fetch returns them: triples, or under the
-// rotated-channel scheme (weights, scales, biases, residual) each, as
-// QuantizedKVCache's.
 nb::object fetched(const QuantizedBatchKVCache& c, const Fetched& kv) {
-  if (c.scheme() == QuantScheme::affine) {
-    return nb::make_tuple(to_py(OptionalQuantized(kv.first)), to_py(OptionalQuantized(kv.second)));
-  }
-  const auto& [k, v] = kv;
-  return nb::make_tuple(
-      nb::make_tuple(std::get<0>(k), std::get<1>(k), std::get<2>(k), to_py(c.residual())),
-      nb::make_tuple(std::get<0>(v), std::get<1>(v), std::get<2>(v), to_py(c.value_residual())));
+  return fetched_kv(c.scheme(), kv, c.residual(), c.value_residual());
 }
 
 // What both quantized batch caches show Python.
@@ -326,15 +317,22 @@ void bind_quantized_batch(nb::module_& m) {
       "The same rows and padding with keys and values quantized (``scheme``, ``window`` and "
       "``sink`` as QuantizedKVCache's)."));
   nb::setattr(r_cls, "to_quantized", nb::cpp_function(
-      [qr](const BatchRotatingKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme) {
-        auto [ks, vs] = quant_specs_arg("BatchRotatingKVCache.to_quantized", group_size, bits);
-        require_affine("BatchRotatingKVCache.to_quantized", scheme);
+      [qr](const BatchRotatingKVCache& c, nb::handle group_size, nb::handle bits, nb::handle scheme,
+           nb::handle window, nb::handle sink) {
+        constexpr const char* ctx = "BatchRotatingKVCache.to_quantized";
+        auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+        // The scheme's own checks first, so a bad window or sink is named.
+        auto sc = scheme_arg(ctx, scheme);
+        check_sink(ctx, sc, int_arg(ctx, "sink", sink));
+        window_arg(ctx, sc, window);
+        require_affine(ctx, scheme);
         return make_instance<QR>(qr, to_quantized(c, ks, vs));
       },
       nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
-      "scheme"_a = "affine",
-      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchRotatingKVCache"),
-      "The same rows, ring and padding with keys and values quantized."));
+      "scheme"_a = "affine", "window"_a.none() = nb::none(), "sink"_a = 0,
+      nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedBatchRotatingKVCache"),
+      "The same rows, ring and padding with keys and values quantized (the affine scheme "
+      "only: a batch of sliding windows takes no other yet)."));
   set_merge(q_cls, nb::cpp_function(
       [qb](nb::handle, nb::handle caches) {
         return make_instance<QB>(qb, QB::merge(cache_list_arg<QuantizedKVCache>(

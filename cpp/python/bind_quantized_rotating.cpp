@@ -56,6 +56,30 @@ nb::object spec_to_py(int keys, int values) {
   return nb::make_tuple(keys, values);
 }
 
+nb::object fetched_kv(
+    QuantScheme scheme,
+    const std::pair<QuantizedArrays, QuantizedArrays>& kv,
+    const OptionalArray& residual,
+    const OptionalArray& value_residual) {
+  const auto& [k, v] = kv;
+  if (scheme == QuantScheme::affine) {
+    return nb::make_tuple(to_py(OptionalQuantized(k)), to_py(OptionalQuantized(v)));
+  }
+  return nb::make_tuple(nb::make_tuple(std::get<0>(k), std::get<1>(k), std::get<2>(k), to_py(residual)),
+                        nb::make_tuple(std::get<0>(v), std::get<1>(v), std::get<2>(v), to_py(value_residual)));
+}
+
+namespace {
+
+nb::object fetched(const QuantizedRotatingKVCache& c, const std::pair<QuantizedArrays, QuantizedArrays>& kv) {
+  if (c.scheme() == QuantScheme::affine) {
+    return fetched_kv(QuantScheme::affine, kv);
+  }
+  return fetched_kv(c.scheme(), kv, c.held().residual(), c.held().value_residual());
+}
+
+} // namespace
+
 void bind_quantized_rotating(nb::module_& m) {
   m.def(
       "quantized_scaled_dot_product_attention",
@@ -209,14 +233,16 @@ void bind_quantized_rotating(nb::module_& m) {
       "Sliding-window cache holding keys and values quantized by ``mx.quantize``.");
   q.def("__init__",
         [](C* self, nb::handle max_size, nb::handle keep, nb::handle group_size,
-           nb::handle bits) {
+           nb::handle bits, nb::handle scheme, nb::handle window, nb::handle sink) {
           constexpr const char* ctx = "QuantizedRotatingKVCache";
           auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+          auto sc = scheme_arg(ctx, scheme);
           new (self) PyCache<C>(int_arg(ctx, "max_size", max_size), int_arg(ctx, "keep", keep),
-                                ks, vs);
+                                ks, vs, sc, window_arg(ctx, sc, window), int_arg(ctx, "sink", sink));
         },
-        "max_size"_a, "keep"_a = 0, "group_size"_a = 64, "bits"_a = 4,
-        nb::sig("def __init__(self, max_size: int, keep: int = 0, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> None"),
+        "max_size"_a, "keep"_a = 0, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
+        "scheme"_a = "affine", "window"_a.none() = nb::none(), "sink"_a = 0,
+        nb::sig("def __init__(self, max_size: int, keep: int = 0, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> None"),
         R"pbdoc(
           Args:
               max_size (int): Slots in the ring (the window), at least 1.
@@ -225,11 +251,22 @@ void bind_quantized_rotating(nb::module_& m) {
                 pair to quantize them differently.
               bits (int | tuple): 2, 3, 4, 5, 6 or 8; or a ``(keys,
                 values)`` pair, e.g. ``(8, 4)``.
+              scheme (str): ``"affine"`` (a ring of ``mx.quantize``
+                triples) or ``"rotated-channel"`` (see QuantizedKVCache):
+                the groups holding the ``keep`` tokens and the newest
+                tokens are held, whole groups the window has left behind
+                dropped, and ``make_mask`` hides what the float ring would
+                no longer hold.
+              window (int, optional): ``"rotated-channel"``: tokens kept in
+                float (default 128).
+              sink (int): ``"rotated-channel"``: first tokens kept in float
+                too, at most ``keep``.
         )pbdoc")
-      .def("update_and_fetch", &update_param<C>, "keys"_a, "values"_a,
+      .def("update_and_fetch",
+           [](C& c, nb::handle keys, nb::handle values) { return fetched(c, update_param(c, keys, values)); },
+           "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
-                   "-> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], "
-                   "tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+                   "-> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
            R"pbdoc(
              Quantize new keys and values and add them to the ring.
 
@@ -240,8 +277,12 @@ void bind_quantized_rotating(nb::module_& m) {
              Returns:
                  tuple: The cached ``(weights, scales, biases)`` of the keys
                  and of the values, in the float ring's order.
+                 ``"rotated-channel"``: ``(weights, scales, biases,
+                 residual)`` each, as QuantizedKVCache returns them, for the
+                 tokens held.
            )pbdoc")
-      .def("keys_and_values", &C::keys_and_values, "The cached key and value triples.")
+      .def("keys_and_values", [](const C& c) { return fetched(c, c.keys_and_values()); },
+           "The cached keys and values as ``update_and_fetch`` returns them.")
       .def("make_mask",
            [](const C& c, nb::handle N, nb::handle window_size, bool return_array) {
              constexpr const char* ctx = "QuantizedRotatingKVCache.make_mask";
@@ -254,7 +295,27 @@ void bind_quantized_rotating(nb::module_& m) {
       .def_prop_ro("offset", &C::offset, "Tokens seen so far.")
       .def_prop_ro("max_size", &C::max_size, "Slots in the ring.")
       .def_prop_ro("keep", &C::keep, "Leading tokens that are never rotated out.")
-      .def_prop_ro("_idx", &C::idx, "The ring cursor.")
+      .def_prop_ro("_idx", &C::idx, "The ring cursor (``\"rotated-channel\"``: the tokens held).")
+      .def_prop_ro("scheme", [](const C& c) { return scheme_name(c.scheme()); },
+                   "``\"affine\"`` or ``\"rotated-channel\"``.")
+      .def_prop_ro("window", [](const C& c) { return c.scheme() == QuantScheme::affine ? 0 : c.held().window(); },
+                   "``\"rotated-channel\"``: the newest tokens kept in float (0 for affine).")
+      .def_prop_ro("sink", [](const C& c) { return c.scheme() == QuantScheme::affine ? 0 : c.held().sink(); },
+                   "``\"rotated-channel\"``: the first tokens kept in float too (0: none).")
+      .def_prop_ro("sink_keys",
+                   [](const C& c) { return c.scheme() == QuantScheme::affine ? nb::none() : to_py(c.held().sink_keys()); },
+                   "The sink's keys, rotated, in float, or None.")
+      .def_prop_ro("sink_values",
+                   [](const C& c) { return c.scheme() == QuantScheme::affine ? nb::none() : to_py(c.held().sink_values()); },
+                   "The sink's values, rotated, in float, or None.")
+      .def_prop_ro("residual",
+                   [](const C& c) { return c.scheme() == QuantScheme::affine ? nb::none() : to_py(c.held().residual()); },
+                   "``\"rotated-channel\"``: the newest keys, rotated, in float, or None.")
+      .def_prop_ro("value_residual",
+                   [](const C& c) { return c.scheme() == QuantScheme::affine ? nb::none() : to_py(c.held().value_residual()); },
+                   "``\"rotated-channel\"``: the same tokens' values, rotated, in float, or None.")
+      .def_prop_ro("dropped", &C::dropped,
+                   "``\"rotated-channel\"``: tokens the window has dropped after the pinned groups.")
       .def_prop_ro("keys", [](const C& c) { return to_py(c.keys()); },
                    "The keys' ``(weights, scales, biases)`` ring, or None.")
       .def_prop_ro("values", [](const C& c) { return to_py(c.values()); },
@@ -274,30 +335,56 @@ void bind_quantized_rotating(nb::module_& m) {
       .def_prop_rw(
           "state",
           [](const C& c) {
-            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.keep(),
-                                  c.max_size(), c.idx(),
-                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
-                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            nb::tuple out = nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.keep(),
+                                           c.max_size(), c.idx(),
+                                           spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                                           spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            if (c.scheme() == QuantScheme::affine) {
+              return out;
+            }
+            const auto& h = c.held();
+            out = nb::tuple(out + nb::make_tuple(scheme_name(h.scheme()), h.window(), to_py(h.residual()),
+                                                 to_py(h.value_residual())));
+            if (h.sink() > 0) {
+              out = nb::tuple(out + nb::make_tuple(h.sink(), to_py(h.sink_keys()), to_py(h.sink_values())));
+            }
+            return out;
           },
           [](C& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedRotatingKVCache.state";
-            StateReader r(ctx, v, 8);
+            const size_t n = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) ? nb::len(v) : 0;
+            const bool scheme = n == 12 || n == 15, sink = n == 15;
+            StateReader r(ctx, v, sink ? 15 : (scheme ? 12 : 8));
             nb::tuple t(v);
             auto [ks, vs] = quant_specs_arg(ctx, t[6], t[7]);
-            c.set(quantized_from_py(ctx, "keys", t[0]), quantized_from_py(ctx, "values", t[1]),
-                  r.integer(2, "offset"), r.integer(3, "keep"), r.integer(4, "max_size"),
-                  r.integer(5, "_idx"), ks, vs);
+            auto keys = quantized_from_py(ctx, "keys", t[0]);
+            auto values = quantized_from_py(ctx, "values", t[1]);
+            if (!scheme) {
+              c.set(std::move(keys), std::move(values), r.integer(2, "offset"), r.integer(3, "keep"),
+                    r.integer(4, "max_size"), r.integer(5, "_idx"), ks, vs);
+              return;
+            }
+            QuantizedKVCache held(ks, vs);
+            held.set(std::move(keys), std::move(values), r.integer(5, "_idx"), ks, vs, scheme_arg(ctx, t[8]),
+                     r.array(10, "residual"), r.array(11, "value residual"), r.integer(9, "window"),
+                     sink ? r.integer(12, "sink") : 0, sink ? r.array(13, "sink keys") : std::nullopt,
+                     sink ? r.array(14, "sink values") : std::nullopt);
+            c.set_channel(std::move(held), r.integer(2, "offset"), r.integer(3, "keep"), r.integer(4, "max_size"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, keep, max_size, _idx, group_size, bits)``; keys and "
-          "values are triples.")
+          "values are triples. A ``\"rotated-channel\"`` cache adds ``(scheme, window, residual "
+          "keys, residual values)`` (keys and values are then those held, ``_idx`` of them), and "
+          "with a sink ``(sink, sink keys, sink values)``.")
       .def("_assign", [](C& self, const C& other) { self = other; }, "other"_a,
            "Take other's contents (a staged copy), as one step.")
       .def("__repr__", [](const C& c) {
         return "QuantizedRotatingKVCache(offset=" + std::to_string(c.offset()) +
             ", max_size=" + std::to_string(c.max_size()) +
-            ", bits=" + nb::cast<std::string>(nb::repr(spec_to_py(c.key_spec().bits, c.value_spec().bits))) + ")";
+            ", bits=" + nb::cast<std::string>(nb::repr(spec_to_py(c.key_spec().bits, c.value_spec().bits))) +
+            (c.scheme() == QuantScheme::affine ? std::string() : std::string(", scheme='") + scheme_name(c.scheme()) + "'") +
+            ")";
       })
       .def("__copy__", [](nb::handle self) { return copy_instance<C>(self, nb::handle()); })
       .def("__deepcopy__", [](nb::handle self, nb::handle memo) {

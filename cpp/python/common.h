@@ -305,6 +305,14 @@ int window_arg(const char* ctx, QuantScheme scheme, nb::handle window);
 void require_affine(const char* ctx, nb::handle scheme);
 /// An int when keys and values agree, else a (keys, values) tuple.
 nb::object spec_to_py(int keys, int values);
+/// (keys, values) as a quantized cache's update_and_fetch returns them:
+/// triples, or under the rotated-channel scheme (weights, scales, biases,
+/// residual) each, the residuals the float keys and values.
+nb::object fetched_kv(
+    QuantScheme scheme,
+    const std::pair<QuantizedArrays, QuantizedArrays>& kv,
+    const OptionalArray& residual = std::nullopt,
+    const OptionalArray& value_residual = std::nullopt);
 
 /// A list of ints from Python (a list, a tuple or a 1-D integer mx.array),
 /// or nullopt for None.

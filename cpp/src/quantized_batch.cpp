@@ -464,6 +464,11 @@ QuantizedBatchRotatingKVCache QuantizedBatchRotatingKVCache::merge(
   const QuantSpec ks = caches[0]->key_spec(), vs = caches[0]->value_spec();
   std::vector<const RotatingKVCache*> rings[3];
   for (const auto* c : caches) {
+    if (c->scheme() != QuantScheme::affine) {
+      // The batch's rings hold whole tokens; these hold groups of them.
+      throw ValueError(ctx, "affine caches (a batch of sliding windows takes no other scheme yet)",
+                       std::string("a ") + scheme_name(c->scheme()) + " cache");
+    }
     if (!same(c->key_spec(), ks) || !same(c->value_spec(), vs)) {
       throw ValueError(ctx, "caches quantized alike: " + spec_str(ks, vs),
                        spec_str(c->key_spec(), c->value_spec()));

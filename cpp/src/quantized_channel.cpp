@@ -352,4 +352,41 @@ void QuantizedKVCache::trim_channel(int end) {
   value_residual_ = std::move(rv);
 }
 
+void QuantizedKVCache::drop_tokens(int start, int n) {
+  constexpr const char* ctx = "QuantizedKVCache.drop_tokens";
+  const int G = key_spec_.group_size, t = quantized_tokens();
+  const int sunk = sink_keys_ ? sink_keys_->shape(2) : 0;
+  if (scheme_ != QuantScheme::rotated_channel || start < sunk || n < 0 || start % G != 0 ||
+      n % G != 0 || 1LL * start + n > t) {
+    throw ValueError(ctx,
+                     "whole groups of " + std::to_string(G) + " quantized tokens within [" +
+                         std::to_string(sunk) + ", " + std::to_string(t) + ") of a rotated-channel cache",
+                     "[" + std::to_string(start) + ", " + std::to_string(1LL * start + n) + ") of a " +
+                         scheme_name(scheme_) + " cache");
+  }
+  if (n == 0) {
+    return;
+  }
+  // Columns [lo, hi) of the last axis (keys) or tokens (values) cut out and
+  // as many zeros appended, so the room stays.
+  auto cut_last = [](const mx::array& a, int lo, int hi) {
+    auto shape = a.shape();
+    shape.back() = hi - lo;
+    return mx::concatenate({last_slice(a, 0, lo), last_slice(a, hi, a.shape(-1)), mx::zeros(shape, a.dtype())}, -1);
+  };
+  auto cut_tokens = [](const mx::array& a, int lo, int hi) {
+    return seq_concat({seq_slice(a, 0, lo), seq_slice(a, hi, a.shape(2)), seq_zeros(a, hi - lo)});
+  };
+  const int words = G * key_spec_.bits / 32;
+  const auto& [kw, ks, kb] = *keys_;
+  const auto& [vw, vs, vb] = *values_;
+  QuantizedArrays k{cut_last(kw, start / G * words, (start + n) / G * words),
+                    cut_last(ks, start / G, (start + n) / G), cut_last(kb, start / G, (start + n) / G)};
+  QuantizedArrays v{cut_tokens(vw, start, start + n), cut_tokens(vs, start, start + n),
+                    cut_tokens(vb, start, start + n)};
+  keys_ = std::move(k);
+  values_ = std::move(v);
+  offset_ -= n;
+}
+
 } // namespace kvcore

@@ -172,14 +172,24 @@ Mask RotatingKVCache::make_mask(
     int N,
     bool return_array,
     std::optional<int> window_size) const {
+  return mask_for(N, offset_, max_size_, idx_, return_array, window_size);
+}
+
+Mask RotatingKVCache::mask_for(
+    int N,
+    int seen,
+    int slots,
+    int cursor,
+    bool return_array,
+    std::optional<int> window_size) {
   constexpr const char* ctx = "RotatingKVCache.make_mask";
   check_size(ctx, "N", N);
   if (window_size) {
     check_size(ctx, "window_size", *window_size);
   }
   if (N > 1) {
-    int window = (window_size && *window_size) ? *window_size : max_size_;
-    int offset = std::min(max_size_ - 1, offset_);
+    int window = (window_size && *window_size) ? *window_size : slots;
+    int offset = std::min(slots - 1, seen);
     if (1LL * offset + N > window || return_array) {
       return create_causal_mask(N, offset, window);
     }
@@ -190,9 +200,9 @@ Mask RotatingKVCache::make_mask(
   }
   int window = *window_size;
   // A window narrower than the ring needs a mask over the ring's slots.
-  if (offset_ >= window && max_size_ > window) {
-    int idx = idx_ >= max_size_ ? 0 : idx_;
-    int mask_size = offset_ < max_size_ ? offset_ + 1 : max_size_;
+  if (seen >= window && slots > window) {
+    int idx = cursor >= slots ? 0 : cursor;
+    int mask_size = seen < slots ? seen + 1 : slots;
     auto mask = mx::greater_equal(
         mx::arange(mask_size), mx::array(mask_size - window));
     return mx::roll(mask, idx + 1);

@@ -277,17 +277,49 @@ const std::map<std::string, ClassEntry>& table() {
       {"QuantizedRotatingKVCache",
        {[](const Cache& c) -> StateValue {
           auto& k = as<QuantizedRotatingKVCache>(c);
-          return StateValue::List{quantized_state(k.keys()), quantized_state(k.values()),
-                                  k.offset(), k.keep(), k.max_size(), k.idx(),
-                                  spec_state(k.key_spec().group_size, k.value_spec().group_size),
-                                  spec_state(k.key_spec().bits, k.value_spec().bits)};
+          StateValue::List out{quantized_state(k.keys()), quantized_state(k.values()),
+                               k.offset(), k.keep(), k.max_size(), k.idx(),
+                               spec_state(k.key_spec().group_size, k.value_spec().group_size),
+                               spec_state(k.key_spec().bits, k.value_spec().bits)};
+          if (k.scheme() != QuantScheme::affine) {
+            // As QuantizedKVCache's: the scheme's name, window and residuals
+            // (_idx counts the tokens held), and with a sink its arrays.
+            const auto& h = k.held();
+            out.push_back(std::string(scheme_name(h.scheme())));
+            out.push_back(h.window());
+            out.push_back(StateValue(h.residual()));
+            out.push_back(StateValue(h.value_residual()));
+            if (h.sink() > 0) {
+              out.push_back(h.sink());
+              out.push_back(StateValue(h.sink_keys()));
+              out.push_back(StateValue(h.sink_values()));
+            }
+          }
+          return out;
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedRotatingKVCache.state";
-          const auto& l = s.list(ctx, "state", 8);
+          const size_t n = s.is_list() ? s.as_list().size() : 0;
+          const bool scheme = n == 12 || n == 15, sink = n == 15;
+          const auto& l = s.list(ctx, "state", sink ? 15 : (scheme ? 12 : 8));
           auto [kg, vg] = spec_from(ctx, "group_size", l[6]);
           auto [kb, vb] = spec_from(ctx, "bits", l[7]);
           auto c = std::make_unique<QuantizedRotatingKVCache>(1, 0);
+          if (scheme) {
+            if (!l[8].is_string()) {
+              throw ValueError(ctx, "a scheme name as a str", l[8].repr());
+            }
+            QuantizedKVCache held(64, 8);
+            held.set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                     l[5].integer(ctx, "_idx"), {kg, kb}, {vg, vb}, parse_scheme(ctx, l[8].as_string()),
+                     l[10].optional_array(ctx, "residual"), l[11].optional_array(ctx, "value residual"),
+                     l[9].integer(ctx, "window"), sink ? l[12].integer(ctx, "sink") : 0,
+                     sink ? l[13].optional_array(ctx, "sink keys") : std::nullopt,
+                     sink ? l[14].optional_array(ctx, "sink values") : std::nullopt);
+            c->set_channel(std::move(held), l[2].integer(ctx, "offset"), l[3].integer(ctx, "keep"),
+                           l[4].integer(ctx, "max_size"));
+            return c;
+          }
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                  l[2].integer(ctx, "offset"), l[3].integer(ctx, "keep"),
                  l[4].integer(ctx, "max_size"), l[5].integer(ctx, "_idx"), {kg, kb}, {vg, vb});

@@ -394,7 +394,7 @@ class RotatingKVCache:
     @keep.setter
     def keep(self, arg: object | None, /) -> None: ...
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedRotatingKVCache:
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedRotatingKVCache:
         """
         The same ring (offset, cursor, window), each slot quantized.
         mlx-lm raises NotImplementedError here.
@@ -402,6 +402,12 @@ class RotatingKVCache:
         Args:
             group_size (int | tuple): Group size, or ``(keys, values)``.
             bits (int | tuple): Bits, or ``(keys, values)``, e.g. ``(8, 4)``.
+            scheme (str): ``"affine"`` or ``"rotated-channel"`` (see
+              QuantizedRotatingKVCache).
+            window (int, optional): ``"rotated-channel"``: tokens kept
+              in float (default 128).
+            sink (int): ``"rotated-channel"``: first tokens kept in
+              float too, at most ``keep``.
 
         Returns:
             QuantizedRotatingKVCache: With this cache's tokens.
@@ -740,7 +746,7 @@ class QuantizedRotatingKVCache:
     Sliding-window cache holding keys and values quantized by ``mx.quantize``.
     """
 
-    def __init__(self, max_size: int, keep: int = 0, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4) -> None:
+    def __init__(self, max_size: int, keep: int = 0, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> None:
         """
         Args:
             max_size (int): Slots in the ring (the window), at least 1.
@@ -749,9 +755,19 @@ class QuantizedRotatingKVCache:
               pair to quantize them differently.
             bits (int | tuple): 2, 3, 4, 5, 6 or 8; or a ``(keys,
               values)`` pair, e.g. ``(8, 4)``.
+            scheme (str): ``"affine"`` (a ring of ``mx.quantize``
+              triples) or ``"rotated-channel"`` (see QuantizedKVCache):
+              the groups holding the ``keep`` tokens and the newest
+              tokens are held, whole groups the window has left behind
+              dropped, and ``make_mask`` hides what the float ring would
+              no longer hold.
+            window (int, optional): ``"rotated-channel"``: tokens kept in
+              float (default 128).
+            sink (int): ``"rotated-channel"``: first tokens kept in float
+              too, at most ``keep``.
         """
 
-    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
         """
         Quantize new keys and values and add them to the ring.
 
@@ -762,10 +778,13 @@ class QuantizedRotatingKVCache:
         Returns:
             tuple: The cached ``(weights, scales, biases)`` of the keys
             and of the values, in the float ring's order.
+            ``"rotated-channel"``: ``(weights, scales, biases,
+            residual)`` each, as QuantizedKVCache returns them, for the
+            tokens held.
         """
 
-    def keys_and_values(self) -> tuple[tuple[mlx.core.array, mlx.core.array, mlx.core.array], tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
-        """The cached key and value triples."""
+    def keys_and_values(self) -> object:
+        """The cached keys and values as ``update_and_fetch`` returns them."""
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array | str | None:
         """The attention mask for ``N`` new tokens, as RotatingKVCache's."""
@@ -781,6 +800,42 @@ class QuantizedRotatingKVCache:
     @property
     def keep(self) -> int:
         """Leading tokens that are never rotated out."""
+
+    @property
+    def scheme(self) -> str:
+        """``"affine"`` or ``"rotated-channel"``."""
+
+    @property
+    def window(self) -> int:
+        """``"rotated-channel"``: the newest tokens kept in float (0 for affine)."""
+
+    @property
+    def sink(self) -> int:
+        """``"rotated-channel"``: the first tokens kept in float too (0: none)."""
+
+    @property
+    def sink_keys(self) -> object:
+        """The sink's keys, rotated, in float, or None."""
+
+    @property
+    def sink_values(self) -> object:
+        """The sink's values, rotated, in float, or None."""
+
+    @property
+    def residual(self) -> object:
+        """``"rotated-channel"``: the newest keys, rotated, in float, or None."""
+
+    @property
+    def value_residual(self) -> object:
+        """
+        ``"rotated-channel"``: the same tokens' values, rotated, in float, or None.
+        """
+
+    @property
+    def dropped(self) -> int:
+        """
+        ``"rotated-channel"``: tokens the window has dropped after the pinned groups.
+        """
 
     @property
     def keys(self) -> object:
@@ -817,7 +872,7 @@ class QuantizedRotatingKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, keep, max_size, _idx, group_size, bits)``; keys and values are triples.
+        ``(keys, values, offset, keep, max_size, _idx, group_size, bits)``; keys and values are triples. A ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)`` (keys and values are then those held, ``_idx`` of them), and with a sink ``(sink, sink keys, sink values)``.
         """
 
     @state.setter
@@ -1158,8 +1213,10 @@ class BatchRotatingKVCache:
     def merge(cls, caches: list[RotatingKVCache]) -> BatchRotatingKVCache:
         """One batch cache from single-sequence RotatingKVCaches."""
 
-    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine') -> QuantizedBatchRotatingKVCache:
-        """The same rows, ring and padding with keys and values quantized."""
+    def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedBatchRotatingKVCache:
+        """
+        The same rows, ring and padding with keys and values quantized (the affine scheme only: a batch of sliding windows takes no other yet).
+        """
 
 class QuantizedBatchKVCache:
     """BatchKVCache holding keys and values quantized by ``mx.quantize``."""

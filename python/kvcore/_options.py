@@ -157,9 +157,9 @@ def settle_kv(args):
         raise UsageError(f"--kv-sink takes 0 to 256 tokens, not {args.kv_sink}")
     if args.kv_bits is None:
         raise UsageError("--kv-scheme rotated-channel quantizes: give --kv-bits too")
-    if args.max_kv_size is not None:
-        raise UsageError("--kv-scheme rotated-channel does not take --max-kv-size yet "
-                         "(sliding windows quantize with the affine scheme)")
+    if args.max_kv_size is not None and args.kv_sink > 4:
+        raise UsageError(f"--kv-sink {args.kv_sink} with --max-kv-size: a sliding window keeps "
+                         "its first 4 tokens, and the sink lies within them")
     return args
 
 

@@ -262,8 +262,10 @@ def _handler_class(base, cache, stats):
 def _batch_takes(kvcore, opts):
     """Whether kvcore's batch caches quantize with these settings (the
     affine scheme always; others as kvcore's batch caches learn them)."""
+    batch = (kvcore.BatchKVCache([0]) if opts.max_kv_size is None
+             else kvcore.BatchRotatingKVCache(opts.max_kv_size, [0]))
     try:
-        kvcore.BatchKVCache([0]).to_quantized(**quantize_kwargs(opts))
+        batch.to_quantized(**quantize_kwargs(opts))
     except kvcore.CacheValueError:
         return False
     return True

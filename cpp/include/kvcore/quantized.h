@@ -228,6 +228,11 @@ class QuantizedKVCache : public Cache {
   int quantized_tokens() const {
     return offset_ - (residual_ ? residual_->shape(2) : 0);
   }
+  /// rotated_channel: removes the quantized tokens [start, start + n), whole
+  /// key groups past the sink's tokens (those a sliding window has left
+  /// behind); the tokens after them move down and the buffers keep their
+  /// room. ValueError for any other span, the cache unchanged.
+  void drop_tokens(int start, int n);
   /// As SequenceCache::capacity: room for this many tokens at the first
   /// allocation.
   int capacity() const {

@@ -30,6 +30,15 @@ class RotatingKVCache : public SequenceCache {
       int N,
       bool return_array = false,
       std::optional<int> window_size = std::nullopt) const override;
+  /// make_mask of a ring that has seen `seen` tokens, with `slots` slots
+  /// (max_size) and its cursor at `cursor`.
+  static Mask mask_for(
+      int N,
+      int seen,
+      int slots,
+      int cursor,
+      bool return_array,
+      std::optional<int> window_size);
 
   /// (keys, values).
   std::vector<OptionalArray> state() const override;
