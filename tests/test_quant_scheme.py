@@ -300,12 +300,20 @@ def test_a_state_with_residuals_of_different_lengths_is_refused():
 
 
 def test_kinds_without_the_scheme_refuse_it():
-    # The batch caches take it (tests/test_quant_scheme_batch.py); the
-    # rotating ones do not yet.
-    with pytest.raises(kvcore.CacheValueError, match="rotated-channel"):
-        kvcore.RotatingKVCache(max_size=8).to_quantized(scheme=SCHEME)
-    with pytest.raises(kvcore.CacheValueError, match="rotated-channel"):
+    # The batch caches take it (tests/test_quant_scheme_batch.py), and the
+    # single sliding window (tests/test_quant_scheme_rotating.py); a batch of
+    # sliding windows does not yet, nor does its merge.
+    with pytest.raises(kvcore.CacheValueError) as e:
         kvcore.BatchRotatingKVCache(8, [0]).to_quantized(scheme=SCHEME)
+    assert str(e.value) == ("[BatchRotatingKVCache.to_quantized] expected scheme 'affine' (the "
+                            "only one this kind takes for now) but got 'rotated-channel'")
+    c = kvcore.QuantizedRotatingKVCache(8, 0, 32, 4, scheme=SCHEME)
+    c.update_and_fetch(mx.zeros((1, 1, 2, 32)), mx.zeros((1, 1, 2, 32)))
+    with pytest.raises(kvcore.CacheValueError) as e:
+        kvcore.QuantizedRotatingKVCache.merge([c])
+    assert str(e.value) == ("[QuantizedBatchRotatingKVCache.merge] expected affine caches (a batch "
+                            "of sliding windows takes no other scheme yet) but got a "
+                            "rotated-channel cache")
 
 
 QWEN = {

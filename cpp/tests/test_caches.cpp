@@ -197,6 +197,7 @@ TEST(copy_is_independent) {
 #include "kvcore/attention.h"
 #include "kvcore/quantized.h"
 #include "kvcore/quantized_batch.h"
+#include "kvcore/quantized_rotating.h"
 
 TEST(quantized_cache_round_trips_through_dequantize) {
   QuantizedKVCache c(32, 8);
@@ -280,6 +281,47 @@ TEST(rotated_channel_sink_reads_the_first_tokens_in_float) {
   CHECK_EQ(back.sink(), 1);
   CHECK(mx::array_equal(*back.sink_values(), *one.sink_values()).item<bool>());
   CHECK_THROWS(ValueError, "no sink for the affine scheme", QuantizedKVCache({64, 4}, {64, 4}, QuantScheme::affine, 0, 1));
+}
+
+TEST(rotated_channel_sliding_window_drops_whole_groups_and_masks_what_the_ring_lost) {
+  // max_size 64, keep 4 (one pinned group of 32), window 0: after a prefill
+  // of 100 and 100 single tokens the groups at 32, 64 and 96 are dropped
+  // (each once the ring's reach, offset - 59, passes its end).
+  QuantizedRotatingKVCache c(64, 4, {32, 8}, {64, 8}, QuantScheme::rotated_channel, 0);
+  RotatingKVCache ring(64, 4);
+  auto k = mx::random::normal({1, 2, 100, 64}, mx::float32, 0.0, 1.0, mx::random::key(7));
+  auto v = mx::random::normal({1, 2, 100, 64}, mx::float32, 0.0, 1.0, mx::random::key(8));
+  c.update_and_fetch(k, v);
+  ring.update_and_fetch(k, v);
+  for (int i = 0; i < 100; ++i) {
+    auto x = mx::random::normal({1, 2, 1, 64}, mx::float32, 0.0, 1.0, mx::random::key(100 + i));
+    c.update_and_fetch(x, x * 0.5f);
+    ring.update_and_fetch(x, x * 0.5f);
+  }
+  CHECK_EQ(c.offset(), 200);
+  CHECK_EQ(c.dropped(), 96);
+  CHECK_EQ(c.idx(), 104);
+  CHECK(!c.is_trimmable());
+  CHECK_THROWS(RuntimeError, "offset < max_size", c.trim(1));
+  // The next token sees the ring's 64 tokens among the 105 held.
+  auto one = std::get<mx::array>(c.make_mask(1));
+  CHECK(one.shape() == mx::Shape({105}));
+  CHECK_EQ(mx::sum(one).item<int>(), 64);
+  // Attention over a chunk of 5 agrees with the float ring's at 8 bits.
+  auto mask = c.make_mask(5);
+  auto ring_mask = ring.make_mask(5);
+  auto x = mx::random::normal({1, 2, 5, 64}, mx::float32, 0.0, 1.0, mx::random::key(9));
+  auto [qk, qv] = c.update_and_fetch(x, x);
+  auto [fk, fv] = ring.update_and_fetch(x, x);
+  const auto& h = c.held();
+  auto q = mx::random::normal({1, 4, 5, 64}, mx::float32, 0.0, 1.0, mx::random::key(10));
+  auto got = channel_attention(q, qk, h.residual(), qv, h.value_residual(), 0.125f, mask, {32, 8}, {64, 8});
+  auto want = mx::fast::scaled_dot_product_attention(q, fk, fv, 0.125f, "", std::get<mx::array>(ring_mask));
+  CHECK(mx::allclose(got, want, 0.0, 0.05).item<bool>());
+  // A sink beyond keep, and a merge into a batch, are refused.
+  CHECK_THROWS(ValueError, "a sink within keep (4 tokens)",
+               QuantizedRotatingKVCache(64, 4, {32, 4}, {64, 4}, QuantScheme::rotated_channel, 0, 5));
+  CHECK_THROWS(ValueError, "affine caches", QuantizedBatchRotatingKVCache::merge({&c}));
 }
 
 TEST(rotated_channel_batch_merges_on_one_grid_and_extracts_rows_whole) {
