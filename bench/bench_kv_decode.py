@@ -9,9 +9,17 @@ values held.
 
     python bench/bench_kv_decode.py --contexts 4096,16384 --steps 16
     python bench/bench_kv_decode.py --caches float,affine:4:64,rotated-channel:4:32/64
+    python bench/bench_kv_decode.py --config bench/data/smollm2-135m-config.json
 
 Each cache spec is ``float`` or ``SCHEME:BITS:GROUP`` (BITS may be K/V, e.g.
-``4/2``; GROUP likewise). Prints one JSON line per (cache, context).
+``4/2``; GROUP likewise). For each context every cache is filled first and
+the repeats run the caches in turn, so each repeat gives a step-time ratio
+against the ``--baseline`` cache (default the second spec) measured
+moments apart; a row's ``time_vs_baseline`` is the median of those ratios.
+``--config`` runs a model built from a config.json with random weights
+(quantized as the config says): decode speed does not depend on the
+weights, and no model directory is needed. Prints one JSON line per
+(cache, context).
 """
 
 import argparse
@@ -73,9 +81,34 @@ def decode_rate(model, caches, steps, warmup=2):
     return steps / (time.perf_counter() - t0)
 
 
+def random_model(config_path):
+    """The config's model with random weights, quantized as it says."""
+    import mlx.nn as nn
+    from mlx_lm.utils import _get_classes
+
+    with open(config_path) as f:
+        config = json.load(f)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.set_dtype(getattr(mx, config.get("torch_dtype", "float32")))
+    q = config.get("quantization")
+    if q:
+        def spec(path, module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            own = q.get(path)
+            return own if isinstance(own, dict) else True
+
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=spec)
+    mx.eval(model.parameters())
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--config", help="a config.json: its model with random weights instead of --model")
+    ap.add_argument("--baseline", help="the cache spec ratios are taken against (default: the second)")
     ap.add_argument("--contexts", default="4096,16384")
     ap.add_argument("--caches", default="float,affine:4:64,rotated-channel:4:32/64")
     ap.add_argument("--steps", type=int, default=16)
@@ -87,26 +120,35 @@ def main():
     from mlx_lm import load
 
     kvcore.patch_mlx_lm()
-    model, _ = load(a.model)
+    model = random_model(a.config) if a.config else load(a.model)[0]
     dtype = model.layers[0].self_attn.q_proj.scales.dtype if hasattr(model.layers[0].self_attn.q_proj, "scales") \
         else model.layers[0].self_attn.q_proj.weight.dtype
     device = str(mx.default_device())
+    specs = a.caches.split(",")
+    baseline = a.baseline or specs[min(1, len(specs) - 1)]
+    if baseline not in specs:
+        ap.error(f"--baseline {baseline} is not among --caches")
     for context in map(int, a.contexts.split(",")):
-        for spec in a.caches.split(","):
-            caches = make_caches(model, spec)
-            nbytes = fill(model, caches, context, dtype)
-            # Interleaving is left to the caller; repeats give min / median.
-            rates = sorted(decode_rate(model, caches, a.steps) for _ in range(a.repeats))
-            row = {"cache": spec, "context": context, "tok_per_s_median": round(rates[len(rates) // 2], 2),
-                   "tok_per_s_max": round(rates[-1], 2), "kv_bytes": nbytes, "device": device,
+        caches = {spec: make_caches(model, spec) for spec in specs}
+        nbytes = {spec: fill(model, c, context, dtype) for spec, c in caches.items()}
+        rates = {spec: [] for spec in specs}
+        for _ in range(a.repeats):
+            for spec in specs:
+                rates[spec].append(decode_rate(model, caches[spec], a.steps))
+        for spec in specs:
+            r = sorted(rates[spec])
+            ratios = sorted(b / x for x, b in zip(rates[spec], rates[baseline]))
+            row = {"cache": spec, "context": context, "tok_per_s_median": round(r[len(r) // 2], 2),
+                   "tok_per_s_max": round(r[-1], 2), "time_vs_baseline": round(ratios[len(ratios) // 2], 3),
+                   "baseline": baseline, "repeats": a.repeats, "kv_bytes": nbytes[spec],
+                   "model": a.config or a.model, "device": device,
                    "machine": platform.node(), "date": time.strftime("%Y-%m-%d")}
             print(json.dumps(row), flush=True)
             if a.json:
                 with open(a.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            del caches
-            mx.clear_cache()
-
+        del caches
+        mx.clear_cache()
 
 if __name__ == "__main__":
     main()

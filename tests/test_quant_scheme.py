@@ -446,6 +446,31 @@ def test_dequantizing_attention_equals_the_kernel_path(matmul_mode, scheme, grou
     assert mx.allclose(dequantized, kernel, atol=1e-5, rtol=1e-5).item()
 
 
+@pytest.mark.parametrize("L, mask", [(1, None), (5, "causal"), (5, "array")])
+def test_dequantizing_attention_with_a_sink_equals_the_kernel_path(matmul_mode, L, mask):
+    # On the dequantizing path the sink's float tokens are written over
+    # their dequantized ones and one fused attention runs.
+    c = kvcore.QuantizedKVCache(group_size=(32, 64), bits=4, scheme=SCHEME, window=16, sink=2)
+    mx.random.seed(4)
+    keys, values = c.update_and_fetch(mx.random.normal((1, 2, 90, 64)) * 3,
+                                      mx.random.normal((1, 2, 90, 64)))
+    q = mx.random.normal((1, 6, L, 64))
+    if mask == "array":
+        mask = mx.random.uniform(shape=(L, 90)) > 0.3
+    kw = dict(scale=0.125, mask=mask, group_size=(32, 64), bits=4, scheme=SCHEME,
+              sink=(c.sink_keys, c.sink_values, None))
+    matmul_mode("kernel")
+    kernel = kvcore.quantized_scaled_dot_product_attention(q, keys, values, **kw)
+    matmul_mode("dequantize")
+    dequantized = kvcore.quantized_scaled_dot_product_attention(q, keys, values, **kw)
+    assert dequantized.shape == kernel.shape == (1, 6, L, 64)
+    assert mx.allclose(dequantized, kernel, atol=1e-5, rtol=1e-5).item()
+    # The sink matters here: without it the output differs.
+    kw["sink"] = None
+    assert not mx.allclose(kvcore.quantized_scaled_dot_product_attention(q, keys, values, **kw),
+                           dequantized, atol=1e-3).item()
+
+
 def test_an_unknown_matmul_mode_is_refused(matmul_mode):
     with pytest.raises(kvcore.CacheValueError) as e:
         matmul_mode("cuda")

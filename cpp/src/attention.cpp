@@ -3,6 +3,7 @@
 #include <atomic>
 
 #include <mlx/backend/cuda/cuda.h>
+#include <mlx/fast.h>
 #include <mlx/ops.h>
 #include <mlx/utils.h>
 
@@ -74,6 +75,58 @@ mx::array qmatmul(bool dequantize, const mx::array& x, const mx::array& w, const
   }
   auto full = mx::astype(mx::dequantize(w, scales, biases, spec.group_size, spec.bits), x.dtype());
   return mx::matmul(x, transpose ? mx::swapaxes(full, -1, -2) : full);
+}
+
+// channel_attention where the quantized matmul cannot be trusted: the keys
+// and values dequantized, rotated, with the sink's first S0 float tokens
+// written over theirs and the float residual after them, then one fused
+// attention. A decode step is a handful of kernels, not one per term.
+mx::array dequantized_channel_attention(
+    const mx::array& queries,
+    const QuantizedArrays& keys,
+    const OptionalArray& key_residual,
+    const QuantizedArrays& values,
+    const OptionalArray& value_residual,
+    float scale,
+    const Mask& mask,
+    QuantSpec key_spec,
+    QuantSpec value_spec,
+    int S0,
+    const std::optional<ChannelSink>& sink) {
+  const auto dtype = queries.dtype();
+  const auto& [kw, ks, kb] = keys;
+  const auto& [vw, vs, vb] = values;
+  std::vector<mx::array> kparts, vparts;
+  if (ks.shape(3) > 0) {
+    // Keys come (B, H, D, T): the sink's columns are written in that layout.
+    auto k = mx::dequantize(kw, ks, kb, key_spec.group_size, key_spec.bits, "affine", std::nullopt, dtype);
+    auto v = mx::dequantize(vw, vs, vb, value_spec.group_size, value_spec.bits, "affine", std::nullopt, dtype);
+    if (S0 > 0) {
+      auto sk = mx::swapaxes(mx::astype(seq_slice(sink->keys, 0, S0), dtype), 2, 3);
+      mx::Shape lo(4, 0), hi = k.shape();
+      hi.back() = S0;
+      k = mx::slice_update(k, sk, lo, hi);
+      v = seq_write(v, mx::astype(seq_slice(sink->values, 0, S0), dtype), 0);
+    }
+    kparts.push_back(mx::swapaxes(k, 2, 3));
+    vparts.push_back(v);
+  }
+  if (key_residual) {
+    kparts.push_back(mx::astype(*key_residual, dtype));
+    vparts.push_back(mx::astype(*value_residual, dtype));
+  }
+  auto k = kparts.size() == 1 ? mx::contiguous(kparts[0]) : seq_concat(std::move(kparts));
+  auto v = vparts.size() == 1 ? vparts[0] : seq_concat(std::move(vparts));
+  std::string mode;
+  std::optional<mx::array> mask_arr;
+  if (std::holds_alternative<std::string>(mask)) {
+    mode = "causal";
+  } else if (std::holds_alternative<mx::array>(mask)) {
+    mode = "array";
+    mask_arr = std::get<mx::array>(mask);
+  }
+  auto out = mx::fast::scaled_dot_product_attention(hadamard(queries), k, v, scale, mode, mask_arr);
+  return hadamard(out);
 }
 
 } // namespace
@@ -231,6 +284,12 @@ mx::array channel_attention(
   check_mask(ctx, mask, {B, n_q, L, quantized + R});
   const int repeats = n_q / n_kv;
   const bool dequantize = dequantizes_in_attention(); // once per call, not per matmul
+  const bool rows_at_zero = S > 0 && !sink->start;
+  if (dequantize && (S == 0 || quantized == 0 || rows_at_zero)) {
+    return dequantized_channel_attention(queries, keys, key_residual, values, value_residual, scale, mask,
+                                         key_spec, value_spec, rows_at_zero ? std::min(S, quantized) : 0,
+                                         sink);
+  }
   // One rotation of the queries: (H q) . (H k) = q . k.
   auto q = mx::multiply(hadamard(queries), mx::array(scale, queries.dtype()));
   auto expand = [&](const mx::array& a) { return repeats > 1 ? mx::expand_dims(a, -3) : a; };
@@ -240,7 +299,6 @@ mx::array channel_attention(
   // The sink's columns among the quantized ones. Rows starting at column 0
   // (no `start`): columns [0, S'), S' = min(S, T). Otherwise hit[j] where row
   // b's column is its sink token j (B, 1, [1,] 1, T).
-  const bool rows_at_zero = S > 0 && !sink->start;
   const int S0 = rows_at_zero ? std::min(S, quantized) : 0;
   std::vector<mx::array> hits;
   if (S > 0 && quantized > 0 && !rows_at_zero) {
