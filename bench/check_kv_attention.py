@@ -20,6 +20,8 @@ def rot(x):
 
 
 def dequantized(c, kg, vg, kb, vb):
+    """The cache's keys and values in float, unrotated; a sink's float
+    first tokens in place of their quantized ones."""
     if c.scheme == "affine":
         (kw, ks, kbi), (vw, vs, vbi) = c.keys_and_values()
         return (mx.dequantize(kw, ks, kbi, group_size=kg, bits=kb),
@@ -32,7 +34,24 @@ def dequantized(c, kg, vg, kb, vb):
     if r is not None:
         keys.append(r)
         values.append(rv)
-    return rot(mx.concatenate(keys, 2)), rot(mx.concatenate(values, 2))
+    keys, values = mx.concatenate(keys, 2), mx.concatenate(values, 2)
+    if getattr(c, "sink_keys", None) is not None:
+        n = c.sink_keys.shape[2]
+        keys = mx.concatenate([c.sink_keys.astype(keys.dtype), keys[:, :, n:]], 2)
+        values = mx.concatenate([c.sink_values.astype(values.dtype), values[:, :, n:]], 2)
+    return rot(keys), rot(values)
+
+
+def check(c, q, keys, values, mask, g, bits, scheme, dtype):
+    """The largest difference from float attention over the dequantized
+    cache (with the same mask)."""
+    D = q.shape[-1]
+    sink = None if getattr(c, "sink_keys", None) is None else (c.sink_keys, c.sink_values, None)
+    got = kvcore.quantized_scaled_dot_product_attention(
+        q, keys, values, scale=D ** -0.5, mask=mask, group_size=g, bits=bits, scheme=scheme, sink=sink)
+    dk, dv = dequantized(c, g, g, *bits)
+    want = mx.fast.scaled_dot_product_attention(q, dk.astype(dtype), dv.astype(dtype), scale=D ** -0.5, mask=mask)
+    return mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
 
 
 def main():
@@ -49,18 +68,35 @@ def main():
         q = mx.random.normal((1, n_q, L, D)).astype(dtype)
         mask = "causal" if L > 1 else None
         try:
-            got = kvcore.quantized_scaled_dot_product_attention(
-                q, keys, values, scale=D ** -0.5, mask=mask, group_size=g, bits=(kb, vb), scheme=scheme)
-            dk, dv = dequantized(c, g, g, kb, vb)
-            want = mx.fast.scaled_dot_product_attention(q, dk.astype(dtype), dv.astype(dtype),
-                                                        scale=D ** -0.5, mask=mask)
-            err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+            err = check(c, q, keys, values, mask, g, (kb, vb), scheme, dtype)
             row = {"error": err}
             worst = max(worst, err)
         except Exception as e:  # a kernel the backend lacks
             row = {"failed": str(e)[:200]}
         print(json.dumps({"scheme": scheme, "D": D, "bits": [kb, vb], "group": g, "heads": [n_q, n_kv],
                           "L": L, "S": S, **row}), flush=True)
+    # The sink (float first tokens read in place of their quantized ones)
+    # and the sliding window (masks over the tokens held).
+    for D, (n_q, n_kv), L, sink, max_size in itertools.product(
+            (64, 128), ((9, 3), (8, 8)), (1, 7), (0, 2), (None, 256)):
+        kw = dict(scheme="rotated-channel", window=64, sink=sink)
+        c = (kvcore.QuantizedKVCache(group_size=32, bits=4, **kw) if max_size is None
+             else kvcore.QuantizedRotatingKVCache(max_size, 4, 32, 4, **kw))
+        for S in (700, 1, 1, 1):
+            k = mx.random.normal((1, n_kv, S, D)).astype(dtype)
+            keys, values = c.update_and_fetch(k, mx.random.normal((1, n_kv, S, D)).astype(dtype))
+        mask = c.make_mask(L, return_array=True) if max_size else ("causal" if L > 1 else None)
+        keys, values = c.update_and_fetch(mx.random.normal((1, n_kv, L, D)).astype(dtype),
+                                          mx.random.normal((1, n_kv, L, D)).astype(dtype))
+        q = mx.random.normal((1, n_q, L, D)).astype(dtype)
+        try:
+            err = check(c, q, keys, values, mask, 32, (4, 4), "rotated-channel", dtype)
+            row = {"error": err}
+            worst = max(worst, err)
+        except Exception as e:
+            row = {"failed": str(e)[:200]}
+        print(json.dumps({"scheme": "rotated-channel", "D": D, "heads": [n_q, n_kv], "L": L, "sink": sink,
+                          "max_size": max_size, **row}), flush=True)
     print(json.dumps({"device": str(mx.default_device()), "worst_error": worst}))
 
 
