@@ -14,9 +14,11 @@ disk tier and checkpoints) and on the prompt-cache file functions:
   and what a fixed set of fetches returns; for files the bytes on disk);
 * every good call gives what mlx-lm's class gives for the same call on the
   same inputs (arrays bit for bit), where mlx-lm has the class; kvcore's
-  rotated-channel scheme (QuantizedKVCache, QuantizedBatchKVCache, to_quantized,
-  merge, quantized attention, files, the prefix cache), which mlx-lm lacks, is
-  held to invariants stated exactly instead (its section below says which).
+  rotated-channel scheme (QuantizedKVCache, QuantizedBatchKVCache,
+  QuantizedRotatingKVCache, to_quantized, merge, quantized attention, files,
+  the prefix cache), which mlx-lm lacks, is held to invariants stated exactly
+  instead (its section below says which; the sliding window's also against
+  a float ring).
 
 Like the C++ loader fuzz (``kvcore_fuzz_loader seed iterations``), episode
 ``i`` of a family draws from its own generator, seeded by (seed, family,
@@ -106,7 +108,7 @@ ATTRS = (
     "offset", "_idx", "_offset", "keep", "max_size", "left_padding", "rotated",
     "chunk_size", "start_position", "capacity", "step", "bits", "group_size",
     "lengths", "batch_size", "_right_padding", "_lengths", "keys", "values",
-    "cache", "scheme", "window", "residual", "value_residual",
+    "cache", "scheme", "window", "residual", "value_residual", "dropped",
 )
 
 
@@ -429,7 +431,7 @@ def geometry(ep, quantized, batch=False):
 SINGLE_KINDS = [
     "KVCache", "KVCache(capacity)", "ConcatenateKVCache", "RotatingKVCache", "ChunkedKVCache",
     "QuantizedKVCache", "QuantizedKVCache(capacity)", "QuantizedRotatingKVCache",
-    "QuantizedKVCache(rotated-channel)",
+    "QuantizedKVCache(rotated-channel)", "QuantizedRotatingKVCache(rotated-channel)",
 ]
 
 
@@ -438,6 +440,8 @@ def make_single(ep, kind):
     scheme, a ChannelCase)."""
     if kind == "QuantizedKVCache(rotated-channel)":
         return make_channel_single(ep)
+    if kind == "QuantizedRotatingKVCache(rotated-channel)":
+        return make_channel_ring(ep)
     quantized = kind.startswith("Quantized")
     g = geometry(ep, quantized)
     capacity = ep.pick([1, 3, 8, 300]) if kind.endswith("(capacity)") else None
@@ -897,6 +901,8 @@ def weighted(ep, ops):
 
 def single_episode(ep):
     case = make_single(ep, ep.pick(SINGLE_KINDS))
+    if isinstance(case, ChannelRingCase):
+        return channel_ring_episode(ep, case)
     if isinstance(case, ChannelCase):
         return channel_episode(ep, case)
     for _ in range(ep.rng.randrange(10, 40)):
@@ -1659,8 +1665,10 @@ def channel_forged_states(case):
     if st[0] is not None and not st[0][1].shape[-1]:
         # no key group stored: wider key scales of zero groups are the same
         out = [x for x in out if x[0] != "state[0] scales of another width"]
-    batch = len(st) in (11, 14)
-    at = 5 if batch else 3  # group_size, bits, scheme, window, residuals (then a sink's size and arrays)
+    ring = isinstance(case.c, kvcore.QuantizedRotatingKVCache)  # (keep, max_size, _idx after the offset)
+    batch = not ring and len(st) in (11, 14)
+    # group_size, bits, scheme, window, residuals (then a sink's size and arrays)
+    at = 6 if ring else 5 if batch else 3
     sink = len(st) > at + 6
     g = case.g
     out += [
@@ -2043,6 +2051,235 @@ CHANNEL_BATCH_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1
 
 def channel_batch_episode(ep, case):
     channel_calls(ep, case, CHANNEL_BATCH_GOOD, CHANNEL_BATCH_BAD)
+
+
+# -- sliding windows of the scheme
+#
+# A rotated-channel QuantizedRotatingKVCache holds a rotated-channel
+# QuantizedKVCache (its state's arrays, _idx tokens): the pinned groups
+# (keep rounded up to whole key groups, P) and the newest tokens; whole
+# groups the window has left behind are dropped (`dropped`). Beside it runs
+# a float kvcore.RotatingKVCache fed the same updates (`case.f`; the
+# RotatingKVCache kind checks that one against mlx-lm's). Checked exactly:
+#
+# * the held layout as above, _idx + dropped == offset, the dropped tokens
+#   whole groups out of the ring's reach, and after an update of N tokens at
+#   most P + max(max_size - 1 - keep, window + 2 G) + max(G, max_size / 8)
+#   + G + N tokens held;
+# * before anything has left the ring, make_mask is the float ring's;
+# * attention through mlx-lm's entry point with the cache's own mask equals
+#   float attention over the held tokens dequantized (the sink's read from
+#   its float copies) and, where nothing is quantized, the float ring's.
+
+
+def ring_limits(c, g):
+    """(P, the ring's reach past the pinned, the drop threshold, G)."""
+    G = g["kspec"][0]
+    M = c.max_size
+    return -(-c.keep // G) * G, M - 1 - c.keep, max(G, M // 8 // G * G), G
+
+
+class ChannelRingCase(ChannelCase):
+    """A rotated-channel QuantizedRotatingKVCache and its float ring f."""
+
+    def __init__(self, ep, c, g, f):
+        super().__init__(ep, c, g)
+        self.f = f
+
+    def length(self):
+        return self.c._idx  # the tokens held
+
+    def check(self, what):
+        c, g = self.c, self.g
+        super().check(what)
+        P, reach, _, G = ring_limits(c, g)
+        d = c.dropped
+        assert (c.max_size, c.keep, c.sink) == (g["max_size"], g["keep"], g["sink"]), f"{what}: settings"
+        assert c._idx + d == c.offset and d >= 0 and d % G == 0, (
+            f"{what}: {c._idx} held and {d} dropped of {c.offset}")
+        assert d == 0 or P + d <= c.offset - reach, f"{what}: dropped tokens within reach"
+
+
+def ring_quantized(ep, f, g):
+    """f.to_quantized(rotated-channel) on g's settings."""
+    what = f"RotatingKVCache({f.max_size}, {f.keep}) of {f.offset} tokens .to_quantized(rotated-channel)"
+    c = ep.ok(what, lambda: f.to_quantized(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME,
+                                           window=g["window"], sink=g["sink"]))
+    assert c.offset == f.offset, f"{what}: offset {c.offset} != the ring's {f.offset}"
+    return c
+
+
+def make_channel_ring(ep):
+    g = channel_geometry(ep)
+    g["max_size"] = M = ep.pick([1, 7, 40, 64, 100])
+    g["keep"] = K = min(M - 1, ep.pick([0, 0, 1, 4, 40]))
+    g["sink"] = min(g["sink"], K)
+    ep.note(f"QuantizedRotatingKVCache(rotated-channel) geometry {g}")
+    f = kvcore.RotatingKVCache(M, K)
+    c = None
+    if ep.chance(0.3):
+        # The float ring's tokens (it may have wrapped), quantized.
+        tmp = Case(ep, f, None, "none", g)
+        for _ in range(ep.pick([0, 1, 2, 3])):
+            f.update_and_fetch(*tmp.kv(ep.pick([1, 5, 40, 70, 150])))
+        c = ring_quantized(ep, f, g)
+    if c is None:
+        f = kvcore.RotatingKVCache(M, K)
+        c = kvcore.QuantizedRotatingKVCache(M, K, g["group_size"], g["bits"], scheme=SCHEME, window=g["window"],
+                                            sink=g["sink"])
+    case = ChannelRingCase(ep, c, g, f)
+    case.check("the cache made")
+    return case
+
+
+def ring_update(case):
+    ep, c, g, f = case.ep, case.c, case.g, case.f
+    S = ep.pick([1, 1, 1, 1, 2, 3, 9, 31, 33, 70, 150])
+    k, v = case.kv(S)
+    o, t0 = c.offset, tokens_quantized(c)
+    assert f.offset == o, f"the float ring at {f.offset}, the cache at {o}"
+    # The masks for the new tokens, as mlx-lm's models take them before the update.
+    mq, mf = c.make_mask(S), f.make_mask(S)
+    if o <= c.max_size - 1:
+        same(mq, mf, f"make_mask({S}) at offset {o} against the float ring's")
+    d0 = c.dropped
+    out = case.good(f"update_and_fetch(S={S})", lambda c: c.update_and_fetch(k, v))
+    fk, fv = f.update_and_fetch(k, v)
+    c = case.c
+    same(out, c.keys_and_values(), "update_and_fetch's result and keys_and_values()")
+    P, reach, threshold, G = ring_limits(c, g)
+    n, t, gone = case.length(), tokens_quantized(c), c.dropped - d0
+    assert c.offset == o + S, f"update_and_fetch(S={S}): offset {o} -> {c.offset}"
+    assert gone == 0 or gone >= threshold, f"update_and_fetch(S={S}): {gone} tokens dropped"
+    want = max(t0 - gone, max(0, n - channel_window(g)) // G * G)
+    assert t == want, f"update_and_fetch(S={S}): {t} tokens quantized, expected {want}"
+    most = P + max(reach, channel_window(g) + 2 * G) + threshold + G + S
+    assert n <= most, f"update_and_fetch(S={S}): {n} tokens held, more than {most}"
+    ep.counts["ring updates dropping groups"] += gone > 0
+    if g["dtype"] != mx.float32:
+        return  # (half precision: see channel_attention)
+    from kvcore._attention import scaled_dot_product_attention
+
+    q = ep.data((g["B"], g["H"] * ep.pick([1, 2]), S, g["Dk"]), g["dtype"]) * 0.01
+    got = scaled_dot_product_attention(q, out[0], out[1], c, scale=0.125, mask=mq)
+    dk, dv = dequantized(c)
+    if c.sink_keys is not None:
+        j = c.sink_keys.shape[2]
+        dk = mx.concatenate([rot(c.sink_keys), dk[:, :, j:]], axis=2)
+        dv = mx.concatenate([rot(c.sink_values), dv[:, :, j:]], axis=2)
+    for name, want in (("the held tokens dequantized",
+                        mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.125, mask=mq)),
+                       ("the float ring's", mx.fast.scaled_dot_product_attention(
+                           q, fk, fv, scale=0.125, mask=mf) if t == 0 else None)):
+        if want is None:
+            continue
+        err = mx.abs(got - want).max().item()
+        assert err <= 1e-4 * (1 + mx.abs(want).max().item()), (
+            f"update_and_fetch(S={S}): attention off {name} by {err}")
+        ep.counts["ring attention against " + name] += 1
+
+
+def ring_trim(case):
+    """trim while nothing has left the ring (as the float ring), refused after."""
+    c, f = case.c, case.f
+    n = case.ep.rng.randrange(c.offset + 3)
+    if min(n, c.offset) > 0 and not c.is_trimmable():
+        case.bad(f"trim({n}) after rotation", lambda c: c.trim(n), allow=())
+        return
+    n0 = c.offset
+    got = case.good(f"trim({n})", lambda c: c.trim(n))
+    assert got == f.trim(n) == min(n, n0) and case.c.offset == f.offset == n0 - got, (
+        f"trim({n}) of {n0}: {got}, {case.c.offset} left")
+
+
+def ring_to_quantized(case):
+    """The float ring's to_quantized: a cache in step with it."""
+    case.c = ring_quantized(case.ep, case.f, case.g)
+    case.check("to_quantized(rotated-channel)")
+
+
+def channel_ring_forged_states(case):
+    """channel_forged_states, and offsets the held tokens do not fit: dropped
+    tokens that are not whole groups, or still within the ring's reach."""
+    c, g = case.c, case.g
+    st = tuple(c.state)
+    out = channel_forged_states(case)
+    P, reach, _, G = ring_limits(c, g)
+    out += [("offset one past whole dropped groups", with_item(st, 2, st[2] + 1)),
+            ("keep = max_size", with_item(st, 3, st[4]))]
+    if c.dropped or c._idx:
+        out.append(("offset one short of the held and dropped tokens", with_item(st, 2, st[2] - 1)))
+    if c._idx < P + reach or c._idx <= P:
+        # Within reach, or nothing held past the pinned groups.
+        out.append(("one more group dropped within reach", with_item(st, 2, st[2] + G)))
+    if len(st) == 15:
+        out.append(("a sink past keep", with_item(st, 12, c.keep + 1)))
+    return out
+
+
+def bad_ring_state(case):
+    what, st = case.ep.pick(channel_ring_forged_states(case))
+    if case.ep.chance(0.5):
+        case.bad(f"state = {what}", lambda c: setattr(c, "state", st), allow=())
+    else:
+        case.bad(f"from_state({what})", lambda c: type(c).from_state(st), allow=())
+
+
+def bad_ring_to_quantized(case):
+    """The float ring's to_quantized with settings no cache takes: a typed
+    error and the ring unchanged."""
+    ep, f, g = case.ep, case.f, case.g
+    kw = dict(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"], sink=g["sink"])
+    what, change = ep.pick([
+        ("sink past keep", dict(sink=f.keep + 1)),
+        ("group_size 48", dict(group_size=48)),
+        ("bits 7", dict(bits=7)),
+        ("window -1", dict(window=-1)),
+        ("window 2**21", dict(window=2**21)),
+        ("scheme 'nope'", dict(scheme="nope")),
+        ("affine with a window", dict(scheme="affine", window=3, sink=0)),
+        ("affine with a sink", dict(scheme="affine", window=None, sink=1)),
+    ])
+    ep.fails(f"RotatingKVCache.to_quantized({what})", lambda: f.to_quantized(**dict(kw, **change)),
+             lambda: picture(f), allow=())
+
+
+BAD_RING_CONSTRUCTORS = [
+    ("QuantizedRotatingKVCache(8, 2, rotated-channel, window=2**20), an update of 2**20 float tokens",
+     lambda: kvcore.QuantizedRotatingKVCache(8, 2, 32, 4, scheme=SCHEME, window=2**20).update_and_fetch(
+         mx.zeros((1, 8, 2**20, 64)), mx.zeros((1, 8, 2**20, 64)))),
+    ("QuantizedRotatingKVCache(8, 2, 48, 4, rotated-channel)",
+     lambda: kvcore.QuantizedRotatingKVCache(8, 2, 48, 4, scheme=SCHEME)),
+    ("QuantizedRotatingKVCache(8, 8, rotated-channel)",
+     lambda: kvcore.QuantizedRotatingKVCache(8, 8, 32, 4, scheme=SCHEME)),
+    ("QuantizedRotatingKVCache(8, 2, rotated-channel, sink=-1)",
+     lambda: kvcore.QuantizedRotatingKVCache(8, 2, 32, 4, scheme=SCHEME, sink=-1)),
+    ("RotatingKVCache of head dim 48 .to_quantized(rotated-channel)",
+     lambda: filled_ring((1, 1, 10, 48)).to_quantized(32, 4, scheme=SCHEME)),
+    ("RotatingKVCache of int32 .to_quantized(rotated-channel)",
+     lambda: filled_ring((1, 1, 10, 32), mx.int32).to_quantized(32, 4, scheme=SCHEME)),
+]
+
+
+def filled_ring(shape, dtype=mx.float32):
+    c = kvcore.RotatingKVCache(8, 2)
+    c.update_and_fetch(mx.ones(shape, dtype), mx.ones(shape, dtype))
+    return c
+
+
+def bad_ring_constructor(case):
+    what, call = case.ep.pick(BAD_RING_CONSTRUCTORS + BAD_CHANNEL_CONSTRUCTORS)
+    case.ep.fails(what, call, lambda: None, allow=())
+
+
+RING_GOOD = [(8, ring_update), (1, ring_trim), (1, channel_from_state), (1, channel_deepcopy),
+             (0.5, ring_to_quantized), (1, channel_attention)]
+RING_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_mask), (4, bad_ring_state),
+            (1, bad_ring_to_quantized), (1, bad_attention), (0.5, bad_matmul_mode), (1, bad_ring_constructor)]
+
+
+def channel_ring_episode(ep, case):
+    channel_calls(ep, case, RING_GOOD, RING_BAD)
 
 
 # --------------------------------------------------------------------------

@@ -14,6 +14,10 @@ namespace kvcore {
 
 namespace {
 
+// Tokens a chunk's update rotates and quantizes at a time (rounded to whole
+// groups).
+constexpr int quantize_piece = 256;
+
 // x written at column `at` of buf's last axis, after growing buf (kept up to
 // `at`) by `grow` columns when grow > 0. A first allocation (at 0) is the
 // zeros alone, not a copy of them.
@@ -242,40 +246,29 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedKVCache::update_channel(
                  double(B) * H *
                      (double(kgrow) * D * (key_spec_.bits / 8.0 + 2.0 * item / G) +
                       double(vgrow) * Dv * (value_spec_.bits / 8.0 + 2.0 * item / value_spec_.group_size)));
-    // Keys: a group may straddle the residual and the new tokens; one copy
-    // lays both out transposed (B, H, D, add) as quantize reads them.
-    std::vector<mx::array> kparts;
-    if (R > 0) {
-      kparts.push_back(mx::swapaxes(seq_slice(*residual_, 0, add), 2, 3));
-    }
-    if (add > R) {
-      kparts.push_back(mx::swapaxes(hadamard(seq_slice(keys, 0, add - R)), 2, 3));
-    }
-    auto qk = quantize(ctx, kparts.size() == 1 ? kparts[0] : mx::concatenate(kparts, 3), G,
-                       key_spec_.bits);
-    const auto& [bw, bs, bb] = *kbuf;
-    kbuf = QuantizedArrays{
-        write_last_slice(bw, std::get<0>(qk), done / G * per_group, kgrow / G * per_group),
-        write_last_slice(bs, std::get<1>(qk), done / G, kgrow / G),
-        write_last_slice(bb, std::get<2>(qk), done / G, kgrow / G)};
-    // Values are quantized per token: the residual's and the new ones apart,
-    // each written where it goes.
+    // The span goes in pieces of whole groups, each rotated, laid out
+    // transposed for the keys (one copy) and quantized on its own: the
+    // float temporaries are a piece's, not the whole chunk's.
+    const int piece = std::max(G, quantize_piece / G * G);
+    auto [kw, ks, kb] = *kbuf;
     const auto& [vw0, vs0, vb0] = *vbuf;
     auto vw = grow_tokens(vw0, vw0, done, vgrow);
     auto vs = grow_tokens(vs0, vs0, done, vgrow);
     auto vb = grow_tokens(vb0, vb0, done, vgrow);
-    auto write_values = [&](const mx::array& x, int at) {
-      auto [w, s, b] = quantize(ctx, x, value_spec_.group_size, value_spec_.bits);
-      vw = seq_write(vw, w, at);
-      vs = seq_write(vs, s, at);
-      vb = seq_write(vb, b, at);
-    };
-    if (R > 0) {
-      write_values(seq_slice(*value_residual_, 0, add), done);
+    for (int at = 0; at < add; at += piece) {
+      const int n = std::min(piece, add - at), grow = at == 0 ? kgrow : 0;
+      auto [qw, qs, qb] = quantize(ctx, mx::swapaxes(*rotated_span(residual_, keys, at, at + n), 2, 3), G,
+                                   key_spec_.bits);
+      kw = write_last_slice(kw, qw, (done + at) / G * per_group, grow / G * per_group);
+      ks = write_last_slice(ks, qs, (done + at) / G, grow / G);
+      kb = write_last_slice(kb, qb, (done + at) / G, grow / G);
+      auto [w, sc, b] = quantize(ctx, *rotated_span(value_residual_, values, at, at + n),
+                                 value_spec_.group_size, value_spec_.bits);
+      vw = seq_write(vw, w, done + at);
+      vs = seq_write(vs, sc, done + at);
+      vb = seq_write(vb, b, done + at);
     }
-    if (add > R) {
-      write_values(hadamard(seq_slice(values, 0, add - R)), done + R);
-    }
+    kbuf = QuantizedArrays{std::move(kw), std::move(ks), std::move(kb)};
     vbuf = QuantizedArrays{std::move(vw), std::move(vs), std::move(vb)};
   }
   // The new residual holds only its own tokens (never a view that keeps a
@@ -352,7 +345,7 @@ void QuantizedKVCache::trim_channel(int end) {
   value_residual_ = std::move(rv);
 }
 
-void QuantizedKVCache::drop_tokens(int start, int n) {
+void QuantizedKVCache::drop_tokens(int start, int n, int room) {
   constexpr const char* ctx = "QuantizedKVCache.drop_tokens";
   const int G = key_spec_.group_size, t = quantized_tokens();
   const int sunk = sink_keys_ ? sink_keys_->shape(2) : 0;
@@ -367,23 +360,39 @@ void QuantizedKVCache::drop_tokens(int start, int n) {
   if (n == 0) {
     return;
   }
-  // Columns [lo, hi) of the last axis (keys) or tokens (values) cut out and
-  // as many zeros appended, so the room stays.
-  auto cut_last = [](const mx::array& a, int lo, int hi) {
-    auto shape = a.shape();
-    shape.back() = hi - lo;
-    return mx::concatenate({last_slice(a, 0, lo), last_slice(a, hi, a.shape(-1)), mx::zeros(shape, a.dtype())}, -1);
+  // The room kept: what was there, no more than `room` (whole groups), no
+  // less than what stays.
+  const int kcap = std::get<1>(*keys_).shape(3) * G, vcap = std::get<0>(*values_).shape(2);
+  const int want = std::max(t - n, (std::max(room, 0) + G - 1) / G * G);
+  // Columns [lo, hi) of the last axis (keys) or tokens (values) cut out;
+  // the buffer then holds `keep` columns (zeros past what stays).
+  auto cut_last = [](const mx::array& a, int lo, int hi, int keep) {
+    std::vector<mx::array> parts{last_slice(a, 0, lo), last_slice(a, hi, std::min(a.shape(-1), keep + hi - lo))};
+    const int have = lo + parts[1].shape(-1);
+    if (keep > have) {
+      auto shape = a.shape();
+      shape.back() = keep - have;
+      parts.push_back(mx::zeros(shape, a.dtype()));
+    }
+    return mx::concatenate(parts, -1);
   };
-  auto cut_tokens = [](const mx::array& a, int lo, int hi) {
-    return seq_concat({seq_slice(a, 0, lo), seq_slice(a, hi, a.shape(2)), seq_zeros(a, hi - lo)});
+  auto cut_tokens = [](const mx::array& a, int lo, int hi, int keep) {
+    std::vector<mx::array> parts{seq_slice(a, 0, lo), seq_slice(a, hi, std::min(a.shape(2), keep + hi - lo))};
+    const int have = lo + parts[1].shape(2);
+    if (keep > have) {
+      parts.push_back(seq_zeros(a, keep - have));
+    }
+    return seq_concat(std::move(parts));
   };
+  const int kkeep = std::max(t - n, std::min(kcap, want)), vkeep = std::max(t - n, std::min(vcap, want));
   const int words = G * key_spec_.bits / 32;
   const auto& [kw, ks, kb] = *keys_;
   const auto& [vw, vs, vb] = *values_;
-  QuantizedArrays k{cut_last(kw, start / G * words, (start + n) / G * words),
-                    cut_last(ks, start / G, (start + n) / G), cut_last(kb, start / G, (start + n) / G)};
-  QuantizedArrays v{cut_tokens(vw, start, start + n), cut_tokens(vs, start, start + n),
-                    cut_tokens(vb, start, start + n)};
+  QuantizedArrays k{cut_last(kw, start / G * words, (start + n) / G * words, kkeep / G * words),
+                    cut_last(ks, start / G, (start + n) / G, kkeep / G),
+                    cut_last(kb, start / G, (start + n) / G, kkeep / G)};
+  QuantizedArrays v{cut_tokens(vw, start, start + n, vkeep), cut_tokens(vs, start, start + n, vkeep),
+                    cut_tokens(vb, start, start + n, vkeep)};
   keys_ = std::move(k);
   values_ = std::move(v);
   offset_ -= n;

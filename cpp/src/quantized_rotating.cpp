@@ -88,18 +88,25 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedRotatingKVCache::update_and
     return lockstep::update(ctx, rings_, qk, qv);
   }
   const int end = check_size(ctx, "offset + S", 1LL * offset_ + keys.shape(2));
-  if (const int n = droppable(offset_); n > 0) {
-    // Staged: a failed update leaves the cache as it was.
-    QuantizedKVCache next = *channel_;
-    next.drop_tokens(pinned(), n);
-    auto out = next.update_and_fetch(keys, values);
-    channel_ = std::move(next);
+  try {
+    if (const int n = droppable(offset_); n > 0) {
+      // Staged: a failed update leaves the cache as it was. The buffers
+      // keep room for what the window holds at most, no more (a long
+      // prefill's room is given back).
+      const int G = key_spec_.group_size;
+      QuantizedKVCache next = *channel_;
+      next.drop_tokens(pinned(), n, pinned() + max_size() + std::max(G, max_size() / 8 / G * G) + 2 * G);
+      auto out = next.update_and_fetch(keys, values);
+      channel_ = std::move(next);
+      offset_ = end;
+      return out;
+    }
+    auto out = channel_->update_and_fetch(keys, values);
     offset_ = end;
     return out;
+  } catch (const CacheError& e) {
+    rethrow_from(e, ctx);
   }
-  auto out = channel_->update_and_fetch(keys, values);
-  offset_ = end;
-  return out;
 }
 
 Mask QuantizedRotatingKVCache::make_mask(int N, bool return_array, std::optional<int> window_size) const {
@@ -207,7 +214,7 @@ void QuantizedRotatingKVCache::set_channel(QuantizedKVCache held, int offset, in
   const long long d = 1LL * offset - held.offset();
   // Dropped tokens are whole groups after the pinned ones, all out of the
   // window's reach.
-  if (d < 0 || d % G != 0 || (d > 0 && (held.quantized_tokens() < P || P + d > 1LL * offset - (max_size - 1 - keep)))) {
+  if (d < 0 || d % G != 0 || (d > 0 && (held.offset() <= P || P + d > 1LL * offset - (max_size - 1 - keep)))) {
     throw ValueError(ctx,
                      "an offset of the " + std::to_string(held.offset()) + " held tokens plus whole groups of " +
                          std::to_string(G) + " the window of " + std::to_string(max_size) + " (keep " +

@@ -44,6 +44,10 @@ class CacheError : public std::runtime_error {
   std::string actual_;
 };
 
+/// The same error said from `context` (a cache that delegates to another
+/// names itself, not the one it holds).
+[[noreturn]] void rethrow_from(const CacheError& e, const std::string& context);
+
 /// Bad argument: shape, dtype, size or a malformed state (Python ValueError).
 struct ValueError : CacheError {
   ValueError(std::string context, std::string expected, std::string actual)

@@ -230,9 +230,10 @@ class QuantizedKVCache : public Cache {
   }
   /// rotated_channel: removes the quantized tokens [start, start + n), whole
   /// key groups past the sink's tokens (those a sliding window has left
-  /// behind); the tokens after them move down and the buffers keep their
-  /// room. ValueError for any other span, the cache unchanged.
-  void drop_tokens(int start, int n);
+  /// behind); the tokens after them move down. The buffers keep their room
+  /// up to `room` tokens (rounded up to groups), at least what stays.
+  /// ValueError for any other span, the cache unchanged.
+  void drop_tokens(int start, int n, int room);
   /// As SequenceCache::capacity: room for this many tokens at the first
   /// allocation.
   int capacity() const {
