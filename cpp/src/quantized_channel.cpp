@@ -14,10 +14,6 @@ namespace kvcore {
 
 namespace {
 
-// Tokens a chunk's update rotates and quantizes at a time (rounded to whole
-// groups).
-constexpr int quantize_piece = 256;
-
 // x written at column `at` of buf's last axis, after growing buf (kept up to
 // `at`) by `grow` columns when grow > 0. A first allocation (at 0) is the
 // zeros alone, not a copy of them.

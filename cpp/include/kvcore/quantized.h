@@ -73,6 +73,13 @@ std::pair<OptionalQuantized, OptionalQuantized> quantize_buffers(
     QuantSpec key_spec,
     QuantSpec value_spec);
 
+/// Tokens a rotated_channel update rotates and quantizes at a time (rounded
+/// to whole key groups), results bit for bit the whole chunk's: fewer of a
+/// long chunk's float temporaries are alive at once. (The affine scheme
+/// quantizes a chunk whole: slicing a contiguous input would make
+/// mx::quantize copy each piece.)
+constexpr int quantize_piece = 256;
+
 class QuantizedKVCache : public Cache {
  public:
   static constexpr int default_step = 256;
