@@ -1818,8 +1818,10 @@ BAD_CHANNEL_CONSTRUCTORS = [
      lambda: kvcore.QuantizedRotatingKVCache(8, 2, 32, 4, scheme=SCHEME, sink=3)),
     ("QuantizedRotatingKVCache(8, rotated-channel, window=-1)",
      lambda: kvcore.QuantizedRotatingKVCache(8, 0, 32, 4, scheme=SCHEME, window=-1)),
-    ("BatchRotatingKVCache(8, [0]).to_quantized(rotated-channel)",
-     lambda: kvcore.BatchRotatingKVCache(8, [0]).to_quantized(scheme=SCHEME)),
+    ("BatchRotatingKVCache(8, [0]).to_quantized(rotated-channel, sink=1)",
+     lambda: kvcore.BatchRotatingKVCache(8, [0]).to_quantized(32, 4, scheme=SCHEME, sink=1)),
+    ("QuantizedBatchRotatingKVCache(8, [0], rotated-channel, window=-1)",
+     lambda: kvcore.QuantizedBatchRotatingKVCache(8, [0], 32, 4, scheme=SCHEME, window=-1)),
     ("QuantizedKVCache(rotated-channel, window=2**20), an update of 2**20 float tokens",
      lambda: kvcore.QuantizedKVCache(32, 4, scheme=SCHEME, window=2**20).update_and_fetch(
          mx.zeros((1, 8, 2**20, 64)), mx.zeros((1, 8, 2**20, 64)))),
@@ -2205,12 +2207,11 @@ def channel_ring_forged_states(case):
     st = tuple(c.state)
     out = channel_forged_states(case)
     P, reach, _, G = ring_limits(c, g)
-    out += [("offset one past whole dropped groups", with_item(st, 2, st[2] + 1)),
-            ("keep = max_size", with_item(st, 3, st[4]))]
-    if c.dropped or c._idx:
-        out.append(("offset one short of the held and dropped tokens", with_item(st, 2, st[2] - 1)))
+    out += [("keep = max_size", with_item(st, 3, st[4])),
+            ("offset below the held tokens", with_item(st, 2, c._idx - 1))]
     if c._idx < P + reach or c._idx <= P:
         # Within reach, or nothing held past the pinned groups.
+        out.append(("one more token dropped within reach", with_item(st, 2, st[2] + 1)))
         out.append(("one more group dropped within reach", with_item(st, 2, st[2] + G)))
     if len(st) == 15:
         out.append(("a sink past keep", with_item(st, 12, c.keep + 1)))

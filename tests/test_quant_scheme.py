@@ -299,21 +299,24 @@ def test_a_state_with_residuals_of_different_lengths_is_refused():
     assert c.offset == 75
 
 
-def test_kinds_without_the_scheme_refuse_it():
-    # The batch caches take it (tests/test_quant_scheme_batch.py), and the
-    # single sliding window (tests/test_quant_scheme_rotating.py); a batch of
-    # sliding windows does not yet, nor does its merge.
+def test_a_batch_of_sliding_windows_takes_the_scheme_without_a_sink():
+    # Every kind takes the scheme (tests/test_quant_scheme_rotating.py and
+    # tests/test_quant_scheme_batch_rotating.py); a batch of sliding windows
+    # pins no first tokens, so it takes no sink, and its merge takes one
+    # scheme.
     with pytest.raises(kvcore.CacheValueError) as e:
-        kvcore.BatchRotatingKVCache(8, [0]).to_quantized(scheme=SCHEME)
-    assert str(e.value) == ("[BatchRotatingKVCache.to_quantized] expected scheme 'affine' (the "
-                            "only one this kind takes for now) but got 'rotated-channel'")
+        kvcore.BatchRotatingKVCache(8, [0]).to_quantized(32, 4, scheme=SCHEME, sink=1)
+    assert str(e.value) == ("[BatchRotatingKVCache.to_quantized] expected no sink (a batch of sliding "
+                            "windows pins no first tokens) but got sink 1")
+    assert kvcore.BatchRotatingKVCache(8, [0]).to_quantized(32, 4, scheme=SCHEME).scheme == SCHEME
     c = kvcore.QuantizedRotatingKVCache(8, 0, 32, 4, scheme=SCHEME)
-    c.update_and_fetch(mx.zeros((1, 1, 2, 32)), mx.zeros((1, 1, 2, 32)))
+    a = kvcore.QuantizedRotatingKVCache(8, 0, 32, 4)
+    for x in (c, a):
+        x.update_and_fetch(mx.zeros((1, 1, 2, 32)), mx.zeros((1, 1, 2, 32)))
     with pytest.raises(kvcore.CacheValueError) as e:
-        kvcore.QuantizedRotatingKVCache.merge([c])
-    assert str(e.value) == ("[QuantizedBatchRotatingKVCache.merge] expected affine caches (a batch "
-                            "of sliding windows takes no other scheme yet) but got a "
-                            "rotated-channel cache")
+        kvcore.QuantizedRotatingKVCache.merge([c, a])
+    assert str(e.value) == ("[QuantizedBatchRotatingKVCache.merge] expected caches of one scheme and "
+                            "max_size: rotated-channel, 8 but got affine, 8")
 
 
 QWEN = {

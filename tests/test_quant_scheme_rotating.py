@@ -468,16 +468,26 @@ def test_affine_takes_no_window_or_sink():
         assert str(e.value) == "[QuantizedRotatingKVCache] " + message
 
 
-def test_a_state_whose_dropped_tokens_are_not_whole_groups_is_refused():
+def test_a_state_whose_offset_is_below_its_held_tokens_is_refused():
     q = filled()
-    for offset in (151, 149):
+    for offset in (117, 0):
         s = list(q.state)
         s[2] = offset
-        message = ("[QuantizedRotatingKVCache.state] expected an offset of the 118 held tokens plus whole "
-                   f"groups of 32 the window of 64 (keep 4) has left behind but got offset {offset}")
+        message = ("[QuantizedRotatingKVCache.state] expected an offset of the 118 held tokens plus tokens "
+                   f"the window of 64 (keep 4) has left behind but got offset {offset}")
         assert_refused(q, lambda: setattr(q, "state", tuple(s)), kvcore.CacheValueError, message)
         assert_refused(q, lambda: kvcore.QuantizedRotatingKVCache.from_state(tuple(s)),
                        kvcore.CacheValueError, message)
+
+
+def test_dropped_tokens_need_not_be_whole_groups():
+    # A batch row extracted, or a float ring converted, may have lost any
+    # number of tokens: the held ones keep their own groups.
+    q = filled()
+    s = list(q.state)
+    s[2] = 151
+    ok = kvcore.QuantizedRotatingKVCache.from_state(tuple(s))
+    assert (ok.offset, ok._idx, ok.dropped) == (151, 118, 33)
 
 
 def test_a_state_whose_dropped_tokens_are_still_in_reach_is_refused():
@@ -487,8 +497,8 @@ def test_a_state_whose_dropped_tokens_are_still_in_reach_is_refused():
     q.update_and_fetch(*next(steps([64], seed=13))[1:])
     s = list(q.state)
     s[2] = 96
-    message = ("[QuantizedRotatingKVCache.state] expected an offset of the 64 held tokens plus whole "
-               "groups of 32 the window of 64 (keep 4) has left behind but got offset 96")
+    message = ("[QuantizedRotatingKVCache.state] expected an offset of the 64 held tokens plus tokens "
+               "the window of 64 (keep 4) has left behind but got offset 96")
     assert_refused(q, lambda: setattr(q, "state", tuple(s)), kvcore.CacheValueError, message)
     # Whatever the offset: the ring holds 59 tokens past the pinned, 64 held
     # tokens leave only 32 of them.
@@ -512,8 +522,8 @@ def test_a_state_holding_no_token_past_the_pinned_ones_is_refused():
     q.update_and_fetch(*next(steps([32], seed=14))[1:])
     s = list(q.state)
     s[2] = 32 + 320
-    message = ("[QuantizedRotatingKVCache.state] expected an offset of the 32 held tokens plus whole "
-               "groups of 32 the window of 64 (keep 4) has left behind but got offset 352")
+    message = ("[QuantizedRotatingKVCache.state] expected an offset of the 32 held tokens plus tokens "
+               "the window of 64 (keep 4) has left behind but got offset 352")
     assert_refused(q, lambda: setattr(q, "state", tuple(s)), kvcore.CacheValueError, message)
 
 
@@ -548,11 +558,12 @@ def test_trim_after_rotation_is_refused_and_before_it_trims():
             eq(x, y)
 
 
-def test_merge_is_refused():
-    q = filled()
-    assert_refused(q, lambda: kvcore.QuantizedRotatingKVCache.merge([q]), kvcore.CacheValueError,
-                   "[QuantizedBatchRotatingKVCache.merge] expected affine caches (a batch of sliding "
-                   "windows takes no other scheme yet) but got a rotated-channel cache")
+def test_a_merge_of_other_window_sizes_is_refused():
+    q, other = filled(), new(32, 0, bits=4, window=0)
+    other.update_and_fetch(*next(steps([10], seed=16))[1:])
+    assert_refused(q, lambda: kvcore.QuantizedRotatingKVCache.merge([q, other]), kvcore.CacheValueError,
+                   "[QuantizedBatchRotatingKVCache.merge] expected caches of one scheme and max_size: "
+                   "rotated-channel, 64 but got rotated-channel, 32")
 
 
 @pytest.mark.parametrize("D, dtype", [(32, mx.float32), (128, mx.float32), (64, mx.float16)])

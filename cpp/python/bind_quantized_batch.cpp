@@ -12,8 +12,8 @@ constexpr const char* kTripleSig =
 
 using Fetched = std::pair<QuantizedArrays, QuantizedArrays>;
 
-nb::object fetched(const QuantizedBatchRotatingKVCache&, const Fetched& kv) {
-  return fetched_kv(QuantScheme::affine, kv);
+nb::object fetched(const QuantizedBatchRotatingKVCache& c, const Fetched& kv) {
+  return fetched_kv(c.scheme(), kv, c.residual(), c.value_residual());
 }
 
 nb::object fetched(const QuantizedBatchKVCache& c, const Fetched& kv) {
@@ -217,20 +217,29 @@ void bind_quantized_batch(nb::module_& m) {
       "BatchRotatingKVCache holding keys and values quantized by ``mx.quantize``.");
   qr.def("__init__",
          [](QR* self, nb::handle max_size, nb::handle left_padding, nb::handle group_size,
-            nb::handle bits) {
+            nb::handle bits, nb::handle scheme, nb::handle window) {
            constexpr const char* ctx = "QuantizedBatchRotatingKVCache";
            auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
+           auto sc = scheme_arg(ctx, scheme);
            new (self) PyCache<QR>(int_arg(ctx, "max_size", max_size),
-                                  int_list_required(ctx, "left_padding", left_padding), ks, vs);
+                                  int_list_required(ctx, "left_padding", left_padding), ks, vs, sc,
+                                  window_arg(ctx, sc, window));
          },
-         "max_size"_a, "left_padding"_a, "group_size"_a = 64, "bits"_a = 8,
-         nb::sig("def __init__(self, max_size: int, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None"),
+         "max_size"_a, "left_padding"_a, "group_size"_a = 64, "bits"_a = 8, nb::kw_only(),
+         "scheme"_a = "affine", "window"_a.none() = nb::none(),
+         nb::sig("def __init__(self, max_size: int, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None) -> None"),
          R"pbdoc(
            Args:
                max_size (int): Slots in each row's window.
                left_padding (list[int]): Pad tokens before each row's prompt.
                group_size (int | tuple): 32, 64 or 128, or ``(keys, values)``.
                bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
+               scheme (str): ``"affine"`` (a ring of ``mx.quantize``
+                 triples) or ``"rotated-channel"`` (as QuantizedBatchKVCache's,
+                 the whole groups the window has left behind dropped from the
+                 front; no sink).
+               window (int, optional): ``"rotated-channel"``: positions kept
+                 in float (default 128).
          )pbdoc");
   def_quantized_batch_api(qr);
   qr.def("prepare",
@@ -251,6 +260,16 @@ void bind_quantized_batch(nb::module_& m) {
            nb::sig("def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mlx.core.array"),
            "The attention mask for ``N`` new tokens, as BatchRotatingKVCache's.")
       .def_prop_ro("max_size", &QR::max_size, "Slots in each row's window.")
+      .def_prop_ro("scheme", [](const QR& c) { return scheme_name(c.scheme()); },
+                   "``\"affine\"`` or ``\"rotated-channel\"``.")
+      .def_prop_ro("window", &QR::window, "``\"rotated-channel\"``: positions kept in float (0 for affine).")
+      .def_prop_ro("sink", [](const QR&) { return 0; }, "0: a batch of sliding windows has no sink.")
+      .def_prop_ro("sink_keys", [](const QR&) { return nb::none(); }, "None (no sink).")
+      .def_prop_ro("sink_values", [](const QR&) { return nb::none(); }, "None (no sink).")
+      .def_prop_ro("residual", [](const QR& c) { return to_py(c.residual()); },
+                   "``\"rotated-channel\"``: the newest keys, rotated, in float, or None.")
+      .def_prop_ro("value_residual", [](const QR& c) { return to_py(c.value_residual()); },
+                   "``\"rotated-channel\"``: the same positions' values, rotated, in float, or None.")
       .def_prop_ro("_offset", &QR::offset_in_ring, "Tokens written since the start.")
       .def_prop_ro("rotated", &QR::rotated, "Whether the ring has wrapped.")
       .def("extract",
@@ -263,29 +282,54 @@ void bind_quantized_batch(nb::module_& m) {
       .def_prop_rw(
           "state",
           [](const QR& c) {
-            return nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.left_padding(),
-                                  c.max_size(), c.offset_in_ring(), c.idx(), c.rotated(),
-                                  spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
-                                  spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            nb::tuple out = nb::make_tuple(to_py(c.keys()), to_py(c.values()), c.offset(), c.left_padding(),
+                                           c.max_size(), c.offset_in_ring(), c.idx(), c.rotated(),
+                                           spec_to_py(c.key_spec().group_size, c.value_spec().group_size),
+                                           spec_to_py(c.key_spec().bits, c.value_spec().bits));
+            if (c.scheme() == QuantScheme::affine) {
+              return out;
+            }
+            return nb::tuple(out + nb::make_tuple(scheme_name(c.scheme()), c.window(), to_py(c.residual()),
+                                                  to_py(c.value_residual())));
           },
           [](QR& c, nb::handle v) {
             constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
-            StateReader r(ctx, v, 10);
+            const size_t n = PySequence_Check(v.ptr()) && !nb::isinstance<nb::str>(v) ? nb::len(v) : 0;
+            const bool scheme = n == 14;
+            StateReader r(ctx, v, scheme ? 14 : 10);
             nb::tuple t(v);
             nb::handle rot = t[7];
             if (!PyBool_Check(rot.ptr()) && !PyLong_Check(rot.ptr())) {
               throw ValueError(ctx, "rotated as a bool", nb::cast<std::string>(nb::repr(rot)));
             }
             auto [ks, vs] = quant_specs_arg(ctx, t[8], t[9]);
-            c.set(quantized_from_py(ctx, "keys", t[0]), quantized_from_py(ctx, "values", t[1]),
-                  array_arg(ctx, "offset", t[2]), array_arg(ctx, "left_padding", t[3]),
-                  r.integer(4, "max_size"), r.integer(5, "_offset"), r.integer(6, "_idx"),
-                  PyObject_IsTrue(rot.ptr()) == 1, ks, vs);
+            auto keys = quantized_from_py(ctx, "keys", t[0]);
+            auto values = quantized_from_py(ctx, "values", t[1]);
+            if (!scheme) {
+              c.set(std::move(keys), std::move(values), array_arg(ctx, "offset", t[2]),
+                    array_arg(ctx, "left_padding", t[3]), r.integer(4, "max_size"), r.integer(5, "_offset"),
+                    r.integer(6, "_idx"), PyObject_IsTrue(rot.ptr()) == 1, ks, vs);
+              return;
+            }
+            if (PyObject_IsTrue(rot.ptr()) == 1) {
+              throw ValueError(ctx, "rotated False for the rotated-channel scheme", "True");
+            }
+            scheme_arg(ctx, t[10]);
+            ChannelBatch held(std::vector<int>{}, ks, vs, 0);
+            try {
+              held.set(std::move(keys), std::move(values), array_arg(ctx, "offset", t[2]),
+                       array_arg(ctx, "left_padding", t[3]), r.integer(6, "_idx"), r.array(12, "residual"),
+                       r.array(13, "value residual"), ks, vs, r.integer(11, "window"));
+            } catch (const CacheError& e) {
+              rethrow_from(e, ctx);
+            }
+            c.set_channel(std::move(held), r.integer(4, "max_size"), r.integer(5, "_offset"));
           },
           nb::for_setter(nb::sig("def state(self, state: tuple, /) -> None")),
           nb::for_setter(nb::arg("state").none()),
           "``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated, "
-          "group_size, bits)``; keys and values are triples.");
+          "group_size, bits)``; keys and values are triples. A ``\"rotated-channel\"`` cache adds "
+          "``(scheme, window, residual keys, residual values)``.");
   def_from_state<QR>(qr, "Build a cache from ``state`` without calling __init__.", 1,
                      std::vector<int>{}, QuantSpec{64, 8}, QuantSpec{64, 8});
   auto merge_qr = [](nb::handle type, nb::handle caches) {
@@ -321,18 +365,20 @@ void bind_quantized_batch(nb::module_& m) {
            nb::handle window, nb::handle sink) {
         constexpr const char* ctx = "BatchRotatingKVCache.to_quantized";
         auto [ks, vs] = quant_specs_arg(ctx, group_size, bits);
-        // The scheme's own checks first, so a bad window or sink is named.
         auto sc = scheme_arg(ctx, scheme);
-        check_sink(ctx, sc, int_arg(ctx, "sink", sink));
-        window_arg(ctx, sc, window);
-        require_affine(ctx, scheme);
-        return make_instance<QR>(qr, to_quantized(c, ks, vs));
+        const int w = window_arg(ctx, sc, window), n = int_arg(ctx, "sink", sink);
+        check_sink(ctx, sc, n);
+        if (n > 0) {
+          throw ValueError(ctx, "no sink (a batch of sliding windows pins no first tokens)",
+                           "sink " + std::to_string(n));
+        }
+        return make_instance<QR>(qr, to_quantized(c, ks, vs, sc, w));
       },
       nb::is_method(), nb::name("to_quantized"), "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
       "scheme"_a = "affine", "window"_a.none() = nb::none(), "sink"_a = 0,
       nb::sig("def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedBatchRotatingKVCache"),
-      "The same rows, ring and padding with keys and values quantized (the affine scheme "
-      "only: a batch of sliding windows takes no other yet)."));
+      "The same rows, ring and padding with keys and values quantized (``scheme`` and "
+      "``window`` as QuantizedBatchRotatingKVCache's; no sink)."));
   set_merge(q_cls, nb::cpp_function(
       [qb](nb::handle, nb::handle caches) {
         return make_instance<QB>(qb, QB::merge(cache_list_arg<QuantizedKVCache>(

@@ -1,7 +1,13 @@
 #include "kvcore/quantized_batch.h"
 
+#include <algorithm>
+
+#include <mlx/ops.h>
+
 #include "kvcore/buffer.h"
 #include "kvcore/errors.h"
+#include "kvcore/mask.h"
+#include "batch_rows.h"
 #include "lockstep.h"
 
 namespace kvcore {
@@ -422,24 +428,237 @@ QuantizedBatchKVCache to_quantized(
 
 // QuantizedBatchRotatingKVCache ---------------------------------------------
 
+namespace {
+
+// What a float RotatingKVCache of c's tokens holds, oldest first: its
+// `keep` first tokens and its newest max_size - keep (or all of them before
+// it rotates), quantized again by a fresh rotated-channel cache without a
+// sink (the sink's tokens read from their float copies first).
+QuantizedKVCache ring_tokens(const QuantizedRotatingKVCache& c) {
+  const QuantizedKVCache& h = c.held();
+  QuantizedKVCache out(h.key_spec(), h.value_spec(), QuantScheme::rotated_channel, h.window(), 0);
+  if (h.empty() || h.offset() == 0) {
+    return out;
+  }
+  const int t = h.quantized_tokens(), G = h.key_spec().group_size;
+  const auto dtype = std::get<1>(*h.keys()).dtype();
+  std::vector<mx::array> k, v;
+  if (t > 0) {
+    const auto& [vw, vs, vb] = *h.values();
+    k.push_back(dequantize_channel_keys(*h.keys(), 0, t / G * G, G, h.key_spec().bits, dtype));
+    v.push_back(mx::dequantize(seq_slice(vw, 0, t), seq_slice(vs, 0, t), seq_slice(vb, 0, t),
+                               h.value_spec().group_size, h.value_spec().bits, "affine", std::nullopt, dtype));
+  }
+  if (h.residual()) {
+    k.push_back(*h.residual());
+    v.push_back(*h.value_residual());
+  }
+  auto keys = seq_concat(k), values = seq_concat(v);
+  if (h.sink_keys()) {
+    const int n = std::min(h.sink_keys()->shape(2), h.offset());
+    keys = seq_concat({seq_slice(*h.sink_keys(), 0, n), seq_slice(keys, n, keys.shape(2))});
+    values = seq_concat({seq_slice(*h.sink_values(), 0, n), seq_slice(values, n, values.shape(2))});
+  }
+  const int o = c.offset(), K = c.keep(), M = c.max_size();
+  if (o > M) {
+    // The pinned tokens, then the newest M - K (held at o - (M - K) less
+    // the dropped tokens).
+    const int from = o - (M - K) - c.dropped();
+    keys = seq_concat({seq_slice(keys, 0, K), seq_slice(keys, from, keys.shape(2))});
+    values = seq_concat({seq_slice(values, 0, K), seq_slice(values, from, values.shape(2))});
+  }
+  // Held rotated: rotated back, as the update rotates.
+  out.update_and_fetch(hadamard(keys), hadamard(values));
+  return out;
+}
+
+} // namespace
+
 QuantizedBatchRotatingKVCache::QuantizedBatchRotatingKVCache(
     int max_size,
     const std::vector<int>& left_padding,
     QuantSpec keys,
-    QuantSpec values)
+    QuantSpec values,
+    QuantScheme scheme,
+    int window)
     : QuantizedBatchCache(BatchRotatingKVCache(max_size, left_padding), keys, values) {
-  check_specs("QuantizedBatchRotatingKVCache", keys, values);
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache";
+  check_specs(ctx, keys, values);
+  check_window(ctx, scheme, window);
+  if (scheme != QuantScheme::affine) {
+    channel_.emplace(left_padding, keys, values, window);
+  }
+}
+
+const ChannelBatch& QuantizedBatchRotatingKVCache::held() const {
+  if (!channel_) {
+    throw ValueError("QuantizedBatchRotatingKVCache.held", "a rotated-channel cache", "an affine one");
+  }
+  return *channel_;
+}
+
+int QuantizedBatchRotatingKVCache::droppable() const {
+  // Positions below idx - (max_size - 1) are out of every later query's
+  // window (BatchRotatingKVCache keeps max_size - 1 before an update);
+  // none while right padding waits for finalize.
+  if (channel_->right_padded()) {
+    return 0;
+  }
+  const int G = key_spec_.group_size, M = max_size();
+  const int n = std::min(channel_->idx() - (M - 1), channel_->quantized_tokens()) / G * G;
+  return n >= std::max(G, M / 8 / G * G) ? n : 0;
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchRotatingKVCache::update_and_fetch(
+    const mx::array& keys,
+    const mx::array& values) {
+  if (!channel_) {
+    return QuantizedBatchCache::update_and_fetch(keys, values);
+  }
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.update_and_fetch";
+  try {
+    if (const int n = droppable(); n > 0) {
+      ChannelBatch next = *channel_; // staged: a failed update changes nothing
+      next.drop_front(n);
+      auto out = next.update_and_fetch(keys, values);
+      channel_ = std::move(next);
+      dropped_ += n;
+      return out;
+    }
+    return channel_->update_and_fetch(keys, values);
+  } catch (const CacheError& e) {
+    rethrow_from(e, ctx);
+  }
+}
+
+std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchRotatingKVCache::keys_and_values() const {
+  return channel_ ? channel_->keys_and_values() : QuantizedBatchCache::keys_and_values();
 }
 
 void QuantizedBatchRotatingKVCache::prepare(
     const std::optional<std::vector<int>>& left_padding,
     const std::optional<std::vector<int>>& lengths,
     const std::optional<std::vector<int>>& right_padding) {
+  if (channel_) {
+    // The rows' lengths are what their right padding leaves: finalize
+    // rolls each row by its padding.
+    try {
+      channel_->prepare(left_padding, right_padding);
+    } catch (const CacheError& e) {
+      rethrow_from(e, "QuantizedBatchRotatingKVCache.prepare");
+    }
+    return;
+  }
   staged([&](BatchRotatingKVCache& p, int) { p.prepare(left_padding, lengths, right_padding); });
 }
 
+void QuantizedBatchRotatingKVCache::finalize() {
+  channel_ ? channel_->finalize() : QuantizedBatchCache::finalize();
+}
+
+void QuantizedBatchRotatingKVCache::filter(const std::vector<int>& indices) {
+  if (!channel_) {
+    QuantizedBatchCache::filter(indices);
+    return;
+  }
+  // Whole groups of padding every kept row has are cut: they count as
+  // dropped positions.
+  const int before = channel_->idx();
+  channel_->filter(indices);
+  dropped_ += before - channel_->idx();
+}
+
+int QuantizedBatchRotatingKVCache::trim(int n) {
+  if (!channel_) {
+    return QuantizedBatchCache::trim(n);
+  }
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.trim";
+  check_size(ctx, "n", n);
+  if (std::min(n, offset_in_ring()) > 0 && !is_trimmable()) {
+    throw RuntimeError(ctx, "_offset < max_size (nothing rotated out yet)",
+                       "_offset " + std::to_string(offset_in_ring()) + " with max_size " + std::to_string(max_size()));
+  }
+  return channel_->trim(n); // nothing dropped before _offset reaches max_size
+}
+
+Mask QuantizedBatchRotatingKVCache::make_mask(int N, bool return_array, std::optional<int> window_size) const {
+  if (!channel_) {
+    return QuantizedBatchCache::make_mask(N, return_array, window_size);
+  }
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.make_mask";
+  check_size(ctx, "N", N);
+  if (window_size) {
+    check_size(ctx, "window_size", *window_size);
+  }
+  // Each row's positions after the update's drop, windowed as
+  // BatchRotatingKVCache windows them.
+  const int n = droppable();
+  return create_causal_mask(N, channel_->idx() - n, (window_size && *window_size) ? *window_size : max_size(),
+                            std::nullopt, mx::subtract(channel_->left_padding(), mx::array(n, mx::int32)));
+}
+
+std::vector<OptionalArray> QuantizedBatchRotatingKVCache::state() const {
+  return channel_ ? channel_->state() : QuantizedBatchCache::state();
+}
+
+bool QuantizedBatchRotatingKVCache::empty() const {
+  return channel_ ? channel_->empty() : QuantizedBatchCache::empty();
+}
+
+size_t QuantizedBatchRotatingKVCache::nbytes() const {
+  return channel_ ? channel_->nbytes() : QuantizedBatchCache::nbytes();
+}
+
+OptionalQuantized QuantizedBatchRotatingKVCache::keys() const {
+  return channel_ ? channel_->keys() : QuantizedBatchCache::keys();
+}
+
+OptionalQuantized QuantizedBatchRotatingKVCache::values() const {
+  return channel_ ? channel_->values() : QuantizedBatchCache::values();
+}
+
+const mx::array& QuantizedBatchRotatingKVCache::offset() const {
+  return channel_ ? channel_->offset() : QuantizedBatchCache::offset();
+}
+
+const mx::array& QuantizedBatchRotatingKVCache::left_padding() const {
+  return channel_ ? channel_->left_padding() : QuantizedBatchCache::left_padding();
+}
+
+int QuantizedBatchRotatingKVCache::idx() const {
+  return channel_ ? channel_->idx() : QuantizedBatchCache::idx();
+}
+
+const OptionalArray& QuantizedBatchRotatingKVCache::residual() const {
+  static const OptionalArray none;
+  return channel_ ? channel_->residual() : none;
+}
+
+const OptionalArray& QuantizedBatchRotatingKVCache::value_residual() const {
+  static const OptionalArray none;
+  return channel_ ? channel_->value_residual() : none;
+}
+
 void QuantizedBatchRotatingKVCache::extend(const QuantizedBatchRotatingKVCache& other) {
-  check_same_specs("QuantizedBatchRotatingKVCache.extend", other);
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.extend";
+  check_same_specs(ctx, other);
+  if (channel_.has_value() != other.channel_.has_value() || other.max_size() != max_size()) {
+    throw ValueError(ctx, std::string("a ") + scheme_name(scheme()) + " batch of max_size " + std::to_string(max_size()),
+                     std::string("a ") + scheme_name(other.scheme()) + " one of max_size " +
+                         std::to_string(other.max_size()));
+  }
+  if (channel_) {
+    const int written = std::max(offset_in_ring(), other.offset_in_ring());
+    ChannelBatch next = *channel_;
+    try {
+      next.extend(*other.channel_);
+    } catch (const CacheError& e) {
+      rethrow_from(e, ctx);
+    }
+    channel_ = std::move(next);
+    dropped_ = std::max(0, written - channel_->idx());
+    return;
+  }
   staged([&](BatchRotatingKVCache& p, int i) {
     BatchRotatingKVCache o = other.parts_[i];
     p.extend(o);
@@ -447,6 +666,22 @@ void QuantizedBatchRotatingKVCache::extend(const QuantizedBatchRotatingKVCache& 
 }
 
 QuantizedRotatingKVCache QuantizedBatchRotatingKVCache::extract(int idx) const {
+  if (channel_) {
+    constexpr const char* ctx = "QuantizedBatchRotatingKVCache.extract";
+    QuantizedKVCache row = [&] {
+      try {
+        return channel_->extract(idx);
+      } catch (const CacheError& e) {
+        rethrow_from(e, ctx);
+      }
+    }();
+    // Its tokens before the held ones went with the dropped positions.
+    const int seen = batch_rows::to_ints(offset())[idx];
+    QuantizedRotatingKVCache out(max_size(), 0, key_spec_, value_spec_, QuantScheme::rotated_channel,
+                                 channel_->window());
+    out.set_channel(std::move(row), std::max(seen, 0), 0, max_size());
+    return out;
+  }
   RotatingKVCache rows[3] = {parts_[0].extract(idx), parts_[1].extract(idx),
                              parts_[2].extract(idx)};
   const RotatingKVCache& r = rows[0];
@@ -462,17 +697,58 @@ QuantizedBatchRotatingKVCache QuantizedBatchRotatingKVCache::merge(
   constexpr const char* ctx = "QuantizedBatchRotatingKVCache.merge";
   check_non_null_list(ctx, caches);
   const QuantSpec ks = caches[0]->key_spec(), vs = caches[0]->value_spec();
-  std::vector<const RotatingKVCache*> rings[3];
+  const QuantScheme scheme = caches[0]->scheme();
   for (const auto* c : caches) {
-    if (c->scheme() != QuantScheme::affine) {
-      // The batch's rings hold whole tokens; these hold groups of them.
-      throw ValueError(ctx, "affine caches (a batch of sliding windows takes no other scheme yet)",
-                       std::string("a ") + scheme_name(c->scheme()) + " cache");
+    if (c->scheme() != scheme || c->max_size() != caches[0]->max_size()) {
+      throw ValueError(ctx, std::string("caches of one scheme and max_size: ") + scheme_name(scheme) + ", " +
+                                std::to_string(caches[0]->max_size()),
+                       std::string(scheme_name(c->scheme())) + ", " + std::to_string(c->max_size()));
     }
     if (!same(c->key_spec(), ks) || !same(c->value_spec(), vs)) {
       throw ValueError(ctx, "caches quantized alike: " + spec_str(ks, vs),
                        spec_str(c->key_spec(), c->value_spec()));
     }
+  }
+  if (scheme != QuantScheme::affine) {
+    // A cache with pinned tokens or a sink becomes the float ring's tokens,
+    // as BatchRotatingKVCache::merge takes them (the batch pins none).
+    std::vector<QuantizedKVCache> rebuilt;
+    rebuilt.reserve(caches.size());
+    std::vector<const QuantizedKVCache*> held;
+    std::vector<int> seen;
+    for (const auto* c : caches) {
+      if (c->keep() > 0 || c->held().sink() > 0) {
+        rebuilt.push_back(ring_tokens(*c));
+        held.push_back(&rebuilt.back());
+      } else {
+        held.push_back(&c->held());
+      }
+      seen.push_back(c->offset());
+    }
+    auto batch = [&] {
+      try {
+        return ChannelBatch::merge(held);
+      } catch (const CacheError& e) {
+        rethrow_from(e, ctx);
+      }
+    }();
+    // Rows count all their tokens: a row whose first ones were dropped has
+    // its padding below its held tokens' (those positions are outside its
+    // window: it holds at least max_size - 1 tokens).
+    std::vector<int> pads;
+    for (int o : seen) {
+      pads.push_back(batch.idx() - o);
+    }
+    batch.set_rows(mx::array(seen.data(), {static_cast<int>(seen.size())}, mx::int32),
+                   mx::array(pads.data(), {static_cast<int>(pads.size())}, mx::int32));
+    // As BatchRotatingKVCache::merge: the positions written start at the
+    // batch's (_offset is _idx).
+    QuantizedBatchRotatingKVCache out(caches[0]->max_size(), std::vector<int>{}, ks, vs);
+    out.channel_ = std::move(batch);
+    return out;
+  }
+  std::vector<const RotatingKVCache*> rings[3];
+  for (const auto* c : caches) {
     for (int i = 0; i < 3; ++i) {
       rings[i].push_back(&c->ring(i));
     }
@@ -485,19 +761,37 @@ QuantizedBatchRotatingKVCache QuantizedBatchRotatingKVCache::merge(
 }
 
 std::vector<std::string> QuantizedBatchRotatingKVCache::meta_state() const {
-  return parts_[0].meta_state();
+  auto out = parts_[0].meta_state();
+  if (channel_) {
+    out = {std::to_string(max_size()), std::to_string(offset_in_ring()), std::to_string(idx()), "0",
+           scheme_name(QuantScheme::rotated_channel), std::to_string(channel_->window())};
+  }
+  return out;
 }
 
 void QuantizedBatchRotatingKVCache::restore(
     const std::vector<OptionalArray>& arrays,
     const std::vector<std::string>& meta) {
   constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
-  check_count(ctx, "arrays", arrays.size(), 8);
-  check_count(ctx, "scalars", meta.size(), 4);
+  const bool channel = meta.size() == 6;
+  check_count(ctx, "arrays", arrays.size(), channel ? 10 : 8);
+  check_count(ctx, "scalars", meta.size(), channel ? 6 : 4);
   if (!arrays[6] || !arrays[7]) {
     throw ValueError(ctx, "offset and left_padding arrays", "None");
   }
   auto [keys, values] = triples_from_arrays(ctx, arrays);
+  if (channel) {
+    parse_scheme(ctx, meta[4]);
+    ChannelBatch held(std::vector<int>{}, key_spec_, value_spec_, 0);
+    try {
+      held.set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "_idx", meta[2]),
+               arrays[8], arrays[9], key_spec_, value_spec_, parse_int(ctx, "window", meta[5]));
+    } catch (const CacheError& e) {
+      rethrow_from(e, ctx);
+    }
+    set_channel(std::move(held), parse_int(ctx, "max_size", meta[0]), parse_int(ctx, "_offset", meta[1]));
+    return;
+  }
   set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "max_size", meta[0]),
       parse_int(ctx, "_offset", meta[1]), parse_int(ctx, "_idx", meta[2]),
       parse_int(ctx, "rotated", meta[3]) != 0, key_spec_, value_spec_);
@@ -519,14 +813,75 @@ void QuantizedBatchRotatingKVCache::set(
               p.set(std::move(k), std::move(v), offset, left_padding, max_size, offset_in_ring,
                     idx, rotated);
             });
+  channel_.reset();
+  dropped_ = 0;
+}
+
+void QuantizedBatchRotatingKVCache::set_channel(ChannelBatch held, int max_size, int offset_in_ring) {
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
+  BatchRotatingKVCache ring(max_size, std::vector<int>(held.offset().size(), 0)); // checks max_size
+  const long long d = 1LL * offset_in_ring - held.idx();
+  // Dropped positions are all out of the window's reach.
+  if (held.sink() > 0 || d < 0 || (d > 0 && held.idx() < max_size - 1)) {
+    throw ValueError(ctx,
+                     "a batch without a sink whose _offset is its " + std::to_string(held.idx()) +
+                         " positions plus positions the window of " + std::to_string(max_size) +
+                         " has left behind",
+                     "_offset " + std::to_string(offset_in_ring) + ", sink " + std::to_string(held.sink()));
+  }
+  for (auto& p : parts_) {
+    p = ring;
+  }
+  key_spec_ = held.key_spec();
+  value_spec_ = held.value_spec();
+  channel_ = std::move(held);
+  dropped_ = static_cast<int>(d);
 }
 
 QuantizedBatchRotatingKVCache to_quantized(
     const BatchRotatingKVCache& cache,
     QuantSpec keys,
-    QuantSpec values) {
+    QuantSpec values,
+    QuantScheme scheme,
+    int window) {
   constexpr const char* ctx = "BatchRotatingKVCache.to_quantized";
   check_specs(ctx, keys, values);
+  if (scheme != QuantScheme::affine) {
+    if (cache.lengths()) {
+      throw RuntimeError(ctx, "no right padding pending (call finalize first) for the rotated-channel scheme",
+                         "right padding pending");
+    }
+    QuantizedBatchRotatingKVCache out(cache.max_size(), std::vector<int>{}, keys, values, scheme, window);
+    const int B = static_cast<int>(cache.left_padding().size());
+    ChannelBatch held(std::vector<int>(B, 0), keys, values, window);
+    if (cache.keys() && (cache.rotated() || cache.idx() > 0)) {
+      // The ring's positions oldest first.
+      auto order = [&](const mx::array& a) {
+        return cache.rotated() ? mx::roll(a, -cache.idx(), 2) : seq_slice(a, 0, cache.idx());
+      };
+      auto k = order(*cache.keys()), v = order(*cache.values());
+      // Rows' left padding counts from the oldest position the ring holds
+      // (below 0 where a row's first tokens went): what lies before a
+      // row's first held token is padding (never attended).
+      const int n = k.shape(2);
+      std::vector<int> real;
+      for (int p : batch_rows::to_ints(cache.left_padding())) {
+        real.push_back(std::clamp(p, 0, n));
+      }
+      ChannelBatch fresh(real, keys, values, window);
+      try {
+        fresh.update_and_fetch(k, v);
+        fresh.set_rows(cache.offset(), cache.left_padding());
+      } catch (const CacheError& e) {
+        rethrow_from(e, ctx);
+      }
+      out.set_channel(std::move(fresh), cache.max_size(), cache.offset_in_ring());
+      return out;
+    }
+    out.channel_ = std::move(held);
+    out.channel_->set_rows(cache.offset(), cache.left_padding());
+    return out;
+  }
   auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);
   QuantizedBatchRotatingKVCache out(cache.max_size(), std::vector<int>{}, keys, values);
   for (int i = 0; i < 3; ++i) {

@@ -810,6 +810,38 @@ void ChannelBatch::set(
   sink_values_ = std::move(sink_values);
 }
 
+void ChannelBatch::drop_front(int n) {
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.update_and_fetch";
+  const int G = key_spec_.group_size, T = quantized_tokens();
+  if (n < 0 || n % G != 0 || n > T || sink_ > 0) {
+    throw ValueError(ctx, "whole quantized groups of " + std::to_string(G) + " within the " + std::to_string(T) +
+                              " quantized positions of a batch without a sink",
+                     std::to_string(n) + " positions, sink " + std::to_string(sink_));
+  }
+  if (n == 0) {
+    return;
+  }
+  const int words = G * key_spec_.bits / 32;
+  const auto& [kw, ks, kb] = *keys_;
+  keys_ = QuantizedArrays{last_slice(kw, n / G * words, kw.shape(3)), last_slice(ks, n / G, ks.shape(3)),
+                          last_slice(kb, n / G, kb.shape(3))};
+  values_ = map3(*values_, [&](const mx::array& a) { return seq_slice(a, n, a.shape(2)); });
+  left_padding_.shift(-n);
+  idx_ -= n;
+}
+
+void ChannelBatch::set_rows(mx::array offset, mx::array left_padding) {
+  constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
+  check_rows(ctx, "offset", offset);
+  check_rows(ctx, "left_padding", left_padding);
+  if (offset.size() != offset_.size() || left_padding.size() != offset_.size()) {
+    throw ValueError(ctx, "offset and left_padding of " + std::to_string(rows()) + " rows",
+                     std::to_string(offset.size()) + " and " + std::to_string(left_padding.size()));
+  }
+  offset_ = std::move(offset);
+  left_padding_ = std::move(left_padding);
+}
+
 size_t ChannelBatch::nbytes() const {
   size_t n = nbytes_of(residual_) + nbytes_of(value_residual_) + nbytes_of(sink_keys_) + nbytes_of(sink_values_);
   for (const auto* q : {&keys_, &values_}) {

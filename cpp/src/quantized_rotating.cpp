@@ -212,13 +212,13 @@ void QuantizedRotatingKVCache::set_channel(QuantizedKVCache held, int offset, in
   check_sink_kept(ctx, held.sink(), keep);
   const int G = held.key_spec().group_size, P = (keep + G - 1) / G * G;
   const long long d = 1LL * offset - held.offset();
-  // Dropped tokens are whole groups after the pinned ones, all out of the
-  // window's reach.
-  if (d < 0 || d % G != 0 || (d > 0 && (held.offset() <= P || P + d > 1LL * offset - (max_size - 1 - keep)))) {
+  // Dropped tokens follow the pinned groups, all out of the window's reach
+  // (whole groups when the cache dropped them; any number when a batch row
+  // or a float ring was converted).
+  if (d < 0 || (d > 0 && (held.offset() <= P || P + d > 1LL * offset - (max_size - 1 - keep)))) {
     throw ValueError(ctx,
-                     "an offset of the " + std::to_string(held.offset()) + " held tokens plus whole groups of " +
-                         std::to_string(G) + " the window of " + std::to_string(max_size) + " (keep " +
-                         std::to_string(keep) + ") has left behind",
+                     "an offset of the " + std::to_string(held.offset()) + " held tokens plus tokens the window of " +
+                         std::to_string(max_size) + " (keep " + std::to_string(keep) + ") has left behind",
                      "offset " + std::to_string(offset));
   }
   for (auto& r : rings_) {

@@ -375,18 +375,45 @@ const std::map<std::string, ClassEntry>& table() {
       {"QuantizedBatchRotatingKVCache",
        {[](const Cache& c) -> StateValue {
           auto& b = as<QuantizedBatchRotatingKVCache>(c);
-          return StateValue::List{quantized_state(b.keys()), quantized_state(b.values()),
-                                  b.offset(), b.left_padding(), b.max_size(),
-                                  b.offset_in_ring(), b.idx(), b.rotated(),
-                                  spec_state(b.key_spec().group_size, b.value_spec().group_size),
-                                  spec_state(b.key_spec().bits, b.value_spec().bits)};
+          StateValue::List out{quantized_state(b.keys()), quantized_state(b.values()),
+                               b.offset(), b.left_padding(), b.max_size(),
+                               b.offset_in_ring(), b.idx(), b.rotated(),
+                               spec_state(b.key_spec().group_size, b.value_spec().group_size),
+                               spec_state(b.key_spec().bits, b.value_spec().bits)};
+          if (b.scheme() != QuantScheme::affine) {
+            // As QuantizedBatchKVCache's: the scheme's name, window and residuals.
+            out.push_back(std::string(scheme_name(b.scheme())));
+            out.push_back(b.window());
+            out.push_back(StateValue(b.residual()));
+            out.push_back(StateValue(b.value_residual()));
+          }
+          return out;
         },
         [](const StateValue& s) -> std::unique_ptr<Cache> {
           constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
-          const auto& l = s.list(ctx, "state", 10);
+          const bool scheme = s.is_list() && s.as_list().size() == 14;
+          const auto& l = s.list(ctx, "state", scheme ? 14 : 10);
           auto [kg, vg] = spec_from(ctx, "group_size", l[8]);
           auto [kb, vb] = spec_from(ctx, "bits", l[9]);
           auto c = std::make_unique<QuantizedBatchRotatingKVCache>(1, std::vector<int>{});
+          if (scheme) {
+            if (!l[10].is_string() || parse_scheme(ctx, l[10].as_string()) != QuantScheme::rotated_channel ||
+                l[7].boolean(ctx, "rotated")) {
+              throw ValueError(ctx, "the scheme name 'rotated-channel' and rotated False",
+                               l[10].repr() + ", " + l[7].repr());
+            }
+            ChannelBatch held(std::vector<int>{}, {kg, kb}, {vg, vb}, 0);
+            try {
+              held.set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
+                       l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"), l[6].integer(ctx, "_idx"),
+                       l[12].optional_array(ctx, "residual"), l[13].optional_array(ctx, "value residual"),
+                       {kg, kb}, {vg, vb}, l[11].integer(ctx, "window"));
+            } catch (const CacheError& e) {
+              rethrow_from(e, ctx);
+            }
+            c->set_channel(std::move(held), l[4].integer(ctx, "max_size"), l[5].integer(ctx, "_offset"));
+            return c;
+          }
           c->set(quantized_from(ctx, "keys", l[0]), quantized_from(ctx, "values", l[1]),
                  l[2].array(ctx, "offset"), l[3].array(ctx, "left_padding"),
                  l[4].integer(ctx, "max_size"), l[5].integer(ctx, "_offset"),

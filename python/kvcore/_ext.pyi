@@ -1215,7 +1215,7 @@ class BatchRotatingKVCache:
 
     def to_quantized(self, group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 4, *, scheme: str = 'affine', window: int | None = None, sink: int = 0) -> QuantizedBatchRotatingKVCache:
         """
-        The same rows, ring and padding with keys and values quantized (the affine scheme only: a batch of sliding windows takes no other yet).
+        The same rows, ring and padding with keys and values quantized (``scheme`` and ``window`` as QuantizedBatchRotatingKVCache's; no sink).
         """
 
 class QuantizedBatchKVCache:
@@ -1376,13 +1376,19 @@ class QuantizedBatchRotatingKVCache:
     BatchRotatingKVCache holding keys and values quantized by ``mx.quantize``.
     """
 
-    def __init__(self, max_size: int, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8) -> None:
+    def __init__(self, max_size: int, left_padding: list[int], group_size: int | tuple[int, int] = 64, bits: int | tuple[int, int] = 8, *, scheme: str = 'affine', window: int | None = None) -> None:
         """
         Args:
             max_size (int): Slots in each row's window.
             left_padding (list[int]): Pad tokens before each row's prompt.
             group_size (int | tuple): 32, 64 or 128, or ``(keys, values)``.
             bits (int | tuple): 2, 3, 4, 5, 6 or 8, or ``(keys, values)``.
+            scheme (str): ``"affine"`` (a ring of ``mx.quantize``
+              triples) or ``"rotated-channel"`` (as QuantizedBatchKVCache's,
+              the whole groups the window has left behind dropped from the
+              front; no sink).
+            window (int, optional): ``"rotated-channel"``: positions kept
+              in float (default 128).
         """
 
     def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]:
@@ -1469,6 +1475,36 @@ class QuantizedBatchRotatingKVCache:
         """Slots in each row's window."""
 
     @property
+    def scheme(self) -> str:
+        """``"affine"`` or ``"rotated-channel"``."""
+
+    @property
+    def window(self) -> int:
+        """``"rotated-channel"``: positions kept in float (0 for affine)."""
+
+    @property
+    def sink(self) -> int:
+        """0: a batch of sliding windows has no sink."""
+
+    @property
+    def sink_keys(self) -> None:
+        """None (no sink)."""
+
+    @property
+    def sink_values(self) -> None:
+        """None (no sink)."""
+
+    @property
+    def residual(self) -> object:
+        """``"rotated-channel"``: the newest keys, rotated, in float, or None."""
+
+    @property
+    def value_residual(self) -> object:
+        """
+        ``"rotated-channel"``: the same positions' values, rotated, in float, or None.
+        """
+
+    @property
     def rotated(self) -> bool:
         """Whether the ring has wrapped."""
 
@@ -1478,7 +1514,7 @@ class QuantizedBatchRotatingKVCache:
     @property
     def state(self) -> tuple:
         """
-        ``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated, group_size, bits)``; keys and values are triples.
+        ``(keys, values, offset, left_padding, max_size, _offset, _idx, rotated, group_size, bits)``; keys and values are triples. A ``"rotated-channel"`` cache adds ``(scheme, window, residual keys, residual values)``.
         """
 
     @state.setter

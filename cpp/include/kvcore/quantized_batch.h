@@ -228,13 +228,22 @@ class QuantizedBatchKVCache : public QuantizedBatchCache<BatchKVCache> {
   std::optional<ChannelBatch> channel_;
 };
 
+/// Under the affine scheme, BatchRotatingKVCache in lockstep
+/// (QuantizedBatchCache). Under rotated_channel, a ChannelBatch holding the
+/// newest positions: whole key groups the window has left behind are
+/// dropped from the front (rows' left padding then falls below 0, offsets
+/// stay), and make_mask windows each row over buffer positions as
+/// BatchRotatingKVCache's does, so every query attends the tokens it does
+/// there. No sink (a batch of sliding windows pins no first tokens).
 class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKVCache> {
  public:
   QuantizedBatchRotatingKVCache(
       int max_size,
       const std::vector<int>& left_padding,
       QuantSpec keys,
-      QuantSpec values);
+      QuantSpec values,
+      QuantScheme scheme = QuantScheme::affine,
+      int window = 0);
   QuantizedBatchRotatingKVCache(
       int max_size,
       const std::vector<int>& left_padding,
@@ -246,17 +255,55 @@ class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKV
   const char* name() const override {
     return "QuantizedBatchRotatingKVCache";
   }
+  std::pair<QuantizedArrays, QuantizedArrays> update_and_fetch(
+      const mx::array& keys,
+      const mx::array& values);
+  std::pair<QuantizedArrays, QuantizedArrays> keys_and_values() const;
   /// As BatchRotatingKVCache::prepare.
   void prepare(
       const std::optional<std::vector<int>>& left_padding,
       const std::optional<std::vector<int>>& lengths,
       const std::optional<std::vector<int>>& right_padding);
+  void finalize();
+  void filter(const std::vector<int>& indices);
   void extend(const QuantizedBatchRotatingKVCache& other);
   QuantizedRotatingKVCache extract(int idx) const;
   static QuantizedBatchRotatingKVCache merge(
       const std::vector<const QuantizedRotatingKVCache*>& caches);
 
-  /// (max_size, _offset, _idx, rotated).
+  bool is_trimmable() const override {
+    return offset_in_ring() < max_size();
+  }
+  int trim(int n) override;
+  Mask make_mask(
+      int N,
+      bool return_array = false,
+      std::optional<int> window_size = std::nullopt) const override;
+  std::vector<OptionalArray> state() const override;
+  int size() const override {
+    return std::min(offset_in_ring(), max_size());
+  }
+  bool empty() const override;
+  size_t nbytes() const override;
+  OptionalQuantized keys() const;
+  OptionalQuantized values() const;
+  const mx::array& offset() const;
+  const mx::array& left_padding() const;
+  int idx() const;
+  QuantScheme scheme() const {
+    return channel_ ? QuantScheme::rotated_channel : QuantScheme::affine;
+  }
+  int window() const {
+    return channel_ ? channel_->window() : 0;
+  }
+  /// rotated_channel: the float keys and values of the newest positions.
+  const OptionalArray& residual() const;
+  const OptionalArray& value_residual() const;
+  /// rotated_channel: the ChannelBatch (ValueError for affine).
+  const ChannelBatch& held() const;
+
+  /// (max_size, _offset, _idx, rotated); rotated_channel adds the scheme's
+  /// name and the window.
   std::vector<std::string> meta_state() const override;
   void restore(
       const std::vector<OptionalArray>& arrays,
@@ -272,6 +319,10 @@ class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKV
       bool rotated,
       QuantSpec key_spec,
       QuantSpec value_spec);
+  /// Typed restore of a rotated_channel cache: `held` its positions, after
+  /// offset_in_ring positions in all (the rest dropped, whole groups out of
+  /// the window's reach).
+  void set_channel(ChannelBatch held, int max_size, int offset_in_ring);
   std::unique_ptr<Cache> copy() const override {
     return std::make_unique<QuantizedBatchRotatingKVCache>(*this);
   }
@@ -279,18 +330,27 @@ class QuantizedBatchRotatingKVCache : public QuantizedBatchCache<BatchRotatingKV
   int max_size() const {
     return parts_[0].max_size();
   }
+  /// Positions written since the start (mlx-lm's `_offset`).
   int offset_in_ring() const {
-    return parts_[0].offset_in_ring();
+    return channel_ ? channel_->idx() + dropped_ : parts_[0].offset_in_ring();
   }
   bool rotated() const {
-    return parts_[0].rotated();
+    return channel_ ? false : parts_[0].rotated();
   }
 
  private:
   friend QuantizedBatchRotatingKVCache to_quantized(
       const BatchRotatingKVCache&,
       QuantSpec,
-      QuantSpec);
+      QuantSpec,
+      QuantScheme,
+      int);
+
+  // rotated_channel: the positions to drop before an update.
+  int droppable() const;
+
+  std::optional<ChannelBatch> channel_;
+  int dropped_ = 0;
 };
 
 /// BatchKVCache.to_quantized: the same rows, padding and bookkeeping (a
@@ -303,10 +363,13 @@ QuantizedBatchKVCache to_quantized(
     QuantScheme scheme = QuantScheme::affine,
     int window = 0,
     int sink = 0);
-/// BatchRotatingKVCache.to_quantized, likewise.
+/// BatchRotatingKVCache.to_quantized, likewise (rotated_channel: the
+/// ring's positions in temporal order; no right padding pending).
 QuantizedBatchRotatingKVCache to_quantized(
     const BatchRotatingKVCache& cache,
     QuantSpec keys,
-    QuantSpec values);
+    QuantSpec values,
+    QuantScheme scheme = QuantScheme::affine,
+    int window = 0);
 
 } // namespace kvcore

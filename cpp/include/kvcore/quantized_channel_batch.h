@@ -70,6 +70,18 @@ class ChannelBatch {
   /// As QuantizedKVCache::trim: a trim into a group returns its kept
   /// tokens, dequantized, to the residual.
   int trim(int n);
+  /// Remove positions [0, n), whole quantized groups (what a sliding window
+  /// has left behind): every row's left padding falls by n (below 0 where
+  /// its first tokens went), offsets stay. No sink. ValueError otherwise.
+  void drop_front(int n);
+  /// Replace the rows' offsets and left paddings (as many rows; offset =
+  /// _idx - left padding for each): a row's padding may be negative, its
+  /// first tokens gone.
+  void set_rows(mx::array offset, mx::array left_padding);
+  /// Whether right padding from prepare waits for finalize.
+  bool right_padded() const {
+    return right_padding_.has_value();
+  }
   Mask make_mask(int N, std::optional<int> window_size) const;
 
   /// keys' triple, values' triple, offset, left_padding, residual keys,
