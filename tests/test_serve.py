@@ -227,14 +227,23 @@ def test_replies_equal_mlx_lm_server(model_dir, float_run, tmp_path):
             == float_run["second"].usage.prompt_tokens_details.cached_tokens)
 
 
-@pytest.mark.parametrize("scheme, line", [
-    ("affine", "quantized KV cache: affine, 4 bits, group 64, from the first token"),
-    ("rotated-channel", "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 "
-                        "tokens, values group 64, newest 0 tokens in float, first 1 in float, "
-                        "from the first token"),
+@pytest.mark.parametrize("scheme, window, line, kind", [
+    ("affine", None, "quantized KV cache: affine, 4 bits, group 64, from the first token; no "
+                     "sliding window", "QuantizedBatchKVCache"),
+    ("rotated-channel", None, "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 "
+                              "tokens, values group 64, newest 0 tokens in float, first 1 in float, "
+                              "from the first token; no sliding window", "QuantizedBatchKVCache"),
+    # A window the replies outgrow: the batch drops what it left behind.
+    ("rotated-channel", 8, "quantized KV cache: rotated-channel, 4 bits, keys grouped over 32 "
+                           "tokens, values group 64, newest 0 tokens in float, first 1 in float, "
+                           "from the first token; sliding window 8 tokens",
+     "QuantizedBatchRotatingKVCache"),
 ])
-def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_path, scheme, line):
+def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_path, scheme, window, line,
+                                                               kind):
     extra = [] if scheme == "affine" else ["--kv-scheme", scheme, "--kv-window", "0"]
+    if window:
+        extra += ["--max-kv-size", str(window)]
     server = Server(kvcore_serve(model_dir, "--kv-bits", "4", "--quantized-kv-start", "0", *extra),
                     tmp_path / "q4.log")
     # Text completions: short prompts keep the quantized CPU run quick.
@@ -257,11 +266,11 @@ def test_kv_bits_4_serves_four_concurrent_clients_in_one_batch(model_dir, tmp_pa
         server.stop()
     assert sorted(replies) == sorted(prompts)
     assert all(r.choices[0].text.strip() for r in replies.values())
-    assert m[("kvcore_batch_sequences_max", (("cache", "QuantizedBatchKVCache"),))] == 4
-    assert ("kvcore_batch_sequences_max", (("cache", "BatchKVCache"),)) not in m
+    assert m[("kvcore_batch_sequences_max", (("cache", kind),))] == 4
+    assert ("kvcore_batch_sequences_max", (("cache", kind[len("Quantized"):]),)) not in m
     log = server.output()
     assert line in log
-    assert "4 sequences decoded in one batch (QuantizedBatchKVCache)" in log
+    assert f"4 sequences decoded in one batch ({kind})" in log
 
 
 def _run(*args, timeout=120):
