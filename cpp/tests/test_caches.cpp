@@ -324,6 +324,44 @@ TEST(rotated_channel_sliding_window_drops_whole_groups_and_masks_what_the_ring_l
   CHECK_THROWS(ValueError, "affine caches", QuantizedBatchRotatingKVCache::merge({&c}));
 }
 
+TEST(rotated_channel_batch_of_sliding_windows_drops_groups_and_windows_each_row) {
+  // Rows padded by 0 and 20, max_size 64, window 0: a prefill of 100 and
+  // 60 single tokens. A group goes from the front when an update starts
+  // with the oldest position any row still sees (_idx - 63) past it: at
+  // the 1st, 28th and 60th single token.
+  QuantizedBatchRotatingKVCache c(64, {0, 20}, {32, 8}, {64, 8}, QuantScheme::rotated_channel, 0);
+  BatchRotatingKVCache ring(64, {0, 20});
+  auto k = mx::random::normal({2, 2, 100, 64}, mx::float32, 0.0, 1.0, mx::random::key(11));
+  c.update_and_fetch(k, k * 0.5f);
+  ring.update_and_fetch(k, k * 0.5f);
+  for (int i = 0; i < 60; ++i) {
+    auto x = mx::random::normal({2, 2, 1, 64}, mx::float32, 0.0, 1.0, mx::random::key(200 + i));
+    c.update_and_fetch(x, x);
+    ring.update_and_fetch(x, x);
+  }
+  CHECK_EQ(c.offset_in_ring(), 160);
+  CHECK_EQ(c.idx(), 64); // 96 positions dropped
+  CHECK(mx::array_equal(c.offset(), mx::array({160, 140})).item<bool>());
+  CHECK(mx::array_equal(c.left_padding(), mx::array({-96, -76})).item<bool>());
+  CHECK(!c.rotated());
+  CHECK_THROWS(RuntimeError, "_offset < max_size", c.trim(1));
+  // A chunk of 5 attends what the float batch's rows attend.
+  auto mask = c.make_mask(5);
+  auto ring_mask = ring.make_mask(5);
+  auto x = mx::random::normal({2, 2, 5, 64}, mx::float32, 0.0, 1.0, mx::random::key(12));
+  auto [qk, qv] = c.update_and_fetch(x, x);
+  auto [fk, fv] = ring.update_and_fetch(x, x);
+  auto q = mx::random::normal({2, 4, 5, 64}, mx::float32, 0.0, 1.0, mx::random::key(13));
+  auto got = channel_attention(q, qk, c.residual(), qv, c.value_residual(), 0.125f, mask, {32, 8}, {64, 8});
+  auto want = mx::fast::scaled_dot_product_attention(q, fk, fv, 0.125f, "", std::get<mx::array>(ring_mask));
+  CHECK(mx::allclose(got, want, 0.0, 0.05).item<bool>());
+  // A row taken out is a sliding window of its own, all its tokens seen.
+  auto row = c.extract(1);
+  CHECK(row.scheme() == QuantScheme::rotated_channel);
+  CHECK_EQ(row.offset(), 145);
+  CHECK_EQ(row.keep(), 0);
+}
+
 TEST(rotated_channel_batch_merges_on_one_grid_and_extracts_rows_whole) {
   // Lengths 70 and 38: paddings 0 and 32, whole groups of 32 positions, so
   // each row keeps its own cache's groups.
