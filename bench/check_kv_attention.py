@@ -80,15 +80,20 @@ def main():
     for D, (n_q, n_kv), L, sink, max_size in itertools.product(
             (64, 128), ((9, 3), (8, 8)), (1, 7), (0, 2), (None, 256)):
         kw = dict(scheme="rotated-channel", window=64, sink=sink)
+        # A batch of sliding windows (three rows, no sink) where the sink
+        # would be.
+        B = 3 if sink and max_size else 1
         c = (kvcore.QuantizedKVCache(group_size=32, bits=4, **kw) if max_size is None
+             else kvcore.QuantizedBatchRotatingKVCache(max_size, [0, 7, 40], 32, 4, scheme="rotated-channel",
+                                                       window=64) if B > 1
              else kvcore.QuantizedRotatingKVCache(max_size, 4, 32, 4, **kw))
         for S in (700, 1, 1, 1):
-            k = mx.random.normal((1, n_kv, S, D)).astype(dtype)
-            keys, values = c.update_and_fetch(k, mx.random.normal((1, n_kv, S, D)).astype(dtype))
+            k = mx.random.normal((B, n_kv, S, D)).astype(dtype)
+            keys, values = c.update_and_fetch(k, mx.random.normal((B, n_kv, S, D)).astype(dtype))
         mask = c.make_mask(L, return_array=True) if max_size else ("causal" if L > 1 else None)
-        keys, values = c.update_and_fetch(mx.random.normal((1, n_kv, L, D)).astype(dtype),
-                                          mx.random.normal((1, n_kv, L, D)).astype(dtype))
-        q = mx.random.normal((1, n_q, L, D)).astype(dtype)
+        keys, values = c.update_and_fetch(mx.random.normal((B, n_kv, L, D)).astype(dtype),
+                                          mx.random.normal((B, n_kv, L, D)).astype(dtype))
+        q = mx.random.normal((B, n_q, L, D)).astype(dtype)
         try:
             err = check(c, q, keys, values, mask, 32, (4, 4), "rotated-channel", dtype)
             row = {"error": err}
@@ -96,7 +101,7 @@ def main():
         except Exception as e:
             row = {"failed": str(e)[:200]}
         print(json.dumps({"scheme": "rotated-channel", "D": D, "heads": [n_q, n_kv], "L": L, "sink": sink,
-                          "max_size": max_size, **row}), flush=True)
+                          "max_size": max_size, "batch": B, **row}), flush=True)
     print(json.dumps({"device": str(mx.default_device()), "worst_error": worst}))
 
 
