@@ -50,6 +50,13 @@ def _kv_args(**kw):
     return _options.settle_kv(types.SimpleNamespace(**{**base, **kw}))
 
 
+def test_the_float_window_defaults_to_no_more_than_the_sliding_window():
+    assert _kv_args(kv_scheme="rotated-channel").kv_window == 128
+    assert _kv_args(kv_scheme="rotated-channel", max_kv_size=64).kv_window == 64
+    assert _kv_args(kv_scheme="rotated-channel", max_kv_size=4096).kv_window == 128
+    assert _kv_args(kv_scheme="rotated-channel", max_kv_size=64, kv_window=200).kv_window == 200
+
+
 def test_group_size_is_checked_against_each_head_dimension():
     _options.check_head_dims(_kv_args(kv_group_size=(64, 32)), (64, 32))
     with pytest.raises(_options.UsageError) as e:

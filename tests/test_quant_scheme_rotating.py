@@ -646,3 +646,63 @@ def test_generate_step_with_max_kv_size_quantizes_to_the_rotating_scheme(qwen, p
     # Quantized to 8 bits (the model's scaled weights magnify the error):
     # the float run's first tokens.
     assert [t for t, _ in got][:8] == [t for t, _ in want][:8]
+
+
+# -- settings the commands and mlx-lm's generate_step choose
+
+
+def test_generate_steps_quantizer_keeps_a_sink_within_each_windows_keep():
+    # A model's own sliding windows (gemma3's) keep no first token: the
+    # commands' sink of 1 is dropped for them, not refused half-way.
+    from kvcore._mlx_lm import quantizer
+
+    caches = [kvcore.KVCache(), kvcore.RotatingKVCache(max_size=128, keep=0),
+              kvcore.RotatingKVCache(max_size=128, keep=4)]
+    k = mx.zeros((1, 2, 300, 64))
+    for c in caches:
+        c.update_and_fetch(k, k)
+    quantizer(SCHEME, window=16, sink=1)(caches, quantized_kv_start=0, kv_group_size=(32, 64), kv_bits=4)
+    assert [(type(c).__name__, c.scheme, c.sink) for c in caches] == [
+        ("QuantizedKVCache", SCHEME, 1), ("QuantizedRotatingKVCache", SCHEME, 0),
+        ("QuantizedRotatingKVCache", SCHEME, 1)]
+
+
+def test_an_empty_update_keeps_a_state_that_restores():
+    # keep = max_size - 1: a drop at an empty update would leave the pinned
+    # group alone.
+    q = kvcore.QuantizedRotatingKVCache(2, 1, 32, 4, scheme=SCHEME, window=0)
+    q.update_and_fetch(mx.zeros((1, 2, 96, 64)), mx.zeros((1, 2, 96, 64)))
+    q.update_and_fetch(mx.zeros((1, 2, 0, 64)), mx.zeros((1, 2, 0, 64)))
+    assert (q.offset, q._idx, q.dropped) == (96, 96, 0)
+    back = kvcore.QuantizedRotatingKVCache.from_state(q.state)
+    assert (back.offset, back._idx, back.dropped) == (96, 96, 0)
+    q.update_and_fetch(mx.zeros((1, 2, 1, 64)), mx.zeros((1, 2, 1, 64)))
+    assert (q.offset, q._idx, q.dropped) == (97, 33, 64)
+
+
+def test_an_offset_past_two_to_the_thirty_is_refused():
+    q = filled()
+    s = list(q.state)
+    s[2] = 2**31 - 1
+    assert_refused(q, lambda: setattr(q, "state", tuple(s)), kvcore.CacheValueError,
+                   "[QuantizedRotatingKVCache.state] expected offset in [0, 1073741824] but got "
+                   "2147483647")
+
+
+def test_the_dequantizing_path_takes_an_additive_mask_in_another_dtype():
+    # On CUDA attention dequantizes and runs one fused attention: a float32
+    # additive mask with float16 queries is cast, as the kernel path adds it.
+    q = new(64, 4, bits=8, window=0)
+    k = mx.random.normal((1, 2, 100, 64)).astype(mx.float16)
+    keys, values = q.update_and_fetch(k, k)
+    queries = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    mask = mx.where(mx.arange(q._idx) % 3 == 0, -1e4, 0.0).astype(mx.float32)
+    out = {}
+    try:
+        for mode in ("kernel", "dequantize"):
+            kvcore.set_quantized_matmul(mode)
+            out[mode] = scaled_dot_product_attention(queries, keys, values, q, 0.125, mask)
+    finally:
+        kvcore.set_quantized_matmul("auto")
+    assert out["dequantize"].dtype == mx.float16
+    assert mx.allclose(out["dequantize"], out["kernel"], atol=5e-3).item()

@@ -59,7 +59,7 @@ void bind_quantized(nb::module_& m) {
            },
            "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
-                   "-> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+                   "-> tuple[tuple, tuple]"),
            R"pbdoc(
              Quantize and append new keys and values.
 

@@ -266,7 +266,7 @@ void bind_quantized_rotating(nb::module_& m) {
            [](C& c, nb::handle keys, nb::handle values) { return fetched(c, update_param(c, keys, values)); },
            "keys"_a, "values"_a,
            nb::sig("def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) "
-                   "-> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]"),
+                   "-> tuple[tuple, tuple]"),
            R"pbdoc(
              Quantize new keys and values and add them to the ring.
 
@@ -317,9 +317,11 @@ void bind_quantized_rotating(nb::module_& m) {
       .def_prop_ro("dropped", &C::dropped,
                    "``\"rotated-channel\"``: tokens the window has dropped after the pinned groups.")
       .def_prop_ro("keys", [](const C& c) { return to_py(c.keys()); },
-                   "The keys' ``(weights, scales, biases)`` ring, or None.")
+                   "The keys' ``(weights, scales, biases)`` ring (``\"rotated-channel\"``: the held "
+                   "tokens' buffers), or None.")
       .def_prop_ro("values", [](const C& c) { return to_py(c.values()); },
-                   "The values' ``(weights, scales, biases)`` ring, or None.")
+                   "The values' ``(weights, scales, biases)`` ring (``\"rotated-channel\"``: the held "
+                   "tokens' buffers), or None.")
       .def_prop_ro("group_size",
                    [](const C& c) { return spec_to_py(c.key_spec().group_size, c.value_spec().group_size); },
                    "The group size, or ``(keys, values)`` when they differ.")

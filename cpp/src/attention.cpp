@@ -122,8 +122,10 @@ mx::array dequantized_channel_attention(
   if (std::holds_alternative<std::string>(mask)) {
     mode = "causal";
   } else if (std::holds_alternative<mx::array>(mask)) {
+    // An additive mask in the queries' dtype, as the fused attention takes it.
     mode = "array";
-    mask_arr = std::get<mx::array>(mask);
+    const auto& m = std::get<mx::array>(mask);
+    mask_arr = m.dtype() == mx::bool_ ? m : mx::astype(m, dtype);
   }
   auto out = mx::fast::scaled_dot_product_attention(hadamard(queries), k, v, scale, mode, mask_arr);
   return hadamard(out);

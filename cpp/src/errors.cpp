@@ -20,13 +20,31 @@ CacheError::CacheError(ErrorKind kind, std::string context, std::string message)
       context_(std::move(context)) {}
 
 void rethrow_from(const CacheError& e, const std::string& context) {
-  if (!e.expected().empty() || !e.actual().empty()) {
-    throw CacheError(e.kind(), context, e.expected(), e.actual());
-  }
-  // "[old context] message": the message alone.
   const std::string what = e.what();
   const size_t cut = what.find("] ");
-  throw CacheError(e.kind(), context, cut == std::string::npos ? what : what.substr(cut + 2));
+  const std::string message = cut == std::string::npos ? what : what.substr(cut + 2);
+  const bool compared = !e.expected().empty() || !e.actual().empty();
+  // The same subclass, so that C++ callers catch what they would have.
+  switch (e.kind()) {
+    case ErrorKind::Value:
+      if (compared) throw ValueError(context, e.expected(), e.actual());
+      throw ValueError(context, message);
+    case ErrorKind::Runtime:
+      if (compared) throw RuntimeError(context, e.expected(), e.actual());
+      throw RuntimeError(context, message);
+    case ErrorKind::NotImplemented:
+      throw NotImplementedError(context, message);
+    case ErrorKind::Index:
+      if (compared) throw IndexError(context, e.expected(), e.actual());
+      break;
+    case ErrorKind::Type:
+      if (compared) throw TypeError(context, e.expected(), e.actual());
+      break;
+    case ErrorKind::Key:
+      if (compared) throw KeyError(context, e.expected(), e.actual());
+      break;
+  }
+  throw CacheError(e.kind(), context, message);
 }
 
 } // namespace kvcore

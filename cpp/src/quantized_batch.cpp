@@ -517,7 +517,7 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchRotatingKVCache::updat
   }
   constexpr const char* ctx = "QuantizedBatchRotatingKVCache.update_and_fetch";
   try {
-    if (const int n = droppable(); n > 0) {
+    if (const int n = keys.ndim() == 4 && keys.shape(2) > 0 ? droppable() : 0; n > 0) {
       ChannelBatch next = *channel_; // staged: a failed update changes nothing
       next.drop_front(n);
       auto out = next.update_and_fetch(keys, values);

@@ -89,7 +89,9 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedRotatingKVCache::update_and
   }
   const int end = check_size(ctx, "offset + S", 1LL * offset_ + keys.shape(2));
   try {
-    if (const int n = droppable(offset_); n > 0) {
+    // (An empty update drops nothing: the held tokens must include the
+    // newest one.)
+    if (const int n = keys.shape(2) > 0 ? droppable(offset_) : 0; n > 0) {
       // Staged: a failed update leaves the cache as it was. The buffers
       // keep room for what the window holds at most, no more (a long
       // prefill's room is given back).
@@ -148,7 +150,11 @@ Mask QuantizedRotatingKVCache::make_mask(int N, bool return_array, std::optional
 
 std::pair<QuantizedArrays, QuantizedArrays> QuantizedRotatingKVCache::keys_and_values() const {
   if (channel_) {
-    return channel_->keys_and_values();
+    try {
+      return channel_->keys_and_values();
+    } catch (const CacheError& e) {
+      rethrow_from(e, "QuantizedRotatingKVCache.keys_and_values");
+    }
   }
   return lockstep::keys_and_values(rings_);
 }
@@ -211,6 +217,7 @@ void QuantizedRotatingKVCache::set_channel(QuantizedKVCache held, int offset, in
   }
   check_sink_kept(ctx, held.sink(), keep);
   const int G = held.key_spec().group_size, P = (keep + G - 1) / G * G;
+  check_size(ctx, "offset", offset, 0, max_offset);
   const long long d = 1LL * offset - held.offset();
   // Dropped tokens follow the pinned groups, all out of the window's reach
   // (whole groups when the cache dropped them; any number when a batch row
@@ -294,7 +301,11 @@ QuantizedRotatingKVCache to_quantized(
       kt = filler(kt);
       vt = filler(vt);
     }
-    held.update_and_fetch(kt, vt);
+    try {
+      held.update_and_fetch(kt, vt);
+    } catch (const CacheError& e) {
+      rethrow_from(e, ctx);
+    }
     out.set_channel(std::move(held), o, K, cache.max_size());
     return out;
   }

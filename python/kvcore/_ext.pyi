@@ -464,7 +464,7 @@ class QuantizedKVCache:
 
     step: int = 256
 
-    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]:
         """
         Quantize and append new keys and values.
 
@@ -767,7 +767,7 @@ class QuantizedRotatingKVCache:
               too, at most ``keep``.
         """
 
-    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple[mlx.core.array, mlx.core.array, mlx.core.array]]:
+    def update_and_fetch(self, keys: mlx.core.array, values: mlx.core.array) -> tuple[tuple, tuple]:
         """
         Quantize new keys and values and add them to the ring.
 
@@ -839,11 +839,15 @@ class QuantizedRotatingKVCache:
 
     @property
     def keys(self) -> object:
-        """The keys' ``(weights, scales, biases)`` ring, or None."""
+        """
+        The keys' ``(weights, scales, biases)`` ring (``"rotated-channel"``: the held tokens' buffers), or None.
+        """
 
     @property
     def values(self) -> object:
-        """The values' ``(weights, scales, biases)`` ring, or None."""
+        """
+        The values' ``(weights, scales, biases)`` ring (``"rotated-channel"``: the held tokens' buffers), or None.
+        """
 
     @property
     def group_size(self) -> object:

@@ -61,6 +61,19 @@ def _originals():
     return out
 
 
+def sink_within(cache, kwargs):
+    """to_quantized's arguments for this cache: a sliding window's sink lies
+    within the first tokens it keeps (a model's own windows, gemma3's say,
+    keep none), and a batch of sliding windows keeps none."""
+    sink = kwargs.get("sink")
+    if not sink:
+        return kwargs
+    if type(cache).__name__ == "BatchRotatingKVCache":
+        return {k: v for k, v in kwargs.items() if k != "sink"}
+    keep = getattr(cache, "keep", None)
+    return kwargs if keep is None or sink <= keep else dict(kwargs, sink=keep)
+
+
 def quantizer(scheme, window=None, sink=None):
     """mlx-lm's maybe_quantize_kv_cache, quantizing with ``scheme`` (and,
     for "rotated-channel", a float ``window`` other than the default and a
@@ -73,7 +86,8 @@ def quantizer(scheme, window=None, sink=None):
             return
         for e, c in enumerate(prompt_cache):
             if hasattr(c, "to_quantized") and c.offset >= quantized_kv_start:
-                prompt_cache[e] = c.to_quantized(group_size=kv_group_size, bits=kv_bits, **extra)
+                prompt_cache[e] = c.to_quantized(group_size=kv_group_size, bits=kv_bits,
+                                                 **sink_within(c, extra))
 
     return maybe_quantize_kv_cache
 

@@ -123,7 +123,7 @@ def add_kv_options(parser):
                         "dimension (default: 32,64)")
     g.add_argument("--kv-window", type=non_negative, default=None, metavar="N",
                    help="rotated-channel: the newest N tokens stay in float "
-                        f"(default: {DEFAULT_KV_WINDOW})")
+                        f"(default: {DEFAULT_KV_WINDOW}, or --max-kv-size if smaller)")
     g.add_argument("--kv-sink", type=non_negative, default=None, metavar="N",
                    help="rotated-channel: each sequence's first N tokens (the attention "
                         "sink) also kept in float and read in place of their quantized form "
@@ -133,8 +133,8 @@ def add_kv_options(parser):
                    help="quantize once a sequence holds N tokens, as mlx-lm "
                         f"(default: {DEFAULT_QUANTIZED_KV_START}; 0: from the first token)")
     g.add_argument("--max-kv-size", type=positive, default=None, metavar="N",
-                   help="a sliding window of N tokens per sequence (RotatingKVCache, "
-                        "quantizable with the affine scheme; default: unbounded)")
+                   help="a sliding window of N tokens per sequence (RotatingKVCache keeping "
+                        "its first 4, quantizable with either scheme; default: unbounded)")
     return g
 
 
@@ -150,7 +150,10 @@ def settle_kv(args):
                                  "(the affine scheme keeps no float tokens)")
         return args
     if args.kv_window is None:
-        args.kv_window = DEFAULT_KV_WINDOW
+        # A float window wider than the sliding window would keep tokens no
+        # query sees in float.
+        args.kv_window = (DEFAULT_KV_WINDOW if args.max_kv_size is None
+                          else min(DEFAULT_KV_WINDOW, args.max_kv_size))
     if args.kv_sink is None:
         args.kv_sink = DEFAULT_KV_SINK
     if args.kv_sink > 256:

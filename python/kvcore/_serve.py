@@ -24,6 +24,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from ._mlx_lm import sink_within
 from ._options import (
     Parser,
     UsageError,
@@ -108,7 +109,7 @@ def _quantizing_batch_generator(base, opts, stats):
     kwargs = quantize_kwargs(opts) if bits is not None else {}
 
     def quantize(caches):
-        return [c.to_quantized(**_kwargs_for(c, kwargs)) if hasattr(c, "to_quantized") else c
+        return [c.to_quantized(**sink_within(c, kwargs)) if hasattr(c, "to_quantized") else c
                 for c in caches]
 
     def is_quantized(caches):
@@ -260,21 +261,13 @@ def _handler_class(base, cache, stats):
     return Handler
 
 
-def _kwargs_for(cache, kwargs):
-    """to_quantized's arguments for this cache: a batch of sliding windows
-    takes no sink (it pins no first tokens; its rows merge without one)."""
-    if type(cache).__name__ == "BatchRotatingKVCache" and kwargs.get("sink"):
-        return {k: v for k, v in kwargs.items() if k != "sink"}
-    return kwargs
-
-
 def _batch_takes(kvcore, opts):
     """Whether kvcore's batch caches quantize with these settings (the
     affine scheme always; others as kvcore's batch caches learn them)."""
     batch = (kvcore.BatchKVCache([0]) if opts.max_kv_size is None
              else kvcore.BatchRotatingKVCache(opts.max_kv_size, [0]))
     try:
-        batch.to_quantized(**_kwargs_for(batch, quantize_kwargs(opts)))
+        batch.to_quantized(**sink_within(batch, quantize_kwargs(opts)))
     except kvcore.CacheValueError:
         return False
     return True

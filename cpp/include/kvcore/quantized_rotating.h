@@ -18,11 +18,16 @@ namespace kvcore {
 /// cannot leave one at a time. The cache holds a QuantizedKVCache of the
 /// scheme (`held()`): the groups holding the `keep` pinned tokens, then the
 /// newest tokens; whole groups the window has left behind are dropped once
-/// they add up to an eighth of max_size. make_mask hides the held tokens
-/// the float ring would not hold, so each query sees what it sees over a
-/// float RotatingKVCache. The attention sink must lie within `keep`.
+/// they add up to max(group, max_size / 8 in whole groups). make_mask hides
+/// the held tokens the float ring would not hold, so each query sees what
+/// it sees over a float RotatingKVCache. The attention sink must lie within
+/// `keep`.
 class QuantizedRotatingKVCache : public Cache {
  public:
+  /// rotated_channel: the most tokens a state may say were seen (positions
+  /// stay well inside int).
+  static constexpr int max_offset = 1 << 30;
+
   /// max_size >= 1 slots, 0 <= keep < max_size pinned; keys and values
   /// quantized as `keys` and `values` say, laid out as `scheme` says
   /// (`window` and `sink` as for QuantizedKVCache; sink <= keep).
