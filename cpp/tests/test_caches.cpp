@@ -318,10 +318,13 @@ TEST(rotated_channel_sliding_window_drops_whole_groups_and_masks_what_the_ring_l
   auto got = channel_attention(q, qk, h.residual(), qv, h.value_residual(), 0.125f, mask, {32, 8}, {64, 8});
   auto want = mx::fast::scaled_dot_product_attention(q, fk, fv, 0.125f, "", std::get<mx::array>(ring_mask));
   CHECK(mx::allclose(got, want, 0.0, 0.05).item<bool>());
-  // A sink beyond keep, and a merge into a batch, are refused.
+  // A sink beyond keep is refused; a merge into a batch takes the float
+  // ring's 64 tokens (the 4 pinned, then the newest 60).
   CHECK_THROWS(ValueError, "a sink within keep (4 tokens)",
                QuantizedRotatingKVCache(64, 4, {32, 4}, {64, 4}, QuantScheme::rotated_channel, 0, 5));
-  CHECK_THROWS(ValueError, "affine caches", QuantizedBatchRotatingKVCache::merge({&c}));
+  auto batch = QuantizedBatchRotatingKVCache::merge({&c});
+  CHECK_EQ(batch.idx(), 64);
+  CHECK(mx::array_equal(batch.offset(), mx::array({205})).item<bool>());
 }
 
 TEST(rotated_channel_batch_of_sliding_windows_drops_groups_and_windows_each_row) {
