@@ -15,10 +15,10 @@ disk tier and checkpoints) and on the prompt-cache file functions:
 * every good call gives what mlx-lm's class gives for the same call on the
   same inputs (arrays bit for bit), where mlx-lm has the class; kvcore's
   rotated-channel scheme (QuantizedKVCache, QuantizedBatchKVCache,
-  QuantizedRotatingKVCache, to_quantized, merge, quantized attention, files,
-  the prefix cache), which mlx-lm lacks, is held to invariants stated exactly
-  instead (its section below says which; the sliding window's also against
-  a float ring).
+  QuantizedRotatingKVCache, QuantizedBatchRotatingKVCache, to_quantized,
+  merge, quantized attention, files, the prefix cache), which mlx-lm lacks,
+  is held to invariants stated exactly instead (its section below says
+  which; the sliding windows' also against a float ring or a float batch).
 
 Like the C++ loader fuzz (``kvcore_fuzz_loader seed iterations``), episode
 ``i`` of a family draws from its own generator, seeded by (seed, family,
@@ -488,6 +488,9 @@ def buffer_len(c):
 
 def op_update(case):
     S = case.ep.pick([1, 1, 1, 1, 2, 3, 5, 9])
+    if isinstance(case, ChannelRingBatchCase):
+        # (its float twin takes the same update)
+        return ring_batch_update(case)
     k, v = case.kv(S)
     if S == 1 and pending(case) and "max_size" in case.g:
         # A ring with right padding pending takes no single token (mlx-lm
@@ -920,7 +923,8 @@ def test_caches(memory_limit):
 # Batch caches, merges and ArraysCache
 
 BATCH_KINDS = ["BatchKVCache", "BatchRotatingKVCache", "QuantizedBatchKVCache",
-               "QuantizedBatchRotatingKVCache", "QuantizedBatchKVCache(rotated-channel)"]
+               "QuantizedBatchRotatingKVCache", "QuantizedBatchKVCache(rotated-channel)",
+               "QuantizedBatchRotatingKVCache(rotated-channel)"]
 
 
 def single_pair(ep, kind, g):
@@ -978,6 +982,8 @@ def merged(ep, kind, g, B):
 def make_batch(ep, kind):
     if kind == "QuantizedBatchKVCache(rotated-channel)":
         return make_channel_batch(ep)
+    if kind == "QuantizedBatchRotatingKVCache(rotated-channel)":
+        return make_channel_ring_batch(ep)
     g = geometry(ep, kind.startswith("Quantized"), batch=True)
     if "Rotating" in kind:
         g["max_size"] = ep.pick([2, 3, 5, 8])
@@ -1218,6 +1224,8 @@ def batch_episode(ep):
     if ep.chance(0.15):
         return arrays_episode(ep)
     case = make_batch(ep, ep.pick(BATCH_KINDS))
+    if isinstance(case, ChannelRingBatchCase):
+        return channel_ring_batch_episode(ep, case)
     if isinstance(case, ChannelCase):
         return channel_batch_episode(ep, case)
     for _ in range(ep.rng.randrange(10, 40)):
@@ -1475,7 +1483,8 @@ class ChannelCase(Case):
             # so their states may differ in it (what they hold may not).
             # (A state holds no pending right padding: only a deepcopy
             # carries it.)
-            spare = SPARE if self.ep.chance(0.5) or pending(self) else SPARE | {"state"}
+            copied = self.ep.chance(0.5) or pending(self)
+            spare = SPARE if copied else SPARE | {"state"}
             twin = (copy.deepcopy(self.c) if spare == SPARE
                     else type(self.c).from_state(self.c.state))
             want = probe(lambda: fn(twin))
@@ -1666,9 +1675,11 @@ def channel_forged_states(case):
         # no key group stored: wider key scales of zero groups are the same
         out = [x for x in out if x[0] != "state[0] scales of another width"]
     ring = isinstance(case.c, kvcore.QuantizedRotatingKVCache)  # (keep, max_size, _idx after the offset)
+    # (max_size, _offset, _idx, rotated after the rows)
+    ring_batch = isinstance(case.c, kvcore.QuantizedBatchRotatingKVCache)
     batch = not ring and len(st) in (11, 14)
     # group_size, bits, scheme, window, residuals (then a sink's size and arrays)
-    at = 6 if ring else 5 if batch else 3
+    at = 6 if ring else 8 if ring_batch else 5 if batch else 3
     sink = len(st) > at + 6
     g = case.g
     out += [
@@ -1676,7 +1687,8 @@ def channel_forged_states(case):
         # (without residuals and window 0 the arrays may well fit an affine
         # cache of another shape: relabelled, they are a state like any)
         ("scheme 'affine' with residuals", with_item(st, at + 2, "affine"))
-        if batch or st[at + 4] is not None or st[at + 3] or sink else ("scheme None", with_item(st, at + 2, None)),
+        if batch or ring_batch or st[at + 4] is not None or st[at + 3] or sink
+        else ("scheme None", with_item(st, at + 2, None)),
         ("scheme 5", with_item(st, at + 2, 5)),
         ("window -1", with_item(st, at + 3, -1)),
         ("window 2**40", with_item(st, at + 3, 2**40)),
@@ -2286,6 +2298,498 @@ RING_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_mas
 
 def channel_ring_episode(ep, case):
     channel_calls(ep, case, RING_GOOD, RING_BAD)
+
+
+# -- batches of sliding windows of the scheme
+#
+# A rotated-channel QuantizedBatchRotatingKVCache holds the scheme's batch
+# (QuantizedBatchKVCache's) of the newest positions: whole quantized groups
+# below _idx - (max_size - 1) are dropped from the front once they add up to
+# max(G, max_size / 8 in whole groups), never while right padding waits for
+# finalize. Beside it runs a float kvcore.BatchRotatingKVCache given the same
+# calls (`case.f`; the BatchRotatingKVCache kind checks that one against
+# mlx-lm's), dropped where mlx-lm's twin would be. Checked exactly:
+#
+# * the held layout as above; no row's left padding below its held
+#   positions less its offset; offsets the float twin's, _offset the twin's
+#   (plus, after a merge, the positions its rows hold past the float rings'),
+#   is_trimmable() the twin's;
+# * an update drops what the rule says (nothing while right padding is
+#   pending) and quantizes the whole groups older than the window;
+# * attention through mlx-lm's entry point under the cache's own mask equals
+#   float attention over the held positions dequantized and, where nothing
+#   is quantized, the float twin's (queries that attend something; not with
+#   right padding pending, nor where the twin's mask for several tokens after
+#   single tokens wrapped it hides a row's oldest token, see
+#   tests/test_quant_scheme_batch_rotating.py);
+# * extract(i) is a rotated-channel QuantizedRotatingKVCache (keep 0) of the
+#   row's held positions, at the row's offset (refused for a row still in its padding);
+# * trim as the twin's while nothing has left the ring, refused after.
+#
+# A single token while right padding is pending is refused, as the float
+# batch refuses it. Where the twins differ by design (the float batch's right padding rolled
+# at each update, positions past the prompt taken as padding) the float twin
+# is dropped.
+
+
+QBR = kvcore.QuantizedBatchRotatingKVCache
+
+
+def ring_batch_limits(g):
+    """(G, the drop threshold)."""
+    G, M = g["kspec"][0], g["max_size"]
+    return G, max(G, M // 8 // G * G)
+
+
+def float_quirk(f, N):
+    """The float twin's mask for N > 1 tokens after single tokens wrapped it
+    hides the oldest token of a row still padded (as mlx-lm's)."""
+    return f is not None and N > 1 and f.rotated and max(f.left_padding.tolist()) > 0
+
+
+class ChannelRingBatchCase(ChannelCase):
+    """A rotated-channel QuantizedBatchRotatingKVCache and its float twin f
+    (or None)."""
+
+    def __init__(self, ep, c, g, f, lossless):
+        super().__init__(ep, c, g)
+        self.f = f
+        # Whether every position the batch holds is the float twin's, never
+        # quantized on the way (a merge rebuilds pinning caches' rows from
+        # their tokens dequantized; a trim into a group returns it dequantized).
+        self.lossless = lossless
+        # _offset less the twin's: 0, or after a merge the positions its rows
+        # hold past the float rings' (mlx-lm's merge starts _offset at the
+        # float batch's width); None: taken at the next check.
+        self.delta = None
+
+    def forget_twin(self, why):
+        if self.f is not None:
+            self.ep.note(f"(the float twin dropped: {why})")
+            self.ep.counts["ring batch twin dropped: " + why] += 1
+            self.f = None
+
+    def round_trips(self, what):
+        if pending(self):
+            # (A state holds no pending right padding, and with it pending
+            # nothing is dropped: the masks of from_state's copy differ.)
+            same(picture(copy.deepcopy(self.c)), picture(self.c), f"{what}: deepcopy")
+            return
+        super().round_trips(what)
+
+    def check(self, what):
+        super().check(what)
+        c, g, f = self.c, self.g, self.f
+        assert (c.max_size, c.window, c.sink, c.rotated, c.sink_keys) == (
+            g["max_size"], channel_window(g), 0, False, None), f"{what}: settings"
+        # A row holds no more of its tokens than it has: its padding is at
+        # least its held positions less its offset (more where a float batch's
+        # to_quantized or an extend gave a row whose first tokens went pad slots).
+        assert all(p >= c._idx - o for p, o in zip(c.left_padding.tolist(), c.offset.tolist())), (
+            f"{what}: left padding {c.left_padding.tolist()}, offsets {c.offset.tolist()}, _idx {c._idx}")
+        assert c._offset >= c._idx >= 0, f"{what}: _offset {c._offset}, _idx {c._idx}"
+        if f is not None and not pending(self):
+            # (with right padding pending the float batch rolls its rows at
+            # each update, finalize ends where this batch does)
+            if self.delta is None:
+                self.delta = c._offset - f._offset
+            assert c.offset.tolist() == f.offset.tolist() and c._offset - f._offset == self.delta >= 0, (
+                f"{what}: offsets {c.offset.tolist()} _offset {c._offset}, the float twin's "
+                f"{f.offset.tolist()} {f._offset} ({self.delta} apart before)")
+            assert c.is_trimmable() == f.is_trimmable(), f"{what}: is_trimmable() {c.is_trimmable()}"
+
+
+def ring_batch(ep, g, B):
+    """A rotated-channel QuantizedBatchRotatingKVCache of B rows, its float
+    twin and whether nothing was quantized on the way: a merge of sliding
+    windows (some pinning tokens, with a sink), the constructor, or a float
+    batch's to_quantized."""
+    M, u = g["max_size"], ep.rng.random()
+    spec = dict(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"])
+    if u < 0.45:
+        keep = min(M - 1, ep.pick([0, 0, 0, 4]))
+        sink = min(keep, ep.pick([0, 1]))
+        qs, fs, lossless = [], [], True
+        for _ in range(B):
+            q, f = kvcore.QuantizedRotatingKVCache(M, keep, sink=sink, **spec), kvcore.RotatingKVCache(M, keep)
+            tmp = Case(ep, f, None, "none", dict(g, B=1))
+            for _ in range(ep.pick([0, 1, 2, 3])):
+                k, v = tmp.kv(ep.pick([1, 3, 32, 45, 70, 150]))
+                q.update_and_fetch(k, v)
+                f.update_and_fetch(k, v)
+                lossless = lossless and tokens_quantized(q) == 0
+            qs.append(q)
+            fs.append(f)
+        ep.note(f"QuantizedRotatingKVCache.merge(offsets {[q.offset for q in qs]}, keep {keep}, sink {sink})")
+        return QBR.merge(qs), kvcore.BatchRotatingKVCache.merge(fs), lossless
+    lp = [ep.pick([0, 0, 1, 32, 40]) for _ in range(B)]
+    f = kvcore.BatchRotatingKVCache(M, lp)
+    if u < 0.7:
+        ep.note(f"QuantizedBatchRotatingKVCache({M}, {lp}, rotated-channel)")
+        return QBR(M, lp, **spec), f, True
+    tmp = Case(ep, f, None, "none", dict(g, B=B))
+    for S in [ep.pick([1, 5, 50, 70]) for _ in range(ep.pick([0, 1, 2]))] + [1] * ep.pick([0, 0, 3, 40]):
+        f.update_and_fetch(*tmp.kv(S))
+    ep.note(f"BatchRotatingKVCache({M}, {lp}) at _offset {f._offset} (rotated {f.rotated}) "
+            ".to_quantized(rotated-channel)")
+    c = f.to_quantized(**spec)
+    return c, f, tokens_quantized(c) == 0
+
+
+def make_channel_ring_batch(ep):
+    g = channel_geometry(ep, batch=True)
+    g["max_size"] = ep.pick([1, 7, 40, 64, 100])
+    g["sink"] = 0
+    ep.note(f"QuantizedBatchRotatingKVCache(rotated-channel) geometry {g}")
+    c, f, lossless = ring_batch(ep, g, g["B"])
+    case = ChannelRingBatchCase(ep, c, g, f, lossless)
+    case.check("the batch made")
+    return case
+
+
+def ring_batch_update(case, S=None):
+    """An update of S positions (random ones: None); prepare's prompt passes S."""
+    ep, c, g, f = case.ep, case.c, case.g, case.f
+    if S is None:
+        S = ep.pick([1, 1, 1, 1, 2, 3, 9, 31, 33, 70])
+        if pending(case):
+            if S == 1:
+                # A single token decodes: refused until finalize, as the float batch refuses it.
+                k, v = case.kv(1)
+                case.bad("update_and_fetch(S=1) with right padding pending",
+                         lambda c: c.update_and_fetch(k, v), allow=())
+                S = 2
+            # The float batch takes positions past the prompt as more right
+            # padding (it rolls them away at each update and at finalize);
+            # this batch rolls the right padding prepare named.
+            case.forget_twin("an update past the prompt with right padding pending")
+            f = None
+    k, v = case.kv(S)
+    G, threshold = ring_batch_limits(g)
+    M, idx0, t0, gone0 = c.max_size, c._idx, tokens_quantized(c), c._offset - c._idx
+    mq = c.make_mask(S)
+    quirky = float_quirk(f, S)
+    mf = f.make_mask(S) if f is not None else None
+    # (the twin first: the case's checks compare the two after the call)
+    fk, fv = f.update_and_fetch(k, v) if f is not None else (None, None)
+    out = case.good(f"update_and_fetch(S={S})", lambda c: c.update_and_fetch(k, v))
+    c = case.c
+    same(out, c.keys_and_values(), "update_and_fetch's result and keys_and_values()")
+    n, t, gone = c._idx, tokens_quantized(c), c._offset - c._idx - gone0
+    assert c._offset == idx0 + gone0 + S, f"update_and_fetch(S={S}): _offset {idx0 + gone0} -> {c._offset}"
+    if pending(case):
+        assert (gone, t) == (0, t0), (
+            f"update_and_fetch(S={S}) with right padding pending: {gone} dropped, {t} quantized")
+    else:
+        due = max(0, min(idx0 - (M - 1), t0)) // G * G
+        due = due if due >= threshold else 0
+        assert gone == due, f"update_and_fetch(S={S}) at _idx {idx0}, {t0} quantized: {gone} dropped, expected {due}"
+        want = max(t0 - gone, max(0, n - channel_window(g)) // G * G)
+        assert t == want, f"update_and_fetch(S={S}): {t} positions quantized, expected {want}"
+    ep.counts["ring batch updates dropping groups"] += gone > 0
+    case.lossless = case.lossless and t == 0
+    if g["dtype"] != mx.float32:
+        return  # (half precision: see channel_attention)
+    from kvcore._attention import scaled_dot_product_attention
+
+    q = ep.data((g["B"], g["H"] * ep.pick([1, 2]), S, g["Dk"]), g["dtype"]) * 0.01
+    got = scaled_dot_product_attention(q, out[0], out[1], c, scale=0.125, mask=mq)
+    dk, dv = dequantized(c)
+    live = mx.any(mq, axis=-1, keepdims=True)  # queries that attend something
+    wants = [("the held positions dequantized",
+              mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.125, mask=mq), live)]
+    # (With right padding pending the float batch rolls its padded rows at
+    # each update: their pad queries see other positions there.)
+    if f is not None and case.lossless and not quirky and not pending(case):
+        wants.append(("the float twin's", mx.fast.scaled_dot_product_attention(q, fk, fv, scale=0.125, mask=mf),
+                      live & mx.any(mf, axis=-1, keepdims=True)))
+    for name, want, where in wants:
+        a, b = mx.where(where, got, 0.0), mx.where(where, want, 0.0)
+        err = mx.abs(a - b).max().item()
+        assert err <= 1e-4 * (1 + mx.abs(b).max().item()), f"update_and_fetch(S={S}): attention off {name} by {err}"
+        ep.counts["ring batch attention against " + name] += 1
+
+
+def ring_batch_trim(case):
+    """trim as the float twin while nothing has left the ring, refused after."""
+    c, f = case.c, case.f
+    n = case.ep.rng.randrange(c._idx + 3)
+    if min(n, c._offset) > 0 and not c.is_trimmable():
+        case.bad(f"trim({n}) after rotation", lambda c: c.trim(n), allow=())
+        return
+    idx0 = c._idx
+    if f is not None and f._idx != idx0:
+        # (a filter cut whole groups of padding the twin still holds)
+        case.forget_twin("trim after a filter cut padding")
+    trimmed = case.f.trim(n) if case.f is not None else None
+    got = case.good(f"trim({n})", lambda c: c.trim(n))
+    assert got == min(n, idx0) and case.c._idx == idx0 - got, f"trim({n}) of {idx0}: {got}"
+    assert trimmed in (None, got), f"trim({n}): {got}, the float twin {trimmed}"
+
+
+def ring_batch_filter(case):
+    ep, c = case.ep, case.c
+    B = batch_size(c)
+    keep = sorted(ep.rng.sample(range(B), ep.rng.randrange(1, B + 1)))
+    if ep.chance(0.3):
+        ep.rng.shuffle(keep)
+    arg = mx.array(keep) if ep.chance(0.3) else keep
+    if pending(case):
+        case.forget_twin("filter with right padding pending")
+    written = c._offset
+    if case.f is not None:
+        case.f.filter(keep)
+    case.good(f"filter({keep})", lambda c: c.filter(arg))
+    case.g["B"] = len(keep)
+    assert case.c._offset == written, f"filter({keep}): _offset {written} -> {case.c._offset}"
+
+
+def ring_batch_extend(case):
+    ep, g = case.ep, case.g
+    if ep.chance(0.15):
+        other, other_f, lossless, what = case.c, case.f, case.lossless, "extend(itself)"
+    else:
+        other, other_f, lossless = ring_batch(ep, g, ep.pick([1, 2]))
+        what = f"extend(a batch of {batch_size(other)})"
+    case.lossless = case.lossless and lossless
+    if pending(case):
+        case.forget_twin("extend with right padding pending")
+    if other_f is None:
+        case.forget_twin("extend with a batch without a twin")
+    n0, written = batch_size(case.c), max(case.c._offset, other._offset)
+    if case.f is not None:
+        case.f.extend(other_f)
+        case.delta = None  # (each side's _offset is the larger one)
+    case.good(what, lambda c: c.extend(other))
+    case.g["B"] = batch_size(case.c)
+    assert case.g["B"] == n0 + batch_size(other) or other is case.c
+    assert case.c._offset == max(written, case.c._idx), f"{what}: _offset {case.c._offset}, {written} written"
+
+
+def ring_batch_extract(case):
+    ep, c, g, f = case.ep, case.c, case.g, case.f
+    i = ep.rng.randrange(batch_size(c))
+    if c.keys is None:
+        case.bad(f"extract({i}) of an empty batch", lambda c: c.extract(i), allow=())
+        return
+    if c.offset[i].item() < 0:
+        # A row still in its padding: refused, as the float batch refuses it.
+        case.bad(f"extract({i}) of a row in its padding", lambda c: c.extract(i), allow=())
+        return
+    one = case.good(f"extract({i})", lambda c: c.extract(i))
+    row, lp = c.offset[i].item(), c.left_padding[i].item()
+    assert type(one) is kvcore.QuantizedRotatingKVCache and one.scheme == SCHEME, f"extract({i}): {type(one)}"
+    assert (one.offset, one.keep, one.sink, one.max_size, one.window) == (
+        row, 0, 0, c.max_size, c.window), f"extract({i}): offset {one.offset} of row {row}"
+    assert one._idx + one.dropped == one.offset, f"extract({i}): {one._idx} held, {one.dropped} dropped"
+    if one._idx:
+        # The row's held positions, its padding left out.
+        dk, dv = dequantized(c)
+        ok, ov = dequantized(one)
+        same((ok, ov), (dk[i:i + 1, :, max(0, lp):], dv[i:i + 1, :, max(0, lp):]), f"extract({i}): its positions")
+    if f is not None and not pending(case):
+        fe = f.extract(i)
+        assert fe.offset == one.offset, f"extract({i}): offset {one.offset}, the float twin's row {fe.offset}"
+    sub = ChannelRingCase(ep, one, dict(g, B=1, keep=0, sink=0), None)
+    ChannelCase.layout(sub, f"extract({i})")
+    sub.round_trips(f"extract({i})")
+
+
+def ring_batch_prepare(case):
+    ep, c, f = case.ep, case.c, case.f
+    B = batch_size(c)
+    if c.keys is None and ep.chance(0.5):
+        lp = [ep.pick([0, 1, 2, 33]) for _ in range(B)]
+        if f is not None:
+            f.prepare(left_padding=lp)
+        case.good(f"prepare(left_padding={lp})", lambda c: c.prepare(left_padding=lp))
+        return
+    if pending(case):
+        return
+    lengths = [ep.pick([1, 2, 3, 40]) for _ in range(B)]
+    right = [max(lengths) - n for n in lengths]
+    if f is not None:
+        f.prepare(lengths=lengths, right_padding=right)
+    case.g["pending"] = max(right) > 0  # (before the call: its checks copy no state while pending)
+    case.good(f"prepare(lengths={lengths}, right_padding={right})",
+              lambda c: c.prepare(lengths=lengths, right_padding=right))
+    # The prompt's tokens (in one or two updates), then finalize (as mlx-lm's BatchGenerator does).
+    n = max(lengths)
+    for S in ([n] if n < 4 or ep.chance(0.5) else [n // 2, n - n // 2]):
+        ring_batch_update(case, S)
+    if ep.chance(0.8):
+        ring_batch_finalize(case)
+
+
+def ring_batch_finalize(case):
+    if case.f is not None:
+        case.f.finalize()
+    case.good("finalize()", lambda c: c.finalize())
+    case.g["pending"] = False
+    case.check("finalize()")  # (the rows against the twin's, now comparable)
+
+
+def ring_batch_from_state(case):
+    if pending(case):
+        # The state holds no pending right padding, and the float batch has
+        # rolled its rows at each update since prepare: the two part.
+        case.forget_twin("from_state with right padding pending")
+    channel_from_state(case)
+
+
+def ring_batch_deepcopy(case):
+    if case.f is not None:
+        case.f = copy.deepcopy(case.f)
+    channel_deepcopy(case)
+
+
+def ring_batch_to_quantized(case):
+    """The float twin's to_quantized: a batch in step with it."""
+    ep, f, g = case.ep, case.f, case.g
+    if f is None or pending(case):
+        return
+    what = f"BatchRotatingKVCache at _offset {f._offset} (rotated {f.rotated}) .to_quantized(rotated-channel)"
+    case.c = ep.ok(what, lambda: f.to_quantized(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME,
+                                                window=g["window"]))
+    case.delta, case.lossless = 0, tokens_quantized(case.c) == 0
+    assert case.c._idx == (f.max_size if f.rotated else f._idx), f"{what}: _idx {case.c._idx}"
+    assert case.c.left_padding.tolist() == f.left_padding.tolist(), f"{what}: left padding"
+    case.check(what)
+
+
+def ring_batch_forged_states(case):
+    """channel_forged_states, and the bookkeeping no batch of sliding windows
+    holds: _offset below _idx, positions dropped while fewer than max_size -
+    1 are held, rotated."""
+    c = case.c
+    st = tuple(c.state)
+    out = channel_forged_states(case)
+    out += [("_offset below _idx", with_item(st, 5, c._idx - 1)),
+            ("rotated True", with_item(st, 7, True)), ("rotated 1", with_item(st, 7, 1))]
+    if c._idx < c.max_size - 1:
+        G = case.g["kspec"][0]
+        out += [("one more position dropped within reach", with_item(st, 5, st[5] + 1)),
+                ("one more group dropped within reach", with_item(st, 5, st[5] + G))]
+    return out
+
+
+def bad_ring_batch_state(case):
+    what, st = case.ep.pick(ring_batch_forged_states(case))
+    if case.ep.chance(0.5):
+        case.bad(f"state = {what}", lambda c: setattr(c, "state", st), allow=())
+    else:
+        case.bad(f"from_state({what})", lambda c: type(c).from_state(st), allow=())
+
+
+def bad_ring_batch_extend(case):
+    ep, c, g = case.ep, case.c, case.g
+    kg = g["kspec"][0]
+    options = [("'x'", lambda: "x"), ("None", lambda: None), ("a KVCache", kvcore.KVCache),
+               ("an affine batch of sliding windows", lambda: QBR(g["max_size"], [0], g["group_size"], g["bits"])),
+               ("a rotated-channel QuantizedBatchKVCache", lambda: kvcore.QuantizedBatchKVCache(
+                   [0], g["group_size"], g["bits"], scheme=SCHEME, window=g["window"])),
+               ("a batch of another max_size", lambda: ring_batch(ep, dict(g, max_size=g["max_size"] + 1), 1)[0]),
+               ("a batch of another window", lambda: ring_batch(ep, dict(g, window=channel_window(g) + 1), 1)[0]),
+               ("a batch of other bits", lambda: ring_batch(ep, dict(
+                   g, bits=(ep.pick([b for b in BITS if b != g["kspec"][1]]), g["vspec"][1])), 1)[0]),
+               ("a batch of another key group", lambda: ring_batch(ep, dict(
+                   g, group_size=({32: 64, 64: 128, 128: 32}[kg], g["vspec"][0])), 1)[0])]
+    if c.keys is not None:
+        def other_with(**change):
+            for _ in range(8):
+                o = ring_batch(ep, dict(g, **change), 1)[0]
+                if o.keys is not None:
+                    return o
+            return o
+        options += [
+            ("a batch of other heads", lambda: other_with(H=g["H"] + 1)),
+            ("a batch of another key head dim", lambda: other_with(Dk=g["Dk"] * 2)),
+            ("a batch of another dtype",
+             lambda: other_with(dtype=ep.pick([d for d in FLOATS if d != g["dtype"]]))),
+        ]
+    what, make = ep.pick(options)
+    other = make()
+    if what in ("a batch of other heads", "a batch of another key head dim", "a batch of another dtype") \
+            and other.keys is None:
+        return
+    observe_other = (lambda: picture(other)) if hasattr(other, "state") else (lambda: None)
+    case.bad(f"extend({what})", lambda c: c.extend(other), allow=(),
+             observe=lambda: (case.observe(), observe_other()))
+
+
+def bad_ring_batch_merge(case):
+    """Merges of rotated-channel sliding windows with caches of another
+    scheme, max_size, spec, window or shape; the inputs stay as they were."""
+    ep, g = case.ep, case.g
+    M, kg = g["max_size"], g["kspec"][0]
+    spec = dict(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"])
+
+    def ring(g2=None, **change):
+        g2 = dict(g if g2 is None else g2)
+        kw = dict(spec, group_size=g2["group_size"], bits=g2["bits"], window=g2["window"])
+        kw.update(change)
+        size = kw.pop("max_size", g2["max_size"])
+        c = kvcore.QuantizedRotatingKVCache(size, 0, **kw)
+        tmp = Case(ep, c, None, "none", dict(g2, B=1))
+        for _ in range(ep.pick([1, 2])):
+            c.update_and_fetch(*tmp.kv(ep.pick([1, 3, 40])))
+        return c
+
+    a = ring()
+    affine = lambda: kvcore.QuantizedRotatingKVCache(M, 0, g["group_size"], g["bits"])  # noqa: E731
+    options = [
+        ("[]", lambda: []), ("['x']", lambda: ["x"]), ("[a, None]", lambda: [a, None]),
+        ("[a, an affine sliding window]", lambda: [a, affine()]),
+        ("[an affine sliding window, a]", lambda: [affine(), a]),
+        ("[a, a RotatingKVCache]", lambda: [a, kvcore.RotatingKVCache(M)]),
+        ("[a, one of another max_size]", lambda: [a, ring(max_size=M + 1)]),
+        ("[a, one of another window]", lambda: [a, ring(window=channel_window(g) + 1)]),
+        ("[a, one of other bits]", lambda: [a, ring(bits=(ep.pick([b for b in BITS if b != g["kspec"][1]]),
+                                                           g["vspec"][1]))]),
+        ("[a, one of another key group]", lambda: [a, ring(group_size=({32: 64, 64: 128, 128: 32}[kg],
+                                                                        g["vspec"][0]))]),
+        ("[a, one of other heads]", lambda: [a, ring(dict(g, H=g["H"] + 1))]),
+        ("[a, one of another key head dim]", lambda: [a, ring(dict(g, Dk=g["Dk"] * 2))]),
+        ("[a, one of another dtype]",
+         lambda: [a, ring(dict(g, dtype=ep.pick([d for d in FLOATS if d != g["dtype"]])))]),
+    ]
+    what, make = ep.pick(options)
+    caches = make()
+    ep.fails(f"QuantizedBatchRotatingKVCache.merge({what})", lambda: QBR.merge(caches),
+             lambda: [picture(x) for x in caches if hasattr(x, "state")], allow=())
+
+
+def bad_ring_batch_to_quantized(case):
+    """The float twin's to_quantized with settings no batch takes, or with
+    right padding pending: a typed error and the twin unchanged."""
+    ep, f, g = case.ep, case.f, case.g
+    if f is None:
+        return
+    kw = dict(group_size=g["group_size"], bits=g["bits"], scheme=SCHEME, window=g["window"])
+    options = [
+        ("sink 1", dict(sink=1)), ("group_size 48", dict(group_size=48)), ("bits 7", dict(bits=7)),
+        ("window -1", dict(window=-1)), ("window 2**21", dict(window=2**21)), ("scheme 'nope'", dict(scheme="nope")),
+        ("affine with a window", dict(scheme="affine", window=3)),
+    ]
+    if pending(case):
+        options.append(("with right padding pending", {}))
+    what, change = ep.pick(options)
+    ep.fails(f"BatchRotatingKVCache.to_quantized({what})", lambda: f.to_quantized(**dict(kw, **change)),
+             lambda: picture(f), allow=())
+
+
+RING_BATCH_GOOD = [(6, ring_batch_update), (1, ring_batch_trim), (2, ring_batch_filter), (2, ring_batch_extend),
+                   (1, ring_batch_extract), (1, ring_batch_prepare), (0.5, ring_batch_finalize),
+                   (1, ring_batch_from_state), (1, ring_batch_deepcopy), (0.5, ring_batch_to_quantized),
+                   (1, channel_attention)]
+RING_BATCH_BAD = [(3, bad_channel_update), (1, bad_update), (1, bad_trim), (1, bad_mask), (3, bad_ring_batch_state),
+                  (1, bad_setter), (1, bad_filter), (1, bad_extract), (2, bad_ring_batch_extend), (1, bad_prepare),
+                  (1.5, bad_ring_batch_merge), (1, bad_ring_batch_to_quantized), (1, bad_attention),
+                  (0.5, bad_matmul_mode), (0.5, bad_channel_constructor)]
+
+
+def channel_ring_batch_episode(ep, case):
+    channel_calls(ep, case, RING_BATCH_GOOD, RING_BATCH_BAD)
 
 
 # --------------------------------------------------------------------------

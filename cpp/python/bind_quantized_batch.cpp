@@ -314,7 +314,10 @@ void bind_quantized_batch(nb::module_& m) {
             if (PyObject_IsTrue(rot.ptr()) == 1) {
               throw ValueError(ctx, "rotated False for the rotated-channel scheme", "True");
             }
-            scheme_arg(ctx, t[10]);
+            if (scheme_arg(ctx, t[10]) != QuantScheme::rotated_channel) {
+              throw ValueError(ctx, "scheme 'rotated-channel' in a 14-item state",
+                               nb::cast<std::string>(nb::repr(t[10])));
+            }
             ChannelBatch held(std::vector<int>{}, ks, vs, 0);
             try {
               held.set(std::move(keys), std::move(values), array_arg(ctx, "offset", t[2]),

@@ -430,9 +430,11 @@ QuantizedBatchKVCache to_quantized(
 
 namespace {
 
-// What a float RotatingKVCache of c's tokens holds, oldest first: its
-// `keep` first tokens and its newest max_size - keep (or all of them before
-// it rotates), quantized again by a fresh rotated-channel cache without a
+// The tokens BatchRotatingKVCache::merge takes from a float RotatingKVCache
+// of c's tokens (its newest min(offset, max_size) in temporal order: the
+// ring holds its `keep` first tokens, then the newest max_size - keep after
+// a single token, or max_size - 1 - keep and the update's after an update
+// of several), quantized again by a fresh rotated-channel cache without a
 // sink (the sink's tokens read from their float copies first).
 QuantizedKVCache ring_tokens(const QuantizedRotatingKVCache& c) {
   const QuantizedKVCache& h = c.held();
@@ -459,13 +461,20 @@ QuantizedKVCache ring_tokens(const QuantizedRotatingKVCache& c) {
     keys = seq_concat({seq_slice(*h.sink_keys(), 0, n), seq_slice(keys, n, keys.shape(2))});
     values = seq_concat({seq_slice(*h.sink_values(), 0, n), seq_slice(values, n, values.shape(2))});
   }
-  const int o = c.offset(), K = c.keep(), M = c.max_size();
+  const int o = c.offset(), K = c.keep(), M = c.max_size(), d = c.dropped();
   if (o > M) {
-    // The pinned tokens, then the newest M - K (held at o - (M - K) less
-    // the dropped tokens).
-    const int from = o - (M - K) - c.dropped();
-    keys = seq_concat({seq_slice(keys, 0, K), seq_slice(keys, from, keys.shape(2))});
-    values = seq_concat({seq_slice(values, 0, K), seq_slice(values, from, values.shape(2))});
+    // The ring's Lf tokens are the pinned then the newest Lf - K (held from
+    // o - (Lf - K) less the dropped tokens); the merge takes the last M.
+    const long long Lf = std::min<long long>(o, std::max<long long>(M, 1LL * M - 1 + c.last_update()));
+    const int newest = static_cast<int>(std::min<long long>(Lf - K, M)), pinned = M - newest;
+    const int from = o - newest - d, held = keys.shape(2);
+    std::vector<mx::array> kp{seq_slice(keys, from, held)}, vp{seq_slice(values, from, held)};
+    if (pinned > 0) { // the last `pinned` of the K first tokens
+      kp.insert(kp.begin(), seq_slice(keys, K - pinned, K));
+      vp.insert(vp.begin(), seq_slice(values, K - pinned, K));
+    }
+    keys = seq_concat(std::move(kp));
+    values = seq_concat(std::move(vp));
   }
   // Held rotated: rotated back, as the update rotates.
   out.update_and_fetch(hadamard(keys), hadamard(values));
@@ -516,6 +525,11 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedBatchRotatingKVCache::updat
     return QuantizedBatchCache::update_and_fetch(keys, values);
   }
   constexpr const char* ctx = "QuantizedBatchRotatingKVCache.update_and_fetch";
+  if (channel_->right_padded() && keys.ndim() == 4 && keys.shape(2) == 1) {
+    // As BatchRotatingKVCache: a single token decodes, and decoding waits
+    // for the rows to be rolled.
+    throw RuntimeError(ctx, "finalize() should be called before decoding with QuantizedBatchRotatingKVCache");
+  }
   try {
     if (const int n = keys.ndim() == 4 && keys.shape(2) > 0 ? droppable() : 0; n > 0) {
       ChannelBatch next = *channel_; // staged: a failed update changes nothing
@@ -643,8 +657,10 @@ void QuantizedBatchRotatingKVCache::extend(const QuantizedBatchRotatingKVCache& 
   constexpr const char* ctx = "QuantizedBatchRotatingKVCache.extend";
   check_same_specs(ctx, other);
   if (channel_.has_value() != other.channel_.has_value() || other.max_size() != max_size()) {
-    throw ValueError(ctx, std::string("a ") + scheme_name(scheme()) + " batch of max_size " + std::to_string(max_size()),
-                     std::string("a ") + scheme_name(other.scheme()) + " one of max_size " +
+    auto article = [](QuantScheme s) { return s == QuantScheme::affine ? "an " : "a "; };
+    throw ValueError(ctx, article(scheme()) + std::string(scheme_name(scheme())) + " batch of max_size " +
+                              std::to_string(max_size()),
+                     article(other.scheme()) + std::string(scheme_name(other.scheme())) + " one of max_size " +
                          std::to_string(other.max_size()));
   }
   if (channel_) {
@@ -675,11 +691,12 @@ QuantizedRotatingKVCache QuantizedBatchRotatingKVCache::extract(int idx) const {
         rethrow_from(e, ctx);
       }
     }();
-    // Its tokens before the held ones went with the dropped positions.
-    const int seen = batch_rows::to_ints(offset())[idx];
+    // Its tokens before the held ones went with the dropped positions (a
+    // row still in its padding has none: refused, as the float batch does).
+    const int seen = check_size(ctx, "the row's offset", batch_rows::to_ints(offset())[idx]);
     QuantizedRotatingKVCache out(max_size(), 0, key_spec_, value_spec_, QuantScheme::rotated_channel,
                                  channel_->window());
-    out.set_channel(std::move(row), std::max(seen, 0), 0, max_size());
+    out.set_channel(std::move(row), seen, 0, max_size());
     return out;
   }
   RotatingKVCache rows[3] = {parts_[0].extract(idx), parts_[1].extract(idx),
@@ -781,7 +798,9 @@ void QuantizedBatchRotatingKVCache::restore(
   }
   auto [keys, values] = triples_from_arrays(ctx, arrays);
   if (channel) {
-    parse_scheme(ctx, meta[4]);
+    if (parse_scheme(ctx, meta[4]) != QuantScheme::rotated_channel) {
+      throw ValueError(ctx, "scheme 'rotated-channel' in a 6-scalar meta_state", "'" + meta[4] + "'");
+    }
     ChannelBatch held(std::vector<int>{}, key_spec_, value_spec_, 0);
     try {
       held.set(std::move(keys), std::move(values), *arrays[6], *arrays[7], parse_int(ctx, "_idx", meta[2]),
@@ -821,12 +840,13 @@ void QuantizedBatchRotatingKVCache::set_channel(ChannelBatch held, int max_size,
   constexpr const char* ctx = "QuantizedBatchRotatingKVCache.state";
   BatchRotatingKVCache ring(max_size, std::vector<int>(held.offset().size(), 0)); // checks max_size
   const long long d = 1LL * offset_in_ring - held.idx();
-  // Dropped positions are all out of the window's reach.
-  if (held.sink() > 0 || d < 0 || (d > 0 && held.idx() < max_size - 1)) {
+  // _offset counts the positions held and those gone before them (left
+  // behind by the window, or padding a filter cut).
+  if (held.sink() > 0 || d < 0 || offset_in_ring > QuantizedRotatingKVCache::max_offset) {
     throw ValueError(ctx,
                      "a batch without a sink whose _offset is its " + std::to_string(held.idx()) +
-                         " positions plus positions the window of " + std::to_string(max_size) +
-                         " has left behind",
+                         " positions plus those gone before them (at most " +
+                         std::to_string(QuantizedRotatingKVCache::max_offset) + ")",
                      "_offset " + std::to_string(offset_in_ring) + ", sink " + std::to_string(held.sink()));
   }
   for (auto& p : parts_) {

@@ -101,10 +101,12 @@ std::pair<QuantizedArrays, QuantizedArrays> QuantizedRotatingKVCache::update_and
       auto out = next.update_and_fetch(keys, values);
       channel_ = std::move(next);
       offset_ = end;
+      last_update_ = std::max(1, keys.shape(2));
       return out;
     }
     auto out = channel_->update_and_fetch(keys, values);
     offset_ = end;
+    last_update_ = std::max(1, keys.shape(2));
     return out;
   } catch (const CacheError& e) {
     rethrow_from(e, ctx);
@@ -235,6 +237,7 @@ void QuantizedRotatingKVCache::set_channel(QuantizedKVCache held, int offset, in
   value_spec_ = held.value_spec();
   channel_ = std::move(held);
   offset_ = offset;
+  last_update_ = 1;
 }
 
 void QuantizedRotatingKVCache::set(
@@ -307,6 +310,8 @@ QuantizedRotatingKVCache to_quantized(
       rethrow_from(e, ctx);
     }
     out.set_channel(std::move(held), o, K, cache.max_size());
+    // The ring holds max_size - 1 + S tokens after an update of S > 1.
+    out.last_update_ = std::max(1, n - cache.max_size() + 1);
     return out;
   }
   auto [qk, qv] = quantize_buffers(ctx, cache.keys(), cache.values(), keys, values);

@@ -118,6 +118,12 @@ class QuantizedRotatingKVCache : public Cache {
   /// rotated_channel: tokens held ahead of the newest ones whatever the
   /// window: keep rounded up to whole key groups.
   int pinned() const;
+  /// rotated_channel: the tokens of the last update (1 after a restore):
+  /// what a float ring holds after it (keep, then max_size - 1 - keep
+  /// before it and the update's) is what a batch merge takes, as mlx-lm's.
+  int last_update() const {
+    return last_update_;
+  }
   /// rotated_channel: the tokens the window has dropped, after the pinned.
   int dropped() const {
     return channel_ ? offset_ - channel_->offset() : 0;
@@ -134,6 +140,14 @@ class QuantizedRotatingKVCache : public Cache {
   }
 
  private:
+  friend QuantizedRotatingKVCache to_quantized(
+      const RotatingKVCache&,
+      QuantSpec,
+      QuantSpec,
+      QuantScheme,
+      int,
+      int);
+
   // Weights, scales and biases: each a ring whose "keys" are the keys'
   // part and "values" the values'.
   // (rotated_channel: empty, holding max_size and keep.)
@@ -143,6 +157,7 @@ class QuantizedRotatingKVCache : public Cache {
   // rotated_channel: the tokens held and the tokens seen.
   std::optional<QuantizedKVCache> channel_;
   int offset_ = 0;
+  int last_update_ = 1;
 
   // rotated_channel: the tokens to drop before an update at offset o, and
   // held()'s positions after one of N tokens, as a (T,) int32 array.
