@@ -1756,8 +1756,10 @@ def channel_forged_states(case):
     return out
 
 
-def bad_channel_state(case):
-    what, st = case.ep.pick(channel_forged_states(case))
+def bad_channel_state(case, forged_states=None):
+    """A forged state (channel_forged_states, or the kind's own) refused by
+    the state setter or from_state."""
+    what, st = case.ep.pick((forged_states or channel_forged_states)(case))
     if case.ep.chance(0.5):
         case.bad(f"state = {what}", lambda c: setattr(c, "state", st), allow=())
     else:
@@ -2674,11 +2676,7 @@ def ring_batch_forged_states(case):
 
 
 def bad_ring_batch_state(case):
-    what, st = case.ep.pick(ring_batch_forged_states(case))
-    if case.ep.chance(0.5):
-        case.bad(f"state = {what}", lambda c: setattr(c, "state", st), allow=())
-    else:
-        case.bad(f"from_state({what})", lambda c: type(c).from_state(st), allow=())
+    bad_channel_state(case, ring_batch_forged_states)
 
 
 def bad_ring_batch_extend(case):
